@@ -1,0 +1,3 @@
+"""SmooSeg: smoothness prior for unsupervised semantic segmentation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""Dense CRF refinement (SPEC §5) and a reusable, pipelined process pool to run it."""
+
+import collections
+import multiprocessing
+from concurrent.futures import CancelledError, FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_softmax
+
+from smooseg.errors import SmoosegError
+
+
+def to_uint8_image(img):
+    """Un-normalised 3×H×W image in [0, 1] (tensor or array) -> H×W×3 uint8, ×255 then truncation."""
+    img = torch.as_tensor(img)
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise SmoosegError(f"to_uint8_image: expected a 3×H×W image, got shape {tuple(img.shape)}; "
+                           "pass one un-normalised image in channel-first layout")
+    if not img.is_floating_point():
+        raise SmoosegError(f"to_uint8_image: expected a float image in [0, 1], got {img.dtype}; "
+                           "pass the un-normalised float image (uint8 images need no conversion)")
+    scaled = (img.detach() * 255).clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(scaled.permute(1, 2, 0).cpu().numpy())
+
+
+def _as_uint8_hwc(image):
+    """Accept an H×W×3 uint8 array as is; convert a float 3×H×W image with to_uint8_image."""
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise SmoosegError(f"dense CRF: uint8 image must be H×W×3 RGB, got shape {image.shape}; "
+                               "convert it with smooseg.crf.to_uint8_image")
+        return image
+    return to_uint8_image(image)
+
+
+def _as_float32_numpy(log_probs):
+    """Log-probabilities as a K×h×w float32 CPU numpy array (what is pickled to workers)."""
+    if isinstance(log_probs, torch.Tensor):
+        log_probs = log_probs.detach().float().cpu().numpy()
+    log_probs = np.asarray(log_probs, dtype=np.float32)
+    if log_probs.ndim != 3:
+        raise SmoosegError(f"dense CRF: log_probs must be K×h×w, got shape {log_probs.shape}; "
+                           "pass one image's cluster log-probabilities at a time")
+    return log_probs
+
+
+def dense_crf(image, log_probs, iters=10, gaussian_sxy=1, gaussian_compat=3,
+              bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4):
+    """Fully connected CRF on one image; returns K×H×W float32 per-pixel marginals.
+
+    ``image`` is H×W×3 uint8 RGB; ``log_probs`` is K×h×w and is resized bilinearly to H×W.
+    The bilateral term sees the image in BGR order, as the reference implementation feeds it.
+    """
+    image = _as_uint8_hwc(image)
+    log_probs = _as_float32_numpy(log_probs)
+    height, width = image.shape[:2]
+    n_classes = log_probs.shape[0]
+    resized = F.interpolate(torch.from_numpy(log_probs)[None], size=(height, width),
+                            mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(resized, dim=0).numpy()
+    crf = dcrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=bgr, compat=bilateral_compat)
+    marginals = np.array(crf.inference(iters), dtype=np.float32)
+    return marginals.reshape(n_classes, height, width)
+
+
+def _init_worker():
+    """Keep each worker single-threaded so N workers do not oversubscribe the CPU."""
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+class CRFHandle:
+    """A submitted batch; ``result()`` blocks until every image of it is done, in order."""
+
+    def __init__(self, pool, futures=None, results=None):
+        self._pool = pool
+        self._futures = futures
+        self._results = results
+
+    def done(self):
+        return self._results is not None or all(f.done() for f in self._futures)
+
+    def result(self):
+        if self._results is None:
+            self._results = self._pool._gather(self._futures)
+            self._futures = None
+        return self._results
+
+
+class CRFPool:
+    """Dense CRF over batches, in-process (``num_workers=0``) or in a reusable spawn process pool.
+
+    ``submit`` returns at once (at most ``max_in_flight`` batches outstanding; beyond that it waits
+    on the oldest), so the caller can compute the next batch while workers run the CRF.
+    A dead worker, or no CRF job finishing for ``timeout`` seconds, raises SmoosegError and closes
+    the pool. Not thread-safe: use one pool from one thread.
+    """
+
+    def __init__(self, num_workers=0, timeout=120.0, max_in_flight=4):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise SmoosegError(f"crf.num_workers must be an integer >= 0, got {num_workers!r}")
+        if not timeout or timeout <= 0:
+            raise SmoosegError(f"crf.timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise SmoosegError(f"crf.max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+        self.num_workers = num_workers
+        self.timeout = float(timeout)
+        self.max_in_flight = max_in_flight
+        self._closed_reason = None
+        self._in_flight = collections.deque()
+        self._live = set()
+        self._executor = None
+        if num_workers > 0:
+            self._executor = ProcessPoolExecutor(
+                max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker)
+
+    def map(self, images, log_probs):
+        """CRF marginals (K×H×W each) for a batch, in order."""
+        return self.submit(images, log_probs).result()
+
+    def submit(self, images, log_probs):
+        """Start the CRF for a batch of images (uint8 H×W×3 or float 3×H×W) and K×h×w log-probs."""
+        images, log_probs = list(images), list(log_probs)
+        if len(images) != len(log_probs):
+            raise SmoosegError(f"CRFPool.submit: {len(images)} images but {len(log_probs)} log-prob "
+                               "maps; pass one log-prob map per image")
+        jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp)) for img, lp in zip(images, log_probs)]
+        return self._run(dense_crf, jobs)
+
+    def _run(self, fn, args_list):
+        """Run ``fn(*args)`` for each args tuple (a module-level, picklable fn); returns a handle."""
+        self._check_open()
+        if self._executor is None:
+            return CRFHandle(self, results=[fn(*args) for args in args_list])
+        self._throttle()
+        try:
+            futures = [self._executor.submit(fn, *args) for args in args_list]
+        except BrokenProcessPool as exc:
+            self._fail_died(exc)
+        self._live.update(futures)
+        handle = CRFHandle(self, futures=futures)
+        self._in_flight.append(handle)
+        return handle
+
+    def _throttle(self):
+        """Wait on the oldest outstanding batches until fewer than max_in_flight remain."""
+        while True:
+            while self._in_flight and self._in_flight[0].done():
+                self._in_flight.popleft()
+            busy = [h for h in self._in_flight if not h.done()]
+            if len(busy) < self.max_in_flight:
+                self._in_flight = collections.deque(busy)
+                return
+            self._wait(busy[0]._futures)
+
+    def _wait(self, futures):
+        """Block until ``futures`` are done; SmoosegError if no pool job finishes within timeout."""
+        while not all(f.done() for f in futures):
+            self._live = {f for f in self._live if not f.done()} | set(futures)
+            finished, _ = wait(self._live, timeout=self.timeout, return_when=FIRST_COMPLETED)
+            if not finished:
+                self._fail(f"CRF worker timed out after {self.timeout:g} s (no CRF job finished); "
+                           "set crf.timeout higher or crf.num_workers=0 to run the CRF in-process")
+        broken = [f.exception() for f in futures
+                  if not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)]
+        if broken:
+            self._check_open()
+            self._fail_died(broken[0])
+
+    def _gather(self, futures):
+        self._wait(futures)
+        try:
+            return [f.result() for f in futures]
+        except CancelledError:
+            raise SmoosegError("CRFPool was closed before this CRF batch finished; "
+                               "call result() on every handle before closing the pool") from None
+
+    def _check_open(self):
+        if self._closed_reason is not None:
+            raise SmoosegError(f"CRFPool is closed ({self._closed_reason}); create a new CRFPool")
+
+    def _fail_died(self, exc):
+        self._fail(f"CRF worker died (killed, crashed or out of memory: {exc}); "
+                   "lower crf.num_workers or set crf.num_workers=0 to run the CRF in-process")
+
+    def _fail(self, message):
+        self._terminate()
+        self._closed_reason = message.split(";")[0]
+        raise SmoosegError(message)
+
+    def _terminate(self):
+        """Kill the workers at once (a hung or dead worker cannot be shut down politely)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
+        self._live.clear()
+        self._in_flight.clear()
+
+    def close(self, wait=True):
+        """Stop the workers (queued batches are cancelled); the pool cannot be used afterwards."""
+        executor = getattr(self, "_executor", None)
+        self._executor = None
+        if getattr(self, "_closed_reason", None) is None:
+            self._closed_reason = "closed"
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close(wait=False)
+        except Exception:
+            pass

@@ -1,0 +1,1 @@
+"""Data set readers, joint transforms, crops, downloads and synthetic scenes."""

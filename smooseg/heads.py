@@ -1,0 +1,97 @@
+"""Trainable heads on top of the frozen backbone: the projector and the prototype predictor."""
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smooseg.errors import SmoosegError
+
+PROJECTION_TYPES = ("nonlinear", "linear")
+
+
+def fp32_region(device):
+    """Context that switches autocast off on ``device`` so the math inside runs in float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
+class Projector(nn.Module):
+    """Maps backbone features B×C×h×w to codes B×D×h×w (SPEC §2).
+
+    With ``dropout`` on, a fresh Dropout2d mask is drawn for each use: the linear branch input,
+    the nonlinear branch input and the returned signal. The signal feeds the smoothness loss.
+    """
+
+    def __init__(self, n_feats, dim=64, projection_type="nonlinear", dropout=True, dropout_p=0.2):
+        super().__init__()
+        if projection_type not in PROJECTION_TYPES:
+            raise SmoosegError(
+                f"projection_type={projection_type!r} is unknown; use one of {', '.join(PROJECTION_TYPES)}"
+            )
+        self.n_feats = n_feats
+        self.dim = dim
+        self.projection_type = projection_type
+        self.drop = nn.Dropout2d(p=dropout_p) if dropout else nn.Identity()
+        self.linear = nn.Conv2d(n_feats, dim, 1)
+        if projection_type == "nonlinear":
+            self.nonlinear = nn.Sequential(
+                nn.Conv2d(n_feats, n_feats, 1), nn.SiLU(), nn.Conv2d(n_feats, dim, 1)
+            )
+        else:
+            self.nonlinear = None
+
+    def forward(self, feats):
+        """Return ``(signal, code)``: signal = drop(feats) (or feats without dropout), code B×D×h×w."""
+        code = self.linear(self.drop(feats))
+        if self.nonlinear is not None:
+            code = code + self.nonlinear(self.drop(feats))
+        return self.drop(feats), code
+
+
+class PrototypePredictor(nn.Module):
+    """Student/teacher cluster prototypes and the cosine logits they give (SPEC §3).
+
+    Logits are computed in float32, also under autocast.
+    """
+
+    def __init__(self, dim, n_clusters):
+        super().__init__()
+        student = torch.empty(n_clusters, dim)
+        nn.init.xavier_normal_(student)
+        student = F.normalize(student, dim=1)
+        self.student = nn.Parameter(student)
+        self.register_buffer("teacher", student.clone(), persistent=True)
+
+    @staticmethod
+    def _cosine_logits(unit_code, prototypes):
+        return torch.einsum("bdhw,kd->bkhw", unit_code, F.normalize(prototypes.float(), dim=1))
+
+    def forward(self, code):
+        """Return ``(student_logits, teacher_logits)``, both B×K×h×w.
+
+        Student logits use a detached code (gradients reach the student prototypes only);
+        teacher logits use detached teacher prototypes (gradients reach the code only).
+        """
+        with fp32_region(code.device):
+            unit = F.normalize(code.float(), dim=1)
+            student = self._cosine_logits(unit.detach(), self.student)
+            teacher = self._cosine_logits(unit, self.teacher.detach())
+        return student, teacher
+
+    def teacher_logits(self, code):
+        """Teacher logits B×K×h×w alone (used for prediction)."""
+        with fp32_region(code.device):
+            return self._cosine_logits(F.normalize(code.float(), dim=1), self.teacher.detach())
+
+    @torch.no_grad()
+    def ema_update(self, alpha=0.998):
+        """teacher ← α·teacher + (1−α)·student.
+
+        Reference quirk: the student enters un-normalised; rows are normalised only when used.
+        """
+        if not 0.0 <= alpha <= 1.0:
+            raise SmoosegError(f"ema alpha={alpha} is outside [0, 1]; set the EMA decay (alpha) to e.g. 0.998")
+        self.teacher.mul_(alpha).add_(self.student.detach().to(self.teacher.dtype), alpha=1.0 - alpha)

@@ -1,0 +1,191 @@
+"""Dense CRF (SPEC §5) and the CRF process pool."""
+
+import math
+import multiprocessing
+import signal
+import time
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+import torch
+from pydensecrf.utils import unary_from_softmax
+
+from smooseg.crf import CRFPool, dense_crf, to_uint8_image
+from smooseg.errors import SmoosegError
+
+
+def _random_case(seed, n_classes=4, size=(20, 30), lp_size=(10, 15)):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    log_probs = torch.log_softmax(torch.from_numpy(rng.normal(0, 2, (n_classes, *lp_size))).float(), 0)
+    return image, log_probs
+
+
+def _two_colour_case(seed=0, height=32, width=48):
+    """Left half red, right half blue; logits = true labels + strong noise + flipped patches."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[:, : width // 2] = (220, 30, 30)
+    image[:, width // 2:] = (30, 30, 220)
+    labels = np.zeros((height, width), dtype=np.int64)
+    labels[:, width // 2:] = 1
+    noisy = labels.copy()
+    noisy[4:12, width // 2 - 5: width // 2] = 1
+    noisy[18:26, width // 2: width // 2 + 5] = 0
+    logits = 2.0 * np.eye(2)[noisy].transpose(2, 0, 1) - 1.0 + rng.normal(0, 1.3, (2, height, width))
+    return image, torch.from_numpy(logits).float(), labels
+
+
+def test_output_is_distribution_at_image_size():
+    image, log_probs = _random_case(0)
+    q = dense_crf(image, log_probs)
+    assert q.shape == (4, 20, 30) and q.dtype == np.float32
+    assert (q >= 0).all()
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+
+
+def test_zero_iterations_give_bilinear_softmax_by_hand():
+    # two classes, 1×2 -> 1×4 with align_corners=False: [0, 4] -> [0, 1, 3, 4]
+    log_probs = np.zeros((2, 1, 2), dtype=np.float32)
+    log_probs[0, 0] = [0.0, 4.0]
+    image = np.full((1, 4, 3), 128, dtype=np.uint8)
+    q = dense_crf(image, log_probs, iters=0)
+    expected = 1 / (1 + np.exp(-np.array([0.0, 1.0, 3.0, 4.0])))
+    np.testing.assert_allclose(q[0, 0], expected, atol=1e-5)
+    np.testing.assert_allclose(q[1, 0], 1 - expected, atol=1e-5)
+
+
+def test_crf_cleans_noisy_two_colour_labels():
+    image, logits, labels = _two_colour_case()
+    noisy_acc = (logits.argmax(0).numpy() == labels).mean()
+    crf_acc = (dense_crf(image, torch.log_softmax(logits, 0)).argmax(0) == labels).mean()
+    assert noisy_acc < 0.85
+    assert crf_acc > 0.97
+    assert crf_acc > noisy_acc + 0.1
+
+
+def test_to_uint8_image_truncates_and_moves_channels_last():
+    img = torch.tensor([0.0, 0.999, 1.0, 1.5, -0.2, 0.5]).reshape(1, 2, 3).repeat(3, 1, 1)
+    img[1] *= 0.5
+    out = to_uint8_image(img)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out[..., 0], [[0, 254, 255], [255, 0, 127]])
+    np.testing.assert_array_equal(out[..., 1], [[0, 127, 127], [191, 0, 63]])
+    np.testing.assert_array_equal(to_uint8_image(img.numpy()), out)
+    with pytest.raises(SmoosegError):
+        to_uint8_image(torch.zeros(4, 2, 2))
+    with pytest.raises(SmoosegError):
+        to_uint8_image(torch.zeros(3, 2, 2, dtype=torch.uint8))
+
+
+def _crf_by_hand(image_for_lattice, log_probs, iters=10):
+    probs = torch.softmax(log_probs, 0).numpy()
+    k, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, k)
+    d.setUnaryEnergy(unary_from_softmax(probs))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image_for_lattice), compat=4)
+    return np.array(d.inference(iters)).reshape(k, h, w)
+
+
+def test_bilateral_term_sees_bgr():
+    image, log_probs = _random_case(1, n_classes=3, size=(12, 16), lp_size=(12, 16))
+    q = dense_crf(image, log_probs)
+    np.testing.assert_array_equal(q, _crf_by_hand(image[:, :, ::-1], log_probs))
+    assert not np.array_equal(q, _crf_by_hand(image, log_probs))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(SmoosegError):
+        dense_crf(np.zeros((8, 8, 4), np.uint8), np.zeros((2, 8, 8)))
+    with pytest.raises(SmoosegError):
+        dense_crf(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)))
+    for kwargs in ({"num_workers": -1}, {"timeout": 0}, {"max_in_flight": 0}):
+        with pytest.raises(SmoosegError):
+            CRFPool(**kwargs)
+    with pytest.raises(SmoosegError):
+        CRFPool().map([np.zeros((8, 8, 3), np.uint8)], [])
+
+
+def _batches(n_batches=4, batch=3):
+    out = []
+    for b in range(n_batches):
+        cases = [_random_case(10 * b + i) for i in range(batch)]
+        out.append(([c[0] for c in cases], torch.stack([c[1] for c in cases])))
+    return out
+
+
+def test_serial_pool_spawns_no_process():
+    before = set(multiprocessing.active_children())
+    with CRFPool(num_workers=0) as pool:
+        images, log_probs = _batches(1)[0]
+        result = pool.map(images, log_probs)
+        assert pool._executor is None
+        assert set(multiprocessing.active_children()) == before
+    for q, img, lp in zip(result, images, log_probs):
+        np.testing.assert_array_equal(q, dense_crf(img, lp))
+    with pytest.raises(SmoosegError, match="closed"):
+        pool.map(images, log_probs)
+
+
+@pytest.fixture(scope="module")
+def worker_pool():
+    with CRFPool(num_workers=2, max_in_flight=2) as pool:
+        yield pool
+
+
+def test_worker_map_equals_serial(worker_pool):
+    images, log_probs = _batches(1)[0]
+    # float 3×H×W images are converted by to_uint8_image on the way in
+    float_images = [torch.from_numpy(img).permute(2, 0, 1).float() / 255 + 1e-4 for img in images]
+    expected = CRFPool(0).map(images, log_probs)
+    for got in (worker_pool.map(images, log_probs), worker_pool.map(float_images, log_probs)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+
+
+def test_pipelined_submit_keeps_order_and_bounds_in_flight(worker_pool):
+    batches = _batches(4)
+    handles = []
+    for images, log_probs in batches:
+        handles.append(worker_pool.submit(images, log_probs))
+        assert sum(not h.done() for h in worker_pool._in_flight) <= worker_pool.max_in_flight
+    for handle, (images, log_probs) in zip(handles, batches):
+        got = handle.result()
+        for g, img, lp in zip(got, images, log_probs):
+            np.testing.assert_array_equal(g, dense_crf(img, lp))
+    assert handles[0].result() is handles[0].result()
+
+
+def test_job_error_propagates_and_pool_survives(worker_pool):
+    with pytest.raises(ValueError):
+        worker_pool._run(math.sqrt, [(4.0,), (-1.0,)]).result()
+    assert worker_pool._run(math.sqrt, [(9.0,), (16.0,)]).result() == [3.0, 4.0]
+
+
+def test_killed_worker_raises_instead_of_hanging():
+    pool = CRFPool(num_workers=1, timeout=60)
+    start = time.monotonic()
+    handle = pool._run(signal.raise_signal, [(signal.SIGKILL,), (signal.SIGKILL,)])
+    with pytest.raises(SmoosegError, match="died"):
+        handle.result()
+    assert time.monotonic() - start < 45
+    with pytest.raises(SmoosegError, match="closed"):
+        pool.map(*_batches(1)[0])
+    pool.close()
+
+
+def test_slow_job_times_out_and_workers_are_killed():
+    pool = CRFPool(num_workers=1, timeout=60)
+    assert pool._run(abs, [(-2,)]).result() == [2]
+    workers = list(pool._executor._processes.values())
+    pool.timeout = 1.0
+    start = time.monotonic()
+    with pytest.raises(SmoosegError, match="timed out after 1 s"):
+        pool._run(time.sleep, [(60,)]).result()
+    assert time.monotonic() - start < 8
+    assert workers and not any(w.is_alive() for w in workers)
+    with pytest.raises(SmoosegError, match="closed"):
+        pool.submit(*_batches(1)[0])
