@@ -1,0 +1,580 @@
+"""Data set readers (SPEC §7): cocostuff27, cityscapes, potsdam, directory and cropped sets.
+
+Every reader yields ``dict(img=Float[3,H,W] normalised, label=Long[H,W] with -1 = ignore,
+name=str)`` and offers ``load_raw(i) -> (PIL RGB image, int64 label array or None)`` at full
+resolution (used by the crop writer). On-disk layouts, relative to ``data_dir``::
+
+    cocostuff/curated/train2017/Coco164kFull_Stuff_Coarse.txt     (train ids, one a line)
+    cocostuff/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt     (val ids)
+    cocostuff/images/{train2017,val2017}/<id>.jpg
+    cocostuff/annotations/{train2017,val2017}/<id>.png            (fine ids 0-181, 255 void)
+    cityscapes/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png
+    cityscapes/gtFine/<split>/<city>/<name>_gtFine_labelIds.png
+    potsdam/imgs/<id>.mat  (key img)    potsdam/gt/<id>.mat  (key gt)
+    potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt
+    <dir_name>/imgs/<split>/<image>     <dir_name>/labels/<split>/<png of class ids, 255 void>
+    cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<n>.jpg
+    cropped/<dataset>_<crop_type>_crop_<ratio>/label/<split>/<n>.png   (label + 1, 0 = ignore)
+
+Splits: ``train``/``val`` map to each data set's own names (cocostuff train2017/val2017;
+potsdam train = unlabelled_train + labelled_train, val = labelled_test); the native names
+are accepted too.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image
+
+from smooseg.data.transforms import JointTransform
+from smooseg.errors import SmoosegError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+COCO_COARSE = (
+    "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory",
+    "animal", "outdoor", "person", "sports", "vehicle",
+    "ceiling", "floor", "food-stuff", "furniture-stuff", "rawmaterial", "textile", "wall",
+    "window", "building", "ground", "plant", "sky", "solid", "structural", "water",
+)
+
+# COCO-Stuff fine classes in label-PNG order (PNG value = official 1-based id - 1), each with
+# its coarse class (the COCO / COCO-Stuff supercategory). Things 0-90, stuff 91-181. The 11
+# things marked "removed" were dropped from COCO and never appear in annotations; like the
+# reference they still map to their supercategory.
+COCO_FINE = (
+    ("person", "person"), ("bicycle", "vehicle"), ("car", "vehicle"),  # 0-2
+    ("motorcycle", "vehicle"), ("airplane", "vehicle"), ("bus", "vehicle"),  # 3-5
+    ("train", "vehicle"), ("truck", "vehicle"), ("boat", "vehicle"),  # 6-8
+    ("traffic light", "outdoor"), ("fire hydrant", "outdoor"),  # 9-10
+    ("street sign", "outdoor"),  # 11 removed
+    ("stop sign", "outdoor"), ("parking meter", "outdoor"), ("bench", "outdoor"),  # 12-14
+    ("bird", "animal"), ("cat", "animal"), ("dog", "animal"), ("horse", "animal"),  # 15-18
+    ("sheep", "animal"), ("cow", "animal"), ("elephant", "animal"), ("bear", "animal"),  # 19-22
+    ("zebra", "animal"), ("giraffe", "animal"),  # 23-24
+    ("hat", "accessory"),  # 25 removed
+    ("backpack", "accessory"), ("umbrella", "accessory"),  # 26-27
+    ("shoe", "accessory"), ("eye glasses", "accessory"),  # 28-29 removed
+    ("handbag", "accessory"), ("tie", "accessory"), ("suitcase", "accessory"),  # 30-32
+    ("frisbee", "sports"), ("skis", "sports"), ("snowboard", "sports"),  # 33-35
+    ("sports ball", "sports"), ("kite", "sports"), ("baseball bat", "sports"),  # 36-38
+    ("baseball glove", "sports"), ("skateboard", "sports"), ("surfboard", "sports"),  # 39-41
+    ("tennis racket", "sports"),  # 42
+    ("bottle", "kitchen"),  # 43
+    ("plate", "kitchen"),  # 44 removed
+    ("wine glass", "kitchen"), ("cup", "kitchen"), ("fork", "kitchen"),  # 45-47
+    ("knife", "kitchen"), ("spoon", "kitchen"), ("bowl", "kitchen"),  # 48-50
+    ("banana", "food"), ("apple", "food"), ("sandwich", "food"), ("orange", "food"),  # 51-54
+    ("broccoli", "food"), ("carrot", "food"), ("hot dog", "food"), ("pizza", "food"),  # 55-58
+    ("donut", "food"), ("cake", "food"),  # 59-60
+    ("chair", "furniture"), ("couch", "furniture"), ("potted plant", "furniture"),  # 61-63
+    ("bed", "furniture"),  # 64
+    ("mirror", "furniture"),  # 65 removed
+    ("dining table", "furniture"),  # 66
+    ("window", "furniture"), ("desk", "furniture"),  # 67-68 removed
+    ("toilet", "furniture"),  # 69
+    ("door", "furniture"),  # 70 removed
+    ("tv", "electronic"), ("laptop", "electronic"), ("mouse", "electronic"),  # 71-73
+    ("remote", "electronic"), ("keyboard", "electronic"), ("cell phone", "electronic"),  # 74-76
+    ("microwave", "appliance"), ("oven", "appliance"), ("toaster", "appliance"),  # 77-79
+    ("sink", "appliance"), ("refrigerator", "appliance"),  # 80-81
+    ("blender", "appliance"),  # 82 removed
+    ("book", "indoor"), ("clock", "indoor"), ("vase", "indoor"), ("scissors", "indoor"),  # 83-86
+    ("teddy bear", "indoor"), ("hair drier", "indoor"), ("toothbrush", "indoor"),  # 87-89
+    ("hair brush", "indoor"),  # 90 removed
+    ("banner", "textile"), ("blanket", "textile"), ("branch", "plant"),  # 91-93
+    ("bridge", "building"), ("building-other", "building"), ("bush", "plant"),  # 94-96
+    ("cabinet", "furniture-stuff"), ("cage", "structural"),  # 97-98
+    ("cardboard", "rawmaterial"), ("carpet", "floor"),  # 99-100
+    ("ceiling-other", "ceiling"), ("ceiling-tile", "ceiling"),  # 101-102
+    ("cloth", "textile"), ("clothes", "textile"), ("clouds", "sky"),  # 103-105
+    ("counter", "furniture-stuff"), ("cupboard", "furniture-stuff"),  # 106-107
+    ("curtain", "textile"), ("desk-stuff", "furniture-stuff"), ("dirt", "ground"),  # 108-110
+    ("door-stuff", "furniture-stuff"), ("fence", "structural"),  # 111-112
+    ("floor-marble", "floor"), ("floor-other", "floor"), ("floor-stone", "floor"),  # 113-115
+    ("floor-tile", "floor"), ("floor-wood", "floor"), ("flower", "plant"),  # 116-118
+    ("fog", "water"), ("food-other", "food-stuff"), ("fruit", "food-stuff"),  # 119-121
+    ("furniture-other", "furniture-stuff"), ("grass", "plant"),  # 122-123
+    ("gravel", "ground"), ("ground-other", "ground"), ("hill", "solid"),  # 124-126
+    ("house", "building"), ("leaves", "plant"), ("light", "furniture-stuff"),  # 127-129
+    ("mat", "textile"), ("metal", "rawmaterial"),  # 130-131
+    ("mirror-stuff", "furniture-stuff"), ("moss", "plant"),  # 132-133
+    ("mountain", "solid"), ("mud", "ground"), ("napkin", "textile"),  # 134-136
+    ("net", "structural"), ("paper", "rawmaterial"), ("pavement", "ground"),  # 137-139
+    ("pillow", "textile"), ("plant-other", "plant"), ("plastic", "rawmaterial"),  # 140-142
+    ("platform", "ground"), ("playingfield", "ground"), ("railing", "structural"),  # 143-145
+    ("railroad", "ground"), ("river", "water"), ("road", "ground"),  # 146-148
+    ("rock", "solid"), ("roof", "building"), ("rug", "textile"),  # 149-151
+    ("salad", "food-stuff"), ("sand", "ground"), ("sea", "water"),  # 152-154
+    ("shelf", "furniture-stuff"), ("sky-other", "sky"), ("skyscraper", "building"),  # 155-157
+    ("snow", "ground"), ("solid-other", "solid"), ("stairs", "furniture-stuff"),  # 158-160
+    ("stone", "solid"), ("straw", "plant"), ("structural-other", "structural"),  # 161-163
+    ("table", "furniture-stuff"), ("tent", "building"), ("textile-other", "textile"),  # 164-166
+    ("towel", "textile"), ("tree", "plant"), ("vegetable", "food-stuff"),  # 167-169
+    ("wall-brick", "wall"), ("wall-concrete", "wall"), ("wall-other", "wall"),  # 170-172
+    ("wall-panel", "wall"), ("wall-stone", "wall"), ("wall-tile", "wall"),  # 173-175
+    ("wall-wood", "wall"), ("water-other", "water"), ("waterdrops", "water"),  # 176-178
+    ("window-blind", "window"), ("window-other", "window"), ("wood", "solid"),  # 179-181
+)
+COCO_FINE_TO_COARSE = {fine: COCO_COARSE.index(coarse)
+                       for fine, (_, coarse) in enumerate(COCO_FINE)}
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+    "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
+    "motorcycle", "bicycle",
+)
+CITYSCAPES_FIRST_ID = 7  # labelIds 7..33 are the 27 classes; smaller ids (and 255) are void
+
+POTSDAM_CLASSES = ("roads and cars", "buildings and clutter", "trees and vegetation")
+# Potsdam-3 merges the six ISPRS ids: 0 road + 4 car, 1 building + 5 clutter, 2 + 3 vegetation.
+POTSDAM_FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
+
+N_CLASSES = {"cocostuff27": 27, "cityscapes": 27, "potsdam": 3}
+CLASS_NAMES = {
+    "cocostuff27": list(COCO_COARSE),
+    "cityscapes": list(CITYSCAPES_CLASSES),
+    "potsdam": list(POTSDAM_CLASSES),
+}
+DATASETS = ("cocostuff27", "cityscapes", "potsdam", "directory")
+
+EXPECTED_LAYOUT = {
+    "cocostuff27": "<data_dir>/cocostuff/images/<train2017|val2017>/<id>.jpg, "
+                   "<data_dir>/cocostuff/annotations/<train2017|val2017>/<id>.png and the lists "
+                   "<data_dir>/cocostuff/curated/train2017/Coco164kFull_Stuff_Coarse.txt, "
+                   "<data_dir>/cocostuff/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt",
+    "cityscapes": "<data_dir>/cityscapes/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
+                  "<data_dir>/cityscapes/gtFine/<split>/<city>/<name>_gtFine_labelIds.png",
+    "potsdam": "<data_dir>/potsdam/imgs/<id>.mat (key img), <data_dir>/potsdam/gt/<id>.mat "
+               "(key gt) and the lists <data_dir>/potsdam/"
+               "{labelled_train,unlabelled_train,labelled_test,all}.txt",
+    "directory": "<data_dir>/<dir_name>/imgs/<split>/<image files> and optionally "
+                 "<data_dir>/<dir_name>/labels/<split>/<single-channel PNGs of class ids, "
+                 "255 = ignore> in the same sorted order",
+    "cropped": "<data_dir>/cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<n>.jpg and "
+               ".../label/<split>/<n>.png, written by crop_datasets.py",
+}
+
+COCO_LISTS = {"train2017": "Coco164kFull_Stuff_Coarse.txt",
+              "val2017": "Coco164kFull_Stuff_Coarse_7.txt"}
+COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017",
+               "val2017": "val2017"}
+POTSDAM_SPLITS = {
+    "train": ("unlabelled_train", "labelled_train"),
+    "val": ("labelled_test",),
+    "train+val": ("unlabelled_train", "labelled_train", "labelled_test"),
+    "labelled_train": ("labelled_train",),
+    "unlabelled_train": ("unlabelled_train",),
+    "labelled_test": ("labelled_test",),
+    "all": ("all",),
+}
+CITYSCAPES_SPLITS = ("train", "val", "test")
+
+
+def _lookup_table(mapping):
+    table = np.full(256, -1, dtype=np.int64)
+    for fine, coarse in mapping.items():
+        table[fine] = coarse
+    return table
+
+
+# Ids outside a table (COCO 182-254, Potsdam 6-254, Cityscapes 0-6 and 34-255) become -1.
+COCO_TABLE = _lookup_table(COCO_FINE_TO_COARSE)
+CITYSCAPES_TABLE = _lookup_table({i: i - CITYSCAPES_FIRST_ID for i in range(7, 34)})
+POTSDAM_TABLE = _lookup_table(POTSDAM_FINE_TO_COARSE)
+
+
+def map_ids(ids, table):
+    """Map an integer id array through a 256-entry table; ids outside 0..255 become -1."""
+    ids = np.asarray(ids).astype(np.int64)
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    inside = (ids >= 0) & (ids < len(table))
+    out[inside] = table[ids[inside]]
+    return out
+
+
+def class_names(name, n_classes=None):
+    """Class names of a data set; directory sets get ``class_0 .. class_{n-1}``."""
+    if name == "directory":
+        return [f"class_{i}" for i in range(int(n_classes))]
+    return list(CLASS_NAMES[name])
+
+
+def crop_dir_name(dataset, crop_type, ratio):
+    """Folder name of a pre-cropped set, e.g. ``cityscapes_five_crop_0.5``."""
+    return f"{dataset}_{crop_type}_crop_{float(ratio)}"
+
+
+def _missing(name, what, path):
+    return SmoosegError(
+        f"{name}: {what} {path} not found; download the data (download_datasets.py) or fix "
+        f"data_dir; expected layout: {EXPECTED_LAYOUT[name]}")
+
+
+def read_image(path):
+    """Open an image file as RGB, decoding it fully so corrupt files fail here, by name."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise SmoosegError(f"cannot read image {path} ({err}); the file is corrupt or not an "
+                           f"image: re-download it or remove it from the data set") from None
+
+
+def read_label_png(path):
+    """Read a single-channel label image as an int64 array of its raw ids."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise SmoosegError(f"label {path} has mode {im.mode}; labels must be "
+                                   f"single-channel PNGs of class ids, not colour images")
+            return np.asarray(im).astype(np.int64)
+    except (OSError, ValueError) as err:
+        raise SmoosegError(f"cannot read label {path} ({err}); the file is corrupt: "
+                           f"re-download it or remove it from the data set") from None
+
+
+def read_mat(path, key):
+    """Read array ``key`` from a MATLAB ``.mat`` file."""
+    try:
+        content = scipy.io.loadmat(path)
+    except Exception as err:  # scipy raises several unrelated types for broken files
+        raise SmoosegError(f"cannot read {path} ({type(err).__name__}: {err}); the file is "
+                           f"corrupt: re-download it or remove its id from the split list"
+                           ) from None
+    if key not in content:
+        raise SmoosegError(f"{path} has no '{key}' array; Potsdam .mat files hold 'img' "
+                           f"(images) or 'gt' (labels)")
+    return np.asarray(content[key])
+
+
+def potsdam_image(array, path):
+    """First three channels of a Potsdam ``img`` array as uint8 RGB (floats in [0,1] x255)."""
+    if array.ndim != 3 or array.shape[2] < 3:
+        raise SmoosegError(f"{path}: 'img' has shape {array.shape}; expected H x W x >=3 (RGB)")
+    rgb = array[..., :3]
+    if np.issubdtype(rgb.dtype, np.floating):
+        if rgb.size and float(np.nanmax(rgb)) <= 1.0:
+            rgb = rgb * 255.0
+        rgb = np.nan_to_num(rgb)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _image_files(folder):
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _numbered(folder, suffix):
+    """Numbers n of the finished files ``<n><suffix>`` in a folder (temp files skipped)."""
+    pattern = re.compile(r"^(\d+)" + re.escape(suffix) + "$")
+    return {int(m.group(1)) for m in map(pattern.match, os.listdir(folder)) if m}
+
+
+def _read_list(name, path):
+    if not path.is_file():
+        raise _missing(name, "split list", path)
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise SmoosegError(f"{name}: split list {path} is empty; it must name one image id a line")
+    return ids
+
+
+def _check_exist(name, list_path, paths):
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise SmoosegError(
+            f"{name}: {list_path} names {len(absent)} file(s) that are missing, e.g. {absent[0]}; "
+            f"re-download the data set or fix the list; expected layout: {EXPECTED_LAYOUT[name]}")
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Common reader: a list of (name, image path, label path or None) plus a joint transform.
+
+    Random crops use a ``torch.Generator`` seeded per item from (seed, epoch, DataLoader
+    worker seed, index): reproducible, different every epoch when loaded by worker
+    processes; call ``set_epoch`` for fresh crops per epoch with ``num_workers=0``.
+    """
+
+    key = "dataset"
+
+    def __init__(self, entries, n_classes, names_of_classes, transform, split, seed=0):
+        self.entries = list(entries)
+        self.n_classes = int(n_classes)
+        self.class_names = list(names_of_classes)
+        self.transform = transform
+        self.split = split
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def set_epoch(self, epoch):
+        """Select the random crops of another epoch."""
+        self.epoch = int(epoch)
+
+    def item_name(self, index):
+        return self.entries[index][0]
+
+    def read_image(self, path):
+        return read_image(path)
+
+    def read_label(self, path):
+        raise NotImplementedError
+
+    def load_raw(self, index):
+        """Full-resolution ``(PIL RGB image, int64 label H×W with -1 ignore, or None)``."""
+        _, image_path, label_path = self.entries[index]
+        image = self.read_image(image_path)
+        if label_path is None:
+            return image, None
+        label = self.read_label(label_path)
+        if label.shape != (image.height, image.width):
+            raise SmoosegError(
+                f"label {label_path} is {label.shape[0]}x{label.shape[1]} but image {image_path} "
+                f"is {image.height}x{image.width}; image and label must have the same size")
+        return image, label
+
+    def item_generator(self, index):
+        """The ``torch.Generator`` for item ``index``'s random crop."""
+        info = torch.utils.data.get_worker_info()
+        worker_seed = 0 if info is None else int(info.seed) % 2**64
+        entropy = [self.seed % 2**64, self.epoch, worker_seed, int(index)]
+        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+    def __getitem__(self, index):
+        image, label = self.load_raw(index)
+        generator = self.item_generator(index) if self.transform.crop == "random" else None
+        img, target = self.transform(image, label, generator=generator)
+        return {"img": img, "label": target, "name": self.item_name(index)}
+
+
+class CocoStuff27(SegmentationDataset):
+    """COCO-Stuff 164k curated lists, 182 fine ids mapped to 27 coarse classes."""
+
+    key = "cocostuff27"
+
+    def __init__(self, data_dir, split, transform, seed=0):
+        if split not in COCO_SPLITS:
+            raise SmoosegError(f"cocostuff27: unknown split '{split}'; use train or val")
+        native = COCO_SPLITS[split]
+        root = Path(data_dir) / "cocostuff"
+        if not root.is_dir():
+            raise _missing(self.key, "folder", root)
+        list_path = root / "curated" / native / COCO_LISTS[native]
+        ids = _read_list(self.key, list_path)
+        images = [root / "images" / native / f"{i}.jpg" for i in ids]
+        labels = [root / "annotations" / native / f"{i}.png" for i in ids]
+        _check_exist(self.key, list_path, images + labels)
+        super().__init__(zip(ids, images, labels), 27, COCO_COARSE, transform, split, seed)
+
+    def read_label(self, path):
+        return map_ids(read_label_png(path), COCO_TABLE)
+
+
+class Cityscapes(SegmentationDataset):
+    """Official Cityscapes fine annotations; class = labelId - 7, labelIds < 7 ignored."""
+
+    key = "cityscapes"
+
+    def __init__(self, data_dir, split, transform, seed=0):
+        if split not in CITYSCAPES_SPLITS:
+            raise SmoosegError(f"cityscapes: unknown split '{split}'; use train, val or test")
+        root = Path(data_dir) / "cityscapes"
+        image_root, label_root = root / "leftImg8bit" / split, root / "gtFine" / split
+        for folder in (root, image_root, label_root):
+            if not folder.is_dir():
+                raise _missing(self.key, "folder", folder)
+        images = sorted(image_root.glob("*/*_leftImg8bit.png"))
+        labels = sorted(label_root.glob("*/*_gtFine_labelIds.png"))
+        if not images:
+            raise SmoosegError(f"cityscapes: no *_leftImg8bit.png images under {image_root}; "
+                               f"expected layout: {EXPECTED_LAYOUT[self.key]}")
+        entries = []
+        for image in images:
+            stem = image.name[: -len("_leftImg8bit.png")]
+            label = label_root / image.parent.name / f"{stem}_gtFine_labelIds.png"
+            if not label.is_file():
+                raise SmoosegError(
+                    f"cityscapes: {len(images)} images but {len(labels)} label maps in "
+                    f"{label_root}; missing {label}; expected layout: {EXPECTED_LAYOUT[self.key]}")
+            entries.append((stem, image, label))
+        if len(labels) != len(images):
+            raise SmoosegError(
+                f"cityscapes: {len(images)} images in {image_root} but {len(labels)} label maps "
+                f"in {label_root}; remove the extra label maps or restore the images")
+        super().__init__(entries, 27, CITYSCAPES_CLASSES, transform, split, seed)
+
+    def read_label(self, path):
+        return map_ids(read_label_png(path), CITYSCAPES_TABLE)
+
+
+class Potsdam(SegmentationDataset):
+    """Potsdam-3: ``.mat`` tiles, six ISPRS ids merged into three classes."""
+
+    key = "potsdam"
+
+    def __init__(self, data_dir, split, transform, seed=0):
+        if split not in POTSDAM_SPLITS:
+            raise SmoosegError(f"potsdam: unknown split '{split}'; use one of "
+                               f"{', '.join(POTSDAM_SPLITS)}")
+        root = Path(data_dir) / "potsdam"
+        if not root.is_dir():
+            raise _missing(self.key, "folder", root)
+        entries = []
+        for list_name in POTSDAM_SPLITS[split]:
+            list_path = root / f"{list_name}.txt"
+            ids = _read_list(self.key, list_path)
+            images = [root / "imgs" / f"{i}.mat" for i in ids]
+            labels = [root / "gt" / f"{i}.mat" for i in ids]
+            _check_exist(self.key, list_path, images + labels)
+            entries.extend(zip(ids, images, labels))
+        super().__init__(entries, 3, POTSDAM_CLASSES, transform, split, seed)
+
+    def read_image(self, path):
+        return Image.fromarray(potsdam_image(read_mat(path, "img"), path))
+
+    def read_label(self, path):
+        gt = read_mat(path, "gt")
+        if gt.ndim == 3 and gt.shape[2] == 1:
+            gt = gt[..., 0]
+        if gt.ndim != 2:
+            raise SmoosegError(f"{path}: 'gt' has shape {gt.shape}; expected an H x W id map")
+        return map_ids(gt, POTSDAM_TABLE)
+
+
+class DirectoryDataset(SegmentationDataset):
+    """A user's own images, optionally with label PNGs (ids 0..n_classes-1, 255 = ignore)."""
+
+    key = "directory"
+
+    def __init__(self, root, split, n_classes, transform, seed=0):
+        root = Path(root)
+        image_dir, label_dir = root / "imgs" / split, root / "labels" / split
+        if not image_dir.is_dir():
+            raise _missing(self.key, "image folder", image_dir)
+        images = _image_files(image_dir)
+        if not images:
+            raise SmoosegError(f"directory: no images in {image_dir}; put .jpg/.png files there")
+        if label_dir.is_dir():
+            labels = _image_files(label_dir)
+            if len(labels) != len(images):
+                raise SmoosegError(
+                    f"directory: {len(images)} images in {image_dir} but {len(labels)} labels in "
+                    f"{label_dir}; every image needs one label (same sorted order) or remove "
+                    f"{label_dir}")
+        else:
+            labels = [None] * len(images)
+        entries = [(image.stem, image, label) for image, label in zip(images, labels)]
+        super().__init__(entries, n_classes, class_names("directory", n_classes), transform,
+                         split, seed)
+
+    def read_label(self, path):
+        ids = read_label_png(path)
+        bad = np.setdiff1d(np.unique(ids), np.r_[np.arange(self.n_classes), 255])
+        if bad.size:
+            raise SmoosegError(
+                f"label {path} holds class id {int(bad[0])} but n_classes={self.n_classes}; use "
+                f"ids 0..{self.n_classes - 1} (255 = ignore) or raise n_classes")
+        return np.where(ids == 255, -1, ids)
+
+
+class CroppedDataset(SegmentationDataset):
+    """Pre-cropped training set written by ``crop_datasets.py`` (labels stored + 1)."""
+
+    key = "cropped"
+
+    def __init__(self, data_dir, dataset, crop_type, ratio, split, n_classes, names,
+                 transform, seed=0):
+        root = Path(data_dir) / "cropped" / crop_dir_name(dataset, crop_type, ratio)
+        image_dir, label_dir = root / "img" / split, root / "label" / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise SmoosegError(
+                    f"cropped set folder {folder} not found; run crop_datasets.py "
+                    f"datasets=[{dataset}] crop_types=[{crop_type}] crop_ratio={ratio} first; "
+                    f"expected layout: {EXPECTED_LAYOUT['cropped']}")
+        images, labels = _numbered(image_dir, ".jpg"), _numbered(label_dir, ".png")
+        if not images:
+            raise SmoosegError(f"cropped set {image_dir} is empty; run crop_datasets.py first")
+        numbers = list(range(max(images | labels) + 1))
+        absent = [n for n in numbers if n not in images or n not in labels]
+        if absent or len(numbers) % 5:
+            first = absent[0] if absent else len(numbers)
+            raise SmoosegError(
+                f"cropped set {root} is incomplete (crop {first} missing); re-run "
+                f"crop_datasets.py with the same settings, it resumes where it stopped")
+        entries = [(str(n), image_dir / f"{n}.jpg", label_dir / f"{n}.png") for n in numbers]
+        super().__init__(entries, n_classes, names, transform, split, seed)
+
+    def read_label(self, path):
+        stored = read_label_png(path)
+        bad = stored[(stored < 0) | (stored > self.n_classes)]
+        if bad.size:
+            raise SmoosegError(f"cropped label {path} holds {int(bad[0]) - 1} but n_classes="
+                               f"{self.n_classes}; delete the crop folder and run crop_datasets.py")
+        return stored - 1
+
+
+def dataset_key(name, dir_name=None):
+    """Name used for a data set's crop folder (the directory set's folder name)."""
+    return (dir_name or "directory") if name == "directory" else name
+
+
+def _data_dir(data_dir, name):
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise SmoosegError(
+            f"data_dir {path} does not exist; pass data_dir=<folder holding the data sets> "
+            f"(download_datasets.py fills it); expected layout: {EXPECTED_LAYOUT[name]}")
+    return path
+
+
+def _n_classes(name, n_classes):
+    if name == "directory":
+        if n_classes is None or int(n_classes) < 1:
+            raise SmoosegError("directory data set needs n_classes (the number of classes in "
+                               "your data), e.g. dir_dataset_n_classes=5")
+        return int(n_classes)
+    if n_classes is not None and int(n_classes) != N_CLASSES[name]:
+        raise SmoosegError(f"{name} has {N_CLASSES[name]} classes, not n_classes={n_classes}; "
+                           f"drop the override")
+    return N_CLASSES[name]
+
+
+def build_dataset(name, data_dir, split, res, crop="center", image_interp="nearest",
+                  n_classes=None, crop_source=None, seed=0, dir_name=None):
+    """Build a reader; see the module docstring for layouts and the item format.
+
+    ``crop_source`` (e.g. ``{"crop_type": "five", "ratio": 0.5}``) reads the pre-cropped set
+    of ``name`` instead of the originals. For ``directory`` the set lives in
+    ``<data_dir>/<dir_name>`` (``dir_name=None``: ``data_dir`` itself holds ``imgs/``).
+    """
+    if name not in DATASETS:
+        raise SmoosegError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+    transform = JointTransform(res, crop=crop, image_interp=image_interp)
+    root = _data_dir(data_dir, name)
+    n = _n_classes(name, n_classes)
+    if crop_source is not None and crop_source.get("crop_type") not in (None, "none"):
+        if crop_source.get("ratio") is None:
+            raise SmoosegError("crop_source needs a ratio, e.g. {crop_type: five, ratio: 0.5}")
+        return CroppedDataset(root, dataset_key(name, dir_name), crop_source["crop_type"],
+                              crop_source["ratio"], split, n, class_names(name, n), transform,
+                              seed)
+    if name == "cocostuff27":
+        return CocoStuff27(root, split, transform, seed)
+    if name == "cityscapes":
+        return Cityscapes(root, split, transform, seed)
+    if name == "potsdam":
+        return Potsdam(root, split, transform, seed)
+    return DirectoryDataset(root / dir_name if dir_name else root, split, n, transform, seed)

@@ -1,0 +1,248 @@
+"""Resumable, verified downloads of the published data archives, and safe extraction.
+
+The reference pipeline hosts ``cocostuff.zip``, ``cityscapes.zip``, ``potsdam.zip`` and
+``potsdamraw.zip`` under one base URL (config key ``base_url``, since hosting moves). For
+each one :func:`fetch_dataset` skips it when ``<data_dir>/<name>/`` exists, otherwise
+downloads ``<data_dir>/<name>.zip`` (``.part`` file, HTTP Range resume, size and optional
+sha256 check, atomic rename), extracts it into a hidden staging folder and renames the
+result to ``<data_dir>/<name>/``, so a killed run never leaves a half-extracted data set.
+Only the standard library (urllib) is used.
+"""
+
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from smooseg.errors import SmoosegError
+
+ARCHIVES = {"cocostuff": "cocostuff.zip", "cityscapes": "cityscapes.zip",
+            "potsdam": "potsdam.zip", "potsdamraw": "potsdamraw.zip"}
+OFFICIAL_SOURCES = ("Cityscapes https://www.cityscapes-dataset.com, COCO-Stuff "
+                    "https://github.com/nightrome/cocostuff, ISPRS Potsdam "
+                    "https://www.isprs.org/education/benchmarks/UrbanSemLab/"
+                    "2d-sem-label-potsdam.aspx")
+_READER_OF = {"cocostuff": "cocostuff27", "cityscapes": "cityscapes", "potsdam": "potsdam"}
+CHUNK = 1 << 20
+
+
+def _layout_hint(name):
+    reader = _READER_OF.get(name)
+    if reader is None:
+        return "the layouts in README 'Data sets'"
+    # Imported here so that downloading never pays for importing torch.
+    from smooseg.data.datasets import EXPECTED_LAYOUT
+    return f"README 'Data sets' ({EXPECTED_LAYOUT[reader]})"
+
+
+def _host_error(url, reason, name=None):
+    return SmoosegError(
+        f"cannot download {url} ({reason}); the host may be down or have moved: set base_url to "
+        f"the new location, or get the data from the official sources ({OFFICIAL_SOURCES}) and "
+        f"arrange it as in {_layout_hint(name)}")
+
+
+def sha256_of(path):
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _total_from_content_range(value):
+    match = re.match(r"bytes\s+(\d+|\*)-?(\d*)/(\d+|\*)", value or "")
+    if not match:
+        return None, None
+    start = None if match.group(1) == "*" else int(match.group(1))
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return start, total
+
+
+def _open(url, offset, timeout, name):
+    headers = {"User-Agent": "smooseg-downloader"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                      timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            return err
+        raise _host_error(url, f"HTTP {err.code} {err.reason}", name) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _host_error(url, getattr(err, "reason", err), name) from None
+
+
+def _receive(response, part, offset, total, url, progress):
+    """Append the response body to ``part``; errors mid-way keep the part for a resume."""
+    mode = "ab" if offset else "wb"
+    received = offset
+    with open(part, mode) as handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                          desc=part.name[:-5], disable=not progress) as bar:
+        try:
+            read = getattr(response, "read1", response.read)   # read1: whatever has arrived
+            for block in iter(lambda: read(CHUNK), b""):
+                handle.write(block)
+                received += len(block)
+                bar.update(len(block))
+        except (OSError, http.client.HTTPException) as err:
+            raise SmoosegError(
+                f"download of {url} broke off at {received} of {total or '?'} bytes ({err}); "
+                f"run again to resume from {part}") from None
+
+
+def _fetch(url, part, offset, expected_size, progress, timeout, name):
+    """Fetch ``url`` into ``part`` from byte ``offset``; returns the full size if announced."""
+    with _open(url, offset, timeout, name) as response:
+        status = getattr(response, "status", None) or response.getcode()
+        if status == 416:                       # nothing left to send: complete, or a stale part
+            _, total = _total_from_content_range(response.headers.get("Content-Range"))
+            if total == offset:
+                return total
+            part.unlink()
+            return _fetch(url, part, 0, expected_size, progress, timeout, name)
+        if status == 206:
+            start, total = _total_from_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                raise SmoosegError(f"{url} answered a resume from byte {offset} with a range "
+                                   f"starting at {start}; delete {part} and retry")
+        else:                                   # 200: the server ignored Range, start over
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if expected_size is not None and total is not None and total != expected_size:
+            raise SmoosegError(f"{url} has {total} bytes but {expected_size} were expected; the "
+                               f"archive changed: update the size/checksum in the config or fix "
+                               f"base_url")
+        _receive(response, part, offset, total, url, progress)
+        return total
+
+
+def download(url, dest, expected_size=None, sha256=None, progress=True, timeout=60.0,
+             name=None):
+    """Download ``url`` to ``dest`` with Range resume, verification and an atomic rename.
+
+    Bytes go to ``<dest>.part``; an existing part is resumed with an HTTP Range request (a
+    server that ignores Range restarts it). The part is checked against ``expected_size`` (or
+    the announced size) and ``sha256`` and only then renamed to ``dest``.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    offset = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and offset > expected_size:
+        part.unlink()
+        offset = 0
+    total = expected_size
+    if expected_size is None or offset < expected_size:
+        total = _fetch(url, part, offset, expected_size, progress, timeout, name)
+    _verify(part, url, expected_size if expected_size is not None else total, sha256)
+    os.replace(part, dest)
+    return dest
+
+
+def _verify(part, url, size, sha256):
+    actual = part.stat().st_size
+    if size is not None and actual < size:
+        raise SmoosegError(f"download of {url} ended early at {actual} of {size} bytes; "
+                           f"run again to resume from {part}")
+    if size is not None and actual > size:
+        part.unlink()
+        raise SmoosegError(f"download of {url} gave {actual} bytes, more than the expected "
+                           f"{size}; the partial file was deleted, run again")
+    if sha256 and sha256_of(part) != sha256.lower():
+        part.unlink()
+        raise SmoosegError(f"download of {url} is corrupt (sha256 mismatch); the file was "
+                           f"deleted, run again or check the sha256 in the config")
+
+
+def _inside(root, member):
+    target = (root / member).resolve()
+    return member and not os.path.isabs(member) and (target == root or root in target.parents)
+
+
+def extract(archive, dest_dir):
+    """Extract a .zip/.tar/.tar.gz into ``dest_dir``, refusing members that escape it."""
+    archive, dest = Path(archive), Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if not _inside(root, info.filename):
+                        raise SmoosegError(f"archive {archive} has unsafe member {info.filename!r}"
+                                           f" (outside the target folder); refusing to extract")
+                zf.extractall(dest)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():
+                    if not _inside(root, member.name):
+                        raise SmoosegError(f"archive {archive} has unsafe member {member.name!r}"
+                                           f" (outside the target folder); refusing to extract")
+                tf.extractall(dest, filter="data")
+        else:
+            raise SmoosegError(f"{archive} is not a zip or tar archive; delete it and download "
+                               f"again")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as err:
+        raise SmoosegError(f"cannot extract {archive} ({err}); the archive is corrupt: delete it "
+                           f"and download again") from None
+    return dest
+
+
+def _place(staging, target):
+    """Rename the extracted data set into place (unwrapping a single ``<name>/`` folder)."""
+    entries = [p for p in staging.iterdir() if p.name != "__MACOSX"]
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == target.name.lower():
+        os.replace(entries[0], target)
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, target)
+
+
+def fetch_dataset(name, data_dir, base_url, keep_archive=False, size=None, sha256=None,
+                  progress=True, timeout=60.0):
+    """Download and extract one published archive; returns ``"present"`` or ``"installed"``."""
+    if name not in ARCHIVES:
+        raise SmoosegError(f"unknown data set '{name}' to download; choose from "
+                           f"{', '.join(ARCHIVES)}")
+    data_dir = Path(data_dir)
+    target = data_dir / name
+    if target.exists():
+        return "present"
+    archive = data_dir / ARCHIVES[name]
+    if not archive.exists():
+        url = str(base_url).rstrip("/") + "/" + ARCHIVES[name]
+        download(url, archive, size, sha256, progress, timeout, name)
+    staging = data_dir / f".{name}.extracting"
+    if staging.exists():
+        shutil.rmtree(staging)
+    extract(archive, staging)
+    _place(staging, target)
+    if not keep_archive:
+        archive.unlink()
+    return "installed"
+
+
+def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None, checksums=None,
+                      progress=True, timeout=60.0):
+    """Fetch several archives; returns ``{name: "present" | "installed"}``."""
+    if base_url in (None, "", "???"):
+        raise SmoosegError("base_url is not set; pass base_url=<URL of the folder holding "
+                           "cityscapes.zip, cocostuff.zip, ...>")
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    sizes, checksums = dict(sizes or {}), dict(checksums or {})
+    return {name: fetch_dataset(name, data_dir, base_url, keep_archive, sizes.get(name),
+                                checksums.get(name), progress, timeout)
+            for name in names}

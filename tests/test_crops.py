@@ -1,0 +1,203 @@
+"""Five/random crop writer: geometry, count, label + 1 round trip, resume after interruption."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smooseg.data import crops
+from smooseg.data.crops import (crop_dataset, crop_folder, five_crops, random_crops,
+                                remove_stale_temps)
+from smooseg.data.datasets import build_dataset
+from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
+from smooseg.errors import SmoosegError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def finished(folder, split="train"):
+    return (sorted(p.name for p in (folder / "img" / split).iterdir()),
+            sorted(p.name for p in (folder / "label" / split).iterdir()))
+
+
+def contents(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_five_crops_by_hand():
+    assert five_crops(10, 20, 0.5) == [(0, 0, 5, 10), (0, 10, 5, 10), (5, 0, 5, 10),
+                                       (5, 10, 5, 10), (2, 5, 5, 10)]   # centre round(2.5) = 2
+    assert five_crops(7, 7, 0.5)[4] == (2, 2, 3, 3)                    # int(3.5) = 3 sides
+
+
+def test_random_crops_bounds_and_seed():
+    boxes = random_crops(30, 50, 0.5, np.random.default_rng(0), n=200)
+    assert all((h, w) == (15, 25) and 0 <= t <= 15 and 0 <= l <= 25 for t, l, h, w in boxes)
+    assert {t for t, _, _, _ in boxes} == set(range(16))                # all corners reachable
+    again = random_crops(30, 50, 0.5, np.random.default_rng(0), n=200)
+    assert boxes == again
+
+
+@pytest.mark.parametrize("crop_type", ["five", "random"])
+def test_crops_count_geometry_and_label_round_trip(tmp_path, crop_type):
+    write_cityscapes_layout(tmp_path, n_train=3, n_val=1, size=(32, 48))
+    source = build_dataset("cityscapes", tmp_path, "train", res=None, crop="none")
+    folder = crop_folder(tmp_path, "cityscapes", crop_type, 0.5)
+    assert folder == tmp_path / "cropped" / f"cityscapes_{crop_type}_crop_0.5"
+    result = crop_dataset(source, folder, "train", crop_type, 0.5, seed=4, progress=False)
+    assert result == {"written": 30, "images": 3}
+    images, labels = finished(folder)
+    assert images == sorted(f"{n}.jpg" for n in range(15))
+    assert labels == sorted(f"{n}.png" for n in range(15))
+    cropped = build_dataset("cityscapes", tmp_path, "train", res=None, crop="none",
+                            crop_source={"crop_type": crop_type, "ratio": 0.5})
+    assert len(cropped) == 15
+    for i in range(3):
+        image, label = source.load_raw(i)
+        boxes = crops.crop_boxes(crop_type, 32, 48, 0.5, 4, i)
+        for n, (top, left, h, w) in enumerate(boxes):
+            crop_image, crop_label = cropped.load_raw(5 * i + n)
+            assert crop_image.size == (24, 16) == (w, h)
+            assert np.array_equal(crop_label, label[top:top + h, left:left + w])
+            stored = np.asarray(Image.open(folder / f"label/train/{5 * i + n}.png"))
+            assert np.array_equal(stored, label[top:top + h, left:left + w] + 1)
+            encoded = io.BytesIO()
+            image.crop((left, top, left + w, top + h)).save(encoded, format="JPEG", quality=75)
+            assert (folder / f"img/train/{5 * i + n}.jpg").read_bytes() == encoded.getvalue()
+    item = build_dataset("cityscapes", tmp_path, "train", res=16,
+                         crop_source={"crop_type": crop_type, "ratio": 0.5})[7]
+    assert item["img"].shape == (3, 16, 16) and item["name"] == "7"
+
+
+def test_unlabelled_directory_crops_are_all_ignore(tmp_path):
+    write_directory_layout(tmp_path, name="bare", n_train=2, n_val=1, size=(20, 20),
+                           with_labels=False)
+    summary = crops.crop_datasets(tmp_path, ["directory"], ["train"], ["five"], 0.5,
+                                  dir_name="bare", n_classes=3, progress=False)
+    assert summary == {"bare_five_crop_0.5/train": {"written": 20, "images": 2}}
+    ds = build_dataset("directory", tmp_path, "train", res=None, n_classes=3, dir_name="bare",
+                       crop_source={"crop_type": "five", "ratio": 0.5})
+    assert len(ds) == 10 and (ds.load_raw(9)[1] == -1).all()
+
+
+def test_resume_after_interruption_leaves_no_partial_file(tmp_path, monkeypatch):
+    write_cityscapes_layout(tmp_path / "clean", n_train=4, n_val=1, size=(32, 48))
+    write_cityscapes_layout(tmp_path / "cut", n_train=4, n_val=1, size=(32, 48))
+    for name in ("clean", "cut"):
+        assert (tmp_path / name / "cityscapes").is_dir()
+    clean = build_dataset("cityscapes", tmp_path / "clean", "train", res=None)
+    clean_folder = crop_folder(tmp_path / "clean", "cityscapes", "random", 0.5)
+    crop_dataset(clean, clean_folder, "train", "random", 0.5, seed=9, progress=False)
+
+    cut = build_dataset("cityscapes", tmp_path / "cut", "train", res=None)
+    folder = crop_folder(tmp_path / "cut", "cityscapes", "random", 0.5)
+    real_atomic_write = crops.atomic_write
+    calls = {"n": 0}
+
+    def dying_atomic_write(path):
+        calls["n"] += 1
+        if calls["n"] == 13:       # die half-way through writing the 13th file
+            class Boom(Exception):
+                pass
+            context = real_atomic_write(path)
+            tmp = context.__enter__()
+            tmp.write_bytes(b"half a jpeg")
+            context.__exit__(Boom, Boom(), None)
+            raise KeyboardInterrupt
+        return real_atomic_write(path)
+
+    monkeypatch.setattr(crops, "atomic_write", dying_atomic_write)
+    with pytest.raises(KeyboardInterrupt):
+        crop_dataset(cut, folder, "train", "random", 0.5, seed=9, progress=False)
+    images, labels = finished(folder)
+    assert len(images) + len(labels) == 12 and not list(folder.rglob("*.tmp"))
+    for name in images:                        # every finished file decodes fully
+        Image.open(folder / "img/train" / name).load()
+
+    (folder / "img/train/.17.jpg.killed.tmp").write_bytes(b"left by kill -9")
+    monkeypatch.setattr(crops, "atomic_write", real_atomic_write)
+    result = crop_dataset(cut, folder, "train", "random", 0.5, seed=9, progress=False)
+    assert result["written"] == 40 - 12
+    assert not list(folder.rglob("*.tmp"))
+    assert contents(folder) == contents(clean_folder)     # same crops, byte for byte
+    assert crop_dataset(cut, folder, "train", "random", 0.5, seed=9,
+                        progress=False)["written"] == 0
+
+
+def test_remove_stale_temps_only_touches_temp_files(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img/.3.jpg.abc.tmp").write_bytes(b"x")
+    (tmp_path / "img/3.jpg").write_bytes(b"y")
+    assert remove_stale_temps(tmp_path) == 1
+    assert [p.name for p in (tmp_path / "img").iterdir()] == ["3.jpg"]
+
+
+def test_bad_crop_settings(tmp_path):
+    write_cityscapes_layout(tmp_path, n_train=1, n_val=1, size=(16, 16))
+    ds = build_dataset("cityscapes", tmp_path, "train", res=None)
+    with pytest.raises(SmoosegError, match="unknown crop type 'six'"):
+        crop_dataset(ds, tmp_path / "c", "train", "six", 0.5, progress=False)
+    with pytest.raises(SmoosegError, match="crop_ratio=1.5"):
+        crop_dataset(ds, tmp_path / "c", "train", "five", 1.5, progress=False)
+
+
+def run_cli(args, cwd, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "crop_datasets.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@pytest.mark.slow
+def test_cli_parallel_both_flag_styles_and_clean_cwd(tmp_path):
+    data = write_cityscapes_layout(tmp_path / "data", n_train=4, n_val=2, size=(32, 48))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    out = run_cli(["--data_dir", str(data), "--num_workers", "2", "--splits", "[train,val]"], work)
+    assert out.returncode == 0, out.stderr
+    assert "cityscapes_five_crop_0.5/train: 4 images, 40 files written" in out.stdout
+    folder = data / "cropped/cityscapes_five_crop_0.5"
+    assert [len(x) for x in finished(folder, "val")] == [10, 10]
+    assert list(work.iterdir()) == []                            # no outputs/, no log file
+    again = run_cli([f"data_dir={data}", "crop_types=[five,random]", "progress=false"], work)
+    assert again.returncode == 0, again.stderr
+    assert "cityscapes_five_crop_0.5/train: 4 images, 0 files written" in again.stdout
+    assert "cityscapes_random_crop_0.5/train: 4 images, 40 files written" in again.stdout
+    bad = run_cli([f"data_dir={tmp_path / 'missing'}"], work)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: data_dir ")
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_way_then_resumed(tmp_path):
+    data = write_cityscapes_layout(tmp_path, n_train=60, n_val=1, size=(64, 128))
+    folder = data / "cropped/cityscapes_five_crop_0.5"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "crop_datasets.py"), f"data_dir={data}", "num_workers=0"],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if (folder / "label/train").is_dir() and len(os.listdir(folder / "label/train")) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(os.listdir(folder / "img/train"))
+    assert done < 300, "the run finished before it could be killed; grow the data set"
+    out = run_cli([f"data_dir={data}", "progress=false"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not list(folder.rglob("*.tmp"))
+    images, labels = finished(folder)
+    assert len(images) == len(labels) == 300
+    ds = build_dataset("cityscapes", data, "train", res=None,
+                       crop_source={"crop_type": "five", "ratio": 0.5})
+    for n in range(300):
+        image, label = ds.load_raw(n)
+        assert image.size == (64, 32) and label.shape == (32, 64)
