@@ -1,0 +1,23 @@
+"""Evaluate checkpoints: python eval_segmentation.py model_paths=[a.ckpt,b.ckpt] [crf=false ...]
+
+Flip averaging, optional dense CRF and Hungarian metrics on the checkpoint's data set (or
+dataset=...). Prints a per-class IoU table and writes <output_dir>/<checkpoint>/metrics.json
+plus coloured PNGs of the first n_images images. Config: configs/eval.yaml.
+"""
+
+import hydra
+
+from smooseg.cli import prepare_argv, report_errors
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@report_errors
+def main(cfg):
+    from smooseg.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
+
+    run_eval(cfg)
+
+
+if __name__ == "__main__":
+    prepare_argv()
+    main()

@@ -1,0 +1,22 @@
+"""Segment your own images: python segment_images.py model_path=m.ckpt input_dir=photos [...]
+
+Writes a colour mask and an overlay per image (optionally the raw cluster ids) at the image's
+original size, with resize or sliding-window inference, optional dense CRF, and class colours
+plus a legend when metrics_json=<eval metrics.json> is given. Config: configs/segment.yaml.
+"""
+
+import hydra
+
+from smooseg.cli import prepare_argv, report_errors
+from smooseg.segment import run_segment
+
+
+@hydra.main(config_path="configs", config_name="segment", version_base="1.3")
+@report_errors
+def main(cfg):
+    run_segment(cfg)
+
+
+if __name__ == "__main__":
+    prepare_argv()
+    main()

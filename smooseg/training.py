@@ -1,0 +1,275 @@
+"""From a composed training config to a trained model: data, module, trainer, fit.
+
+``train(cfg)`` is what ``train_segmentation.py`` runs; the other functions build one piece each
+and are reused by the demo and the tests. The config layout is ``configs/train.yaml``.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from smooseg.checkpoints import check_state_dict, describe_model, is_reference_layout, read_checkpoint
+from smooseg.data.datasets import (N_CLASSES, CroppedDataset, build_dataset, class_names, crop_dir_name,
+                                   dataset_key)
+from smooseg.errors import SmoosegError, atomic_write
+from smooseg.feature_cache import check_deterministic, open_or_build
+from smooseg.module import SmooSegModule
+
+# No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
+BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
+
+
+def n_classes_of(dataset_cfg):
+    """Number of classes of the configured data set (``dataset.n_classes`` for directory sets)."""
+    if dataset_cfg.name == "directory":
+        if dataset_cfg.get("n_classes") is None:
+            raise SmoosegError("dataset.n_classes is not set; a directory data set needs the number "
+                               "of classes, e.g. dataset.n_classes=5")
+        return int(dataset_cfg.n_classes)
+    if dataset_cfg.name not in N_CLASSES:
+        raise SmoosegError(f"dataset.name={dataset_cfg.name} is unknown; use cityscapes, "
+                           "cocostuff27, potsdam or directory")
+    return N_CLASSES[dataset_cfg.name]
+
+
+def build_module(cfg):
+    """A fresh :class:`SmooSegModule` from the ``model``, ``loss``, ``optim`` and ``dataset`` keys."""
+    n_classes = n_classes_of(cfg.dataset)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return SmooSegModule(
+        n_classes=n_classes,
+        dataset_name=cfg.dataset.name,
+        class_names=class_names(cfg.dataset.name, n_classes),
+        extra_clusters=int(cfg.extra_clusters),
+        mask_extra_clusters=bool(cfg.mask_extra_clusters),
+        n_log_images=int(cfg.n_log_images),
+        eval_res=int(cfg.eval_res),
+        image_interp=cfg.dataset.image_interp,
+        dir_name=cfg.dataset.get("dir_name"),
+        **model,
+        **OmegaConf.to_container(cfg.loss, resolve=True),
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **perf_options(cfg),
+    )
+
+
+def perf_options(cfg):
+    """Module speed settings from the ``perf`` section (backbone precision, compiled heads + loss)."""
+    perf = cfg.get("perf") or {}
+    return {"backbone_precision": str(perf.get("backbone_precision", "auto")),
+            "compile": bool(perf.get("compile", False))}
+
+
+def train_crop_source(cfg):
+    """The pre-cropped training set to read, or None (raw images) when it is off or not written yet."""
+    source = cfg.dataset.get("train_crop_source")
+    if source is None:
+        return None
+    source = OmegaConf.to_container(source, resolve=True)
+    folder = Path(cfg.data_dir) / "cropped" / crop_dir_name(
+        dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")), source["crop_type"], source["ratio"])
+    if folder.is_dir():
+        return source
+    print(f"note: cropped training set {folder} not found, training on the raw images with "
+          f"{cfg.dataset.train_crop} crops (run crop_datasets.py for the published setting)")
+    return None
+
+
+def build_datasets(cfg):
+    """(train set, validation set); validation uses centre crops at ``eval_res``."""
+    common = dict(name=cfg.dataset.name, data_dir=cfg.data_dir, image_interp=cfg.dataset.image_interp,
+                  n_classes=cfg.dataset.get("n_classes"), dir_name=cfg.dataset.get("dir_name"),
+                  seed=int(cfg.seed))
+    train_set = build_dataset(split="train", res=int(cfg.res), crop=cfg.dataset.train_crop,
+                              crop_source=train_crop_source(cfg), **common)
+    val_set = build_dataset(split="val", res=int(cfg.eval_res), crop="center", **common)
+    return train_set, val_set
+
+
+def loader_options(cfg):
+    """DataLoader keyword arguments from ``num_workers`` and the ``loader`` section."""
+    workers = int(cfg.num_workers)
+    loader = cfg.get("loader") or {}
+    pin = loader.get("pin_memory", "auto")
+    if pin not in (True, False, "auto"):
+        raise SmoosegError(f"loader.pin_memory={pin} is not allowed; use auto, true or false")
+    if pin == "auto":
+        pin = uses_cuda(cfg.trainer.get("accelerator", "auto"))
+    options = dict(num_workers=workers, pin_memory=pin)
+    if workers > 0:
+        options["persistent_workers"] = bool(loader.get("persistent_workers", True))
+        if loader.get("prefetch_factor") is not None:
+            options["prefetch_factor"] = int(loader.get("prefetch_factor"))
+    return options
+
+
+def cache_enabled(cfg):
+    """Whether training reads backbone features from the feature cache (``cache.enabled``)."""
+    return bool((cfg.get("cache") or {}).get("enabled", False))
+
+
+def cached_train_set(cfg, train_set, module):
+    """The training set's backbone features from the feature cache, built on first use.
+
+    Refuses random crops (the cache would not match what training sees) before building anything.
+    """
+    check_deterministic(cfg.dataset.train_crop)
+    cache = cfg.cache
+    source = train_crop_source(cfg) if isinstance(train_set, CroppedDataset) else None
+    device = "cuda" if uses_cuda(cfg.trainer.get("accelerator", "auto")) else "cpu"
+    return open_or_build(
+        train_set, module.backbone, cache.dir, dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")),
+        "train", int(cfg.res), cfg.dataset.train_crop, cfg.dataset.image_interp, crop_source=source,
+        dtype=str(cache.get("dtype", "float16")), batch_size=int(cache.get("batch_size") or cfg.batch_size),
+        num_workers=int(cfg.num_workers), device=device, precision=module.hparams.backbone_precision,
+        data_dir=cfg.data_dir)
+
+
+def build_dataloaders(cfg, module=None):
+    """(train loader: shuffled, whole batches; validation loader: every image counts).
+
+    With ``cache.enabled`` the train loader yields cached backbone features (``feats``) of the
+    same images in the same order; ``module`` (whose backbone fills the cache) is then required.
+    """
+    train_set, val_set = build_datasets(cfg)
+    batch_size = int(cfg.batch_size)
+    if len(train_set) < batch_size:
+        raise SmoosegError(f"the training set has {len(train_set)} images, fewer than batch_size="
+                           f"{batch_size}; lower batch_size")
+    if cache_enabled(cfg):
+        if module is None:
+            raise ValueError("build_dataloaders: cache.enabled needs the module whose backbone fills it")
+        train_set = cached_train_set(cfg, train_set, module)
+    common = loader_options(cfg)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, **common)
+    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, drop_last=False, **common)
+    return train_loader, val_loader
+
+
+def uses_cuda(accelerator):
+    """Whether Lightning will run on a CUDA GPU for this ``trainer.accelerator`` value."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision, accelerator="auto"):
+    """``auto``: bf16-mixed on a GPU with bf16 support, 16-mixed on other GPUs, 32-true on CPU."""
+    precision = str(precision)
+    if precision != "auto":
+        return precision
+    if uses_cuda(accelerator):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class ValidateAtMaxSteps(Callback):
+    """Ask the loop to stop at ``max_steps``, so the final state is validated and checkpointed too."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def build_logger(cfg):
+    """TensorBoard under ``<output_dir>/tensorboard`` or no logger (``logger=none``)."""
+    kind = cfg.logger.type
+    if kind == "none":
+        return False
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=cfg.output_dir, name="tensorboard", version="",
+                                 default_hp_metric=False)
+    raise SmoosegError(f"logger.type={kind} is unknown; use logger=tensorboard or logger=none")
+
+
+def build_callbacks(cfg):
+    """Best-by-validation-mIoU checkpoint plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
+
+    Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
+    """
+    checkpoint = ModelCheckpoint(
+        dirpath=str(Path(cfg.output_dir) / "checkpoints"), filename=BEST_FILENAME,
+        monitor="val/cluster/mIoU", mode="max", save_top_k=1, save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False)
+    return [checkpoint, ValidateAtMaxSteps()]
+
+
+def build_trainer(cfg, callbacks=()):
+    """A Lightning Trainer: ``trainer.*`` keys are passed through (``precision: auto`` resolved)."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["precision"] = resolve_precision(options.get("precision", "auto"),
+                                             options.get("accelerator", "auto"))
+    accumulate = int(options.get("accumulate_grad_batches", 1))
+    # The frozen ViT is in eval mode on purpose (SPEC §1).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    try:
+        return pl.Trainer(
+            max_steps=int(cfg.max_steps), max_epochs=-1,
+            val_check_interval=int(cfg.val_check_interval) * accumulate,
+            check_val_every_n_epoch=None, logger=build_logger(cfg),
+            callbacks=build_callbacks(cfg) + list(callbacks), default_root_dir=cfg.output_dir, **options)
+    except TypeError as err:
+        raise SmoosegError(f"a trainer.* setting is not a Lightning Trainer argument ({err}); "
+                           "fix or remove it") from None
+
+
+def resume_path(cfg, module=None):
+    """The checkpoint to resume from: None, ``last`` (``<output_dir>/checkpoints/last.ckpt``) or a path.
+
+    With ``module`` the file is first read safely (weights-only) and checked to be a training
+    checkpoint that fits the configured model, so bad files fail with one clear line.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(
+        cfg.ckpt_path)
+    if not path.is_file():
+        raise SmoosegError(f"ckpt_path={cfg.ckpt_path}: {path} not found; pass an existing checkpoint "
+                           "or ckpt_path=null to start afresh")
+    if module is not None:
+        ckpt = read_checkpoint(path)
+        if not is_reference_layout(ckpt["state_dict"]):
+            check_state_dict(module.state_dict(), ckpt["state_dict"], path,
+                             describe_model(module.hparams, "configured for this run"))
+        if is_reference_layout(ckpt["state_dict"]) or "optimizer_states" not in ckpt:
+            raise SmoosegError(f"ckpt_path={path} holds no training state (optimiser, loops); resume "
+                               "from a last.ckpt written by train_segmentation.py")
+    return str(path)
+
+
+def save_config(cfg):
+    """Write the resolved config to ``<output_dir>/config.yaml``."""
+    path = Path(cfg.output_dir) / "config.yaml"
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def train(cfg, callbacks=()):
+    """Seed, build everything and fit; returns dict(best, last, best_mIoU, output_dir).
+
+    ``callbacks`` are extra Lightning callbacks added to the trainer's own.
+    """
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = build_module(cfg)
+    train_loader, val_loader = build_dataloaders(cfg, module)
+    trainer = build_trainer(cfg, callbacks)
+    if trainer.is_global_zero:
+        save_config(cfg)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_path(cfg, module))
+    callback = trainer.checkpoint_callback
+    score = callback.best_model_score
+    result = {
+        "best": callback.best_model_path or None,
+        "last": callback.last_model_path or None,
+        "best_mIoU": None if score is None else float(score),
+        "output_dir": str(cfg.output_dir),
+    }
+    if trainer.is_global_zero:
+        print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
+        print(f"last checkpoint: {result['last']}")
+    return result

@@ -1,0 +1,173 @@
+"""SmooSegModule: training step and logging, EMA once per optimiser step, prediction, test step."""
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, Dataset
+
+from smooseg.crf import CRFPool
+from smooseg.losses import total_loss
+from smooseg.metrics import ClusterMetrics
+from smooseg.module import SmooSegModule
+
+N_CLASSES = 3
+
+
+class Blobs(Dataset):
+    """Random normalised images with a 3-class label map (left / middle / right thirds)."""
+
+    def __init__(self, n, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.imgs = torch.randn(n, 3, size, size, generator=g)
+        label = torch.zeros(size, size, dtype=torch.long)
+        label[:, size // 3:] = 1
+        label[:, 2 * size // 3:] = 2
+        label[:2] = -1
+        self.label = label
+
+    def __len__(self):
+        return len(self.imgs)
+
+    def __getitem__(self, i):
+        return {"img": self.imgs[i], "label": self.label.clone(), "name": str(i)}
+
+
+def make_module(**kwargs):
+    options = dict(n_classes=N_CLASSES, dataset_name="directory", model_type="vit_small",
+                   patch_size=16, pretrained=False, dim=16, n_log_images=2)
+    options.update(kwargs)
+    return SmooSegModule(**options)
+
+
+def make_trainer(tmp_path, **kwargs):
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   log_every_n_steps=1, max_epochs=-1, default_root_dir=tmp_path)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def test_training_and_validation_logging(tmp_path):
+    pl.seed_everything(0)
+    module = make_module(lr1=3e-4, lr2=2e-3)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=2, val_check_interval=2,
+                           check_val_every_n_epoch=None)
+    val = DataLoader(Blobs(3, seed=1), batch_size=2)
+    trainer.fit(module, DataLoader(Blobs(4), batch_size=2), val)
+    logged = trainer.logged_metrics
+    for key in ("train/loss", "train/smooth", "train/intra", "train/inter", "train/data",
+                "lr/projector", "lr/prototypes", "val/cluster/mIoU", "val/cluster/Accuracy"):
+        assert key in logged, key
+    assert float(logged["lr/projector"]) == pytest.approx(3e-4)
+    assert float(logged["lr/prototypes"]) == pytest.approx(2e-3)
+    assert float(logged["train/loss"]) == pytest.approx(
+        float(logged["train/smooth"]) + float(logged["train/data"]), abs=1e-5)
+    assert float(logged["train/smooth"]) == pytest.approx(
+        float(logged["train/intra"]) + float(logged["train/inter"]), abs=1e-5)
+
+    # validation = teacher prediction at label size, no flip, Hungarian metrics over all 3 images
+    module.eval()
+    metric = ClusterMetrics(N_CLASSES, N_CLASSES)
+    with torch.no_grad():
+        for batch in val:
+            metric.update(module.cluster_log_probs(batch["img"]).argmax(1), batch["label"])
+    expected = metric.compute()
+    assert float(logged["val/cluster/mIoU"]) == pytest.approx(expected["mIoU"], abs=1e-4)
+    assert float(logged["val/cluster/Accuracy"]) == pytest.approx(expected["Accuracy"], abs=1e-4)
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "val/examples" in events.Tags()["images"]
+    picture = events.Images("val/examples")[-1]
+    assert (picture.width, picture.height) == (3 * 32, 2 * 32)  # image|label|pred, 2 rows
+
+
+def test_ema_once_per_optimiser_step_with_accumulation(tmp_path):
+    pl.seed_everything(0)
+    alpha = 0.5
+    module = make_module(ema_alpha=alpha)
+    with torch.no_grad():
+        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
+    teacher0 = module.predictor.teacher.clone()
+    student0 = module.predictor.student.detach().clone()
+    trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(module, DataLoader(Blobs(4), batch_size=2))
+    assert trainer.global_step == 1
+    student1 = module.predictor.student.detach()
+    assert not torch.allclose(student1, student0)  # the optimiser did step
+    once = alpha * teacher0 + (1 - alpha) * student1
+    assert torch.allclose(module.predictor.teacher, once, atol=1e-6)
+    twice = alpha * (alpha * teacher0 + (1 - alpha) * student0) + (1 - alpha) * student1
+    assert not torch.allclose(once, twice, atol=1e-4)
+
+
+def test_backbone_gets_no_gradients():
+    module = make_module()
+    module.train()
+    batch = Blobs(2)[0]
+    img = torch.stack([batch["img"], -batch["img"]])
+    signal, code = module.projector(module.backbone(img))
+    student, teacher = module.predictor(code)
+    total_loss(signal, student, teacher, -0.02, 0.5)["total"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in module.backbone.parameters())
+    assert not module.backbone.model.training  # the ViT stays in eval mode while training
+    assert all(p.grad is not None for p in module.projector.parameters())
+    assert module.predictor.student.grad is not None
+    optimiser = module.configure_optimizers()
+    grouped = [list(g["params"]) for g in optimiser.param_groups]
+    assert [g["lr"] for g in optimiser.param_groups] == [1e-4, 5e-4]
+    assert len(grouped[0]) == len(list(module.projector.parameters()))
+    assert grouped[1] == [module.predictor.student]
+
+
+def test_cluster_log_probs_shape_and_flip_average():
+    torch.manual_seed(0)
+    module = make_module().eval()
+    img = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        plain = module.cluster_log_probs(img, (40, 56))
+        flipped = module.cluster_log_probs(img, (40, 56), flip=True)
+        code = (module.code(img) + module.code(img.flip(-1)).flip(-1)) / 2
+        code = F.interpolate(code, size=(40, 56), mode="bilinear", align_corners=False)
+        unit = F.normalize(code, dim=1)
+        teacher = F.normalize(module.predictor.teacher, dim=1)
+        manual = torch.log_softmax(2 * torch.einsum("bdhw,kd->bkhw", unit, teacher), dim=1)
+    assert plain.shape == (2, N_CLASSES, 40, 56)
+    assert torch.allclose(plain.exp().sum(1), torch.ones(2, 40, 56), atol=1e-5)
+    assert torch.allclose(flipped, manual, atol=1e-5)
+    assert not torch.allclose(flipped, plain, atol=1e-3)
+    assert module.cluster_log_probs(img).shape[-2:] == (32, 48)  # default: image size
+
+
+def test_prediction_uses_the_teacher_only():
+    module = make_module().eval()
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = module.cluster_log_probs(img)
+        module.predictor.student.copy_(torch.randn_like(module.predictor.student))
+        assert torch.equal(module.cluster_log_probs(img), before)
+        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
+        assert not torch.allclose(module.cluster_log_probs(img), before)
+
+
+def test_test_step_flip_and_crf(tmp_path):
+    pl.seed_everything(0)
+    module = make_module()
+    data = DataLoader(Blobs(3, seed=2), batch_size=2)
+    module.crf_pool = CRFPool(num_workers=0)
+    trainer = make_trainer(tmp_path)
+    (result,) = trainer.test(module, data, verbose=False)
+    metric = ClusterMetrics(N_CLASSES, N_CLASSES)
+    module.eval()
+    with torch.no_grad():
+        for batch in data:
+            metric.update(module.cluster_log_probs(batch["img"], flip=True).argmax(1), batch["label"])
+    assert result["test/cluster/mIoU"] == pytest.approx(metric.compute()["mIoU"], abs=1e-4)
+    for key in ("test/crf/mIoU", "test/crf/Accuracy"):
+        assert 0.0 <= result[key] <= 100.0
+    assert np.isfinite(result["test/crf/Accuracy"])

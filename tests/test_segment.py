@@ -1,0 +1,321 @@
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from smooseg.checkpoints import load_module
+from smooseg.errors import SmoosegError
+from smooseg.module import SmooSegModule
+from smooseg.segment import (
+    bilinear_matrix, class_map_from_metrics, flip_averaged_code, list_images, log_prob_stripes,
+    output_stems, patch_multiple, predict_resize, predict_window, read_image, resized_shape,
+    segment_folder, window_starts,
+)
+from smooseg.viz import class_colors, colormap, legend_image
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CLASSES, EXTRA = 3, 1
+K = N_CLASSES + EXTRA
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random-init ViT-S/16 SmooSeg model (3 classes + 1 extra cluster) saved in the native layout."""
+    torch.manual_seed(0)
+    module = SmooSegModule(n_classes=N_CLASSES, dataset_name="potsdam", patch_size=16,
+                           pretrained=False, extra_clusters=EXTRA)
+    with torch.no_grad():  # spread the teacher prototypes so several clusters win somewhere
+        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher) * 3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def module(checkpoint):
+    return load_module(checkpoint)
+
+
+def _write(path, h, w, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = rng.integers(0, 255, 3)
+    img[:, w // 2:] = rng.integers(0, 255, 3)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "in"
+    _write(root / "a.png", 50, 70, 0)
+    _write(root / "b.jpg", 97, 64, 1)
+    _write(root / "nested" / "deep" / "c.bmp", 40, 33, 2)
+    (root / "notes.txt").write_text("not an image")
+    _write(root / ".hidden.png", 20, 20, 3)
+    return root
+
+
+# ---- pure helpers ----
+def test_window_starts_by_hand():
+    assert window_starts(100, 32, 16) == [0, 16, 32, 48, 64, 68]
+    assert window_starts(64, 32, 16) == [0, 16, 32]
+    assert window_starts(32, 32, 16) == [0]
+    assert window_starts(20, 32, 16) == [0]
+    assert window_starts(40, 32, 100) == [0, 8]
+
+
+def test_patch_multiple_and_resized_shape():
+    assert [patch_multiple(n, 16) for n in (1, 7, 8, 23, 24, 320)] == [16, 16, 16, 16, 32, 320]
+    assert patch_multiple(320, 14) == 322
+    assert resized_shape(50, 70, 64, 16) == (64, 96)       # 70 * 1.28 = 89.6 -> 96
+    assert resized_shape(97, 64, 64, 16) == (96, 64)       # 97 * 1.0 -> 96
+
+
+@pytest.mark.parametrize("out_len, in_len", [(50, 4), (97, 6), (9, 2), (7, 7), (3, 10)])
+def test_bilinear_matrix_matches_interpolate(out_len, in_len):
+    x = torch.randn(2, 3, in_len, 5)
+    ref = F.interpolate(x, size=(out_len, 5), mode="bilinear", align_corners=False)
+    assert torch.allclose(bilinear_matrix(out_len, in_len) @ x, ref, atol=1e-5)
+    assert torch.allclose(bilinear_matrix(out_len, in_len).sum(1), torch.ones(out_len))
+
+
+def test_stripes_equal_cluster_log_probs(module):
+    """Stripe-wise upsampling of the (flip-averaged) code gives the model's own log-probabilities."""
+    img = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ref = module.cluster_log_probs(img, size=(37, 53), flip=True)
+        code = flip_averaged_code(module, img, flip=True)
+        stripes = list(log_prob_stripes(module, code, (37, 53), max_elements=64 * 53 * 5))
+    assert len(stripes) == 8 and stripes[0][:2] == (0, 5) and stripes[-1][:2] == (35, 37)
+    assert torch.allclose(torch.cat([s for _, _, s in stripes], dim=2), ref, atol=1e-5)
+
+
+class _WindowMean:
+    """Fake model: each window gets p(cluster 0) = its mean of channel 0, uniformly over the window."""
+
+    backbone = SimpleNamespace(patch_size=8)
+    n_clusters = 2
+
+    def cluster_log_probs(self, batch, flip=False):
+        p0 = batch[:, 0].mean(dim=(1, 2)).view(-1, 1, 1).expand(-1, *batch.shape[-2:])
+        return torch.stack([p0, 1 - p0], dim=1).log()
+
+
+def test_window_probabilities_averaged_over_overlaps():
+    # 1×64 ramp in 8-pixel steps of channel 0; windows of 32 every 16 px: [0,32) [16,48) [32,64)
+    steps = torch.arange(8, dtype=torch.float32).repeat_interleave(8) / 10
+    img = torch.zeros(1, 3, 8, 64)
+    img[0, 0] = steps
+    ids, log_probs = predict_window(_WindowMean(), img, 32, 16, keep_log_probs=True)
+    means = [steps[a:a + 32].mean().item() for a in (0, 16, 32)]
+    expected = np.array([means[0]] * 16 + [(means[0] + means[1]) / 2] * 16
+                        + [(means[1] + means[2]) / 2] * 16 + [means[2]] * 16)
+    assert np.allclose(np.exp(log_probs[0, 3]), expected, atol=1e-6)
+    assert np.allclose(np.exp(log_probs).sum(0), 1, atol=1e-6)
+    assert (ids == (expected < 0.5).astype(int)).all()
+
+
+def test_window_pads_small_image_and_crops_back():
+    img = torch.rand(1, 3, 10, 13)
+    ids, log_probs = predict_window(_WindowMean(), img, 32, 16, keep_log_probs=True)
+    assert ids.shape == (10, 13) and log_probs.shape == (2, 10, 13)
+    # one 16×16 window, zero-padded: its channel-0 mean includes the padding
+    assert np.allclose(np.exp(log_probs[0]), img[0, 0].sum().item() / 256, atol=1e-6)
+
+
+def test_resize_mode_predicts_at_original_size(module):
+    img = torch.randn(1, 3, 50, 70)
+    ids, log_probs = predict_resize(module, img, 64, flip=False, keep_log_probs=True)
+    assert ids.shape == (50, 70) and log_probs.shape == (K, 50, 70)
+    net_in = F.interpolate(img, size=(64, 96), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        ref = module.cluster_log_probs(net_in, size=(50, 70))
+    assert np.allclose(log_probs, ref[0].numpy(), atol=1e-5)
+    assert (ids == log_probs.argmax(0)).all()
+
+
+def test_list_images_sorted_filtered_and_stems(folder, tmp_path):
+    assert [p.name for p in list_images(folder)] == ["a.png", "b.jpg"]
+    found = list_images(folder, recursive=True)
+    assert [p.relative_to(folder).as_posix() for p in found] == ["a.png", "b.jpg", "nested/deep/c.bmp"]
+    assert [s.as_posix() for s in output_stems(found, folder)] == ["a", "b", "nested/deep/c"]
+    _write(folder / "a.jpg", 8, 8, 4)
+    found = list_images(folder)
+    assert [s.as_posix() for s in output_stems(found, folder)] == ["a_jpg", "a_png", "b"]
+    assert [p.name for p in list_images(folder, recursive=True, exclude=folder / "nested")] == \
+        ["a.jpg", "a.png", "b.jpg"]
+
+
+def test_empty_missing_and_unreadable(tmp_path, module):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(SmoosegError, match="holds no images.*recursive=true"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(SmoosegError, match="is not a folder"):
+        list_images(tmp_path / "nope")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(SmoosegError, match=r"cannot read image .*bad\.jpg") as err:
+        read_image(bad)
+    assert "\n" not in str(err.value)
+
+
+# ---- segment_folder ----
+def _read(path):
+    return np.asarray(Image.open(path))
+
+
+def test_segment_folder_resize_recursive(folder, tmp_path, module):
+    out = tmp_path / "out"
+    results = segment_folder(module, folder, out, recursive=True, mode="resize", size=64,
+                             save_ids=True, device="cpu", show_progress=False)
+    assert len(results) == 3
+    palette = colormap("potsdam", K)
+    for rel, (h, w) in [("a", (50, 70)), ("b", (97, 64)), ("nested/deep/c", (40, 33))]:
+        ids = _read(out / f"{rel}_ids.png")
+        mask = _read(out / f"{rel}_mask.png")
+        over = _read(out / f"{rel}_overlay.png")
+        assert ids.shape == (h, w) and ids.dtype == np.uint8 and ids.max() < K
+        assert mask.shape == over.shape == (h, w, 3)
+        assert (mask == palette[ids]).all()
+        image = read_image(next(folder.glob(f"{rel}.*")))
+        blend = (0.5 * image.astype(np.float32) + 0.5 * mask.astype(np.float32)).round()
+        assert np.abs(over.astype(np.float32) - blend).max() <= 1
+    assert not (out / "legend.png").exists()
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+
+
+def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module):
+    out = tmp_path / "out"
+    class_map = torch.tensor([2, -1, 0, 1])         # cluster 1 is unmatched
+    results = segment_folder(module, folder, out, mode="window", size=32, stride=16, flip=False,
+                             save_ids=True, class_map=class_map, device="cpu", show_progress=False)
+    assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
+    palette = colormap("potsdam", K)
+    colour_of_cluster = np.stack([palette[2], palette[3], palette[0], palette[1]])
+    for rel, (h, w) in [("a", (50, 70)), ("b", (97, 64))]:
+        ids, mask = _read(out / f"{rel}_ids.png"), _read(out / f"{rel}_mask.png")
+        assert ids.shape == (h, w) and ids.max() < K
+        assert (mask == colour_of_cluster[ids]).all()
+    legend = _read(out / "legend.png")
+    assert legend.ndim == 3 and legend.shape[0] >= 4 * 20 and legend.shape[1] > 60
+    colours_in_legend = {tuple(c) for c in legend.reshape(-1, 3)}
+    assert all(tuple(c) in colours_in_legend for c in colour_of_cluster)
+
+
+def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, caplog):
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(SmoosegError, match="zz_broken.png"):
+        segment_folder(module, folder, tmp_path / "o1", device="cpu", show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="smooseg.segment"):
+        results = segment_folder(module, folder, tmp_path / "o2", size=32, crf=True, save_ids=True,
+                                 skip_bad=True, device="cpu", show_progress=False)
+    assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
+    assert "zz_broken.png" in caplog.text
+    assert _read(tmp_path / "o2" / "b_ids.png").shape == (97, 64)
+    assert not (tmp_path / "o2" / "zz_broken_mask.png").exists()
+
+
+def test_segment_folder_rejects_bad_options(folder, tmp_path, module):
+    with pytest.raises(SmoosegError, match="mode=tile"):
+        segment_folder(module, folder, tmp_path / "o", mode="tile", show_progress=False)
+    with pytest.raises(SmoosegError, match="stride=40 is larger than the window"):
+        segment_folder(module, folder, tmp_path / "o", mode="window", size=32, stride=40,
+                       show_progress=False)
+    with pytest.raises(SmoosegError, match="input folder"):
+        segment_folder(module, folder, folder, show_progress=False)
+    with pytest.raises(SmoosegError, match="class_map"):
+        segment_folder(module, folder, tmp_path / "o", class_map=[0, 1], show_progress=False)
+
+
+def test_output_inside_input_is_not_resegmented(folder, module):
+    out = folder / "seg"
+    segment_folder(module, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
+    again = segment_folder(module, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
+    assert len(again) == 3
+
+
+def test_class_colors_and_legend_image():
+    palette = colormap("potsdam", 5)
+    colours = class_colors([1, -1, 0, -1, 2], palette)
+    assert [tuple(c) for c in colours] == [tuple(palette[i]) for i in (1, 3, 0, 4, 2)]
+    legend = legend_image(["road", "tree"], [(255, 0, 0), (0, 0, 255)])
+    assert legend.dtype == np.uint8 and legend.shape[0] > 40
+    pixels = {tuple(c) for c in legend.reshape(-1, 3)}
+    assert (255, 0, 0) in pixels and (0, 0, 255) in pixels
+
+
+def _metrics_json(path, assignment):
+    names = ["roads", "buildings", "trees"]
+    data = {"mIoU": 10.0, "Accuracy": 20.0, "per_class_iou": dict(zip(names, [1.0, None, 3.0])),
+            "assignment": dict(zip(names, assignment))}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_class_map_from_metrics(tmp_path):
+    path = _metrics_json(tmp_path / "m.json", [2, 3, 0])
+    class_map, names = class_map_from_metrics(path, n_clusters=4, n_classes=3)
+    assert class_map.tolist() == [2, -1, 0, 1] and names == ["roads", "buildings", "trees"]
+    with pytest.raises(SmoosegError, match="3 classes but the model 5"):
+        class_map_from_metrics(path, n_clusters=6, n_classes=5)
+    with pytest.raises(SmoosegError, match="assigns cluster 3"):
+        class_map_from_metrics(path, n_clusters=3, n_classes=3)
+
+
+# ---- entry point ----
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "segment_images.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_bad_folder_exits_2(tmp_path, checkpoint):
+    proc = _run(f"model_path={checkpoint}", f"input_dir={tmp_path / 'missing'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: input_dir {tmp_path / 'missing'} is not a folder; pass input_dir=<folder of images>"]
+
+
+def test_entry_point_segments_with_metrics_json(folder, tmp_path, checkpoint):
+    metrics = _metrics_json(tmp_path / "metrics.json", [1, 0, 3])
+    proc = _run(f"model_path={checkpoint}", f"input_dir={folder}", "output_dir=seg", "--recursive",
+                "--mode", "window", "size=32", "save_ids=true", f"metrics_json={metrics}",
+                "progress=false", "device=cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "seg"
+    assert _read(out / "nested" / "deep" / "c_mask.png").shape == (40, 33, 3)
+    assert _read(out / "b_ids.png").shape == (97, 64)
+    assert (out / "legend.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "metrics.json", "seg"]  # no Hydra litter
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_with_its_evaluation(trained_run, tmp_path):
+    """Trained checkpoint + its evaluation's metrics.json: class colours, legend, mirrored cities."""
+    from conftest import run_script
+
+    best, data_dir = trained_run["best"], trained_run["data_dir"]
+    run_script("eval_segmentation.py", f"model_paths=['{best}']", f"data_dir={data_dir}", "crf=false",
+               "n_images=0", "num_workers=0", f"output_dir={tmp_path / 'eval'}")
+    metrics = tmp_path / "eval" / best.stem / "metrics.json"
+    images = data_dir / "cityscapes" / "leftImg8bit" / "val"
+    run_script("segment_images.py", f"model_path='{best}'", f"input_dir={images}",
+               f"output_dir={tmp_path / 'seg'}", "recursive=true", "size=64", "save_ids=true",
+               f"metrics_json='{metrics}'", "progress=false", "device=cpu")
+    sources = list_images(images, recursive=True)
+    class_map, _ = class_map_from_metrics(metrics, n_clusters=27, n_classes=27)
+    colours = colormap("cityscapes", 27)[class_map.numpy()]
+    for src, stem in zip(sources, output_stems(sources, images)):
+        ids = _read(tmp_path / "seg" / f"{stem}_ids.png")
+        assert ids.shape == read_image(src).shape[:2]
+        assert (_read(tmp_path / "seg" / f"{stem}_mask.png") == colours[ids]).all()
+    assert (tmp_path / "seg" / "legend.png").is_file()
