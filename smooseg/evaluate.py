@@ -8,7 +8,8 @@ Output of one checkpoint, in ``<output_dir>/<checkpoint stem>/``:
     ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
     counts, rows clusters, columns classes), and, when the CRF is on,
     the same numbers without it under ``nocrf``. Undefined IoUs (class absent, never predicted)
-    are ``null``.
+    are ``null``. A checkpoint trained with ``linear_probe=true`` adds ``linear``: the same
+    numbers for the supervised linear probe (identity class map, same flip-averaged code, no CRF).
   * ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for the first ``n_images`` images,
     label and prediction coloured with the data set's colour map (prediction through the
     Hungarian cluster -> class map).
@@ -17,6 +18,7 @@ Output of one checkpoint, in ``<output_dir>/<checkpoint stem>/``:
 import contextlib
 import json
 import math
+import os
 from collections import deque
 from pathlib import Path
 
@@ -129,6 +131,23 @@ class _Collector:
         self.preds.extend(p for p in preds[:room].cpu())
 
 
+@contextlib.contextmanager
+def cpu_threads_beside(crf_pool):
+    """While CRF worker processes run, give torch only the CPU cores they leave free (at least one).
+
+    OpenMP threads of the network that outnumber the free cores stall at every barrier while the
+    CRF workers hold the cores; the previous thread count is restored afterwards.
+    """
+    workers = getattr(crf_pool, "num_workers", 0) if crf_pool is not None else 0
+    before = torch.get_num_threads()
+    if workers > 0:
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_dir=None,
              device="cpu", precision="32", checkpoint=None, show_progress=True):
@@ -145,29 +164,35 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
     args = (hp.n_classes, module.n_clusters, hp.mask_extra_clusters, int(n_images))
     plain = _Collector(*args, device)
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
+    linear = (ClusterMetrics(hp.n_classes, hp.n_classes, match="identity").to(device)
+              if module.linear_probe is not None else None)
     images, labels, pending = [], [], deque()
 
     def finish(handle, batch_labels):
         marginals = handle.result()
         refined.add(torch.from_numpy(np.stack(marginals).argmax(1)), batch_labels)
 
-    for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
-        img, label = batch["img"].to(device), batch["label"].to(device)
-        with autocast_context(device, precision):
-            log_probs = module.cluster_log_probs(img, label.shape[-2:], flip=flip).float()
-        plain.add(log_probs.argmax(1), label)
-        rgb = None
-        if crf_pool is not None or len(images) < n_images:
-            rgb = [to_uint8_image(x) for x in unnormalize(img.float()).cpu()]
-            room = n_images - len(images)
-            images.extend(rgb[:room])
-            labels.extend(x.numpy() for x in label[:room].cpu())
-        if crf_pool is not None:
-            pending.append((crf_pool.submit(rgb, log_probs.cpu()), label.cpu()))
-            while pending and pending[0][0].done():
-                finish(*pending.popleft())
-    while pending:
-        finish(*pending.popleft())
+    with cpu_threads_beside(crf_pool):
+        for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
+            img, label = batch["img"].to(device), batch["label"].to(device)
+            with autocast_context(device, precision):
+                code = module.predict_code(img, flip)
+                log_probs = module.code_log_probs(code, label.shape[-2:]).float()
+                if linear is not None:
+                    linear.update(module.linear_log_probs(code, label.shape[-2:]).argmax(1), label)
+            plain.add(log_probs.argmax(1), label)
+            rgb = None
+            if crf_pool is not None or len(images) < n_images:
+                rgb = [to_uint8_image(x) for x in unnormalize(img.float()).cpu()]
+                room = n_images - len(images)
+                images.extend(rgb[:room])
+                labels.extend(x.numpy() for x in label[:room].cpu())
+            if crf_pool is not None:
+                pending.append((crf_pool.submit(rgb, log_probs.cpu()), label.cpu()))
+                while pending and pending[0][0].done():
+                    finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
 
     result = {"checkpoint": None if checkpoint is None else str(checkpoint),
               "dataset": hp.dataset_name, "n_evaluated": len(dataloader.dataset),
@@ -179,6 +204,8 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
     result.update(head)
     if refined is not None:
         result["nocrf"] = nocrf
+    if linear is not None:
+        result["linear"] = summarize(linear.compute(), names)
     if output_dir is not None:
         output_dir = Path(output_dir)
         to_class = cluster_to_class_map(head_raw["assignment"], module.n_clusters)
@@ -187,7 +214,18 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
         save_examples(examples, to_class, palette, output_dir)
         write_json(result, output_dir / "metrics.json")
         print(format_table(nocrf, names, head if refined is not None else None))
+        if linear is not None:
+            print(format_linear(result["linear"]))
     return result
+
+
+def format_linear(metrics):
+    """One line with the linear probe's headline numbers (a supervised diagnostic)."""
+    def cell(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    return (f"linear probe (supervised, no CRF): mIoU {cell(metrics['mIoU'])}   "
+            f"Accuracy {cell(metrics['Accuracy'])}")
 
 
 def eval_dataset(cfg, module):
@@ -241,6 +279,11 @@ def run_eval(cfg):
                                     n_images=int(cfg.n_images), output_dir=out, device=device,
                                     precision=cfg.precision, checkpoint=path))
             print(f"results: {out / 'metrics.json'}")
+            if cfg.get("report"):
+                from smooseg.report import write_report
+
+                for part, picture in write_report(out / "metrics.json").items():
+                    print(f"report {part}: {picture}")
     finally:
         if pool is not None:
             pool.close()

@@ -49,7 +49,7 @@ def test_eval_with_and_without_crf(trained_run, tmp_path):
     common = [f"data_dir={trained_run['data_dir']}", "n_images=2", "batch_size=4", "num_workers=0"]
     # dataset=synthetic names the checkpoint's own data set explicitly (the override path)
     run_script("eval_segmentation.py", f"model_paths=[{best}]", "crf=true", "crf_workers=1",
-               "dataset=synthetic", f"output_dir={tmp_path / 'crf'}", *common)
+               "dataset=synthetic", "report=true", f"output_dir={tmp_path / 'crf'}", *common)
     # reference-style flags, two checkpoints in one run
     proc = run_script("eval_segmentation.py", "--model_paths", f"[{best},{last}]", "--crf", "false",
                       "--output_dir", tmp_path / "plain", *common)
@@ -61,6 +61,9 @@ def test_eval_with_and_without_crf(trained_run, tmp_path):
     assert with_crf["nocrf"]["mIoU"] == pytest.approx(plain["mIoU"])
     assert with_crf["nocrf"]["Accuracy"] == pytest.approx(plain["Accuracy"])
     assert "mIoU" in proc.stdout and "road" in proc.stdout  # the printed per-class table
+    for picture in ("per_class_iou.png", "confusion.png", "examples.png"):  # report=true
+        assert Image.open(tmp_path / "crf" / best.stem / picture).size[0] > 100
+    assert not (tmp_path / "plain" / best.stem / "confusion.png").exists()  # report is off by default
     label = np.asarray(Image.open(tmp_path / "plain" / "last" / "0_label.png"))
     assert (128, 64, 128) in {tuple(c) for c in label.reshape(-1, 3)}  # Cityscapes road colour
 
