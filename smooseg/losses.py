@@ -39,13 +39,18 @@ def assignment_distance(q1, q2):
         return 1.0 - _pairwise_cosine(_unit_columns(q1), _unit_columns(q2))
 
 
-def _term_from_units(uf1, uq1, uf2, uq2, shift, pointwise):
-    """Smoothness term from already flattened, normalised features and assignments."""
+def _similarity_and_distance(uf1, uq1, uf2, uq2, pointwise):
+    """(F, Dq) of one smoothness term from flattened unit features and assignments; F has no gradient."""
     with torch.no_grad():
         corr = _pairwise_cosine(uf1, uf2)
         if pointwise:
             corr = pointwise_centre(corr)
-    dist = 1.0 - _pairwise_cosine(uq1, uq2)
+    return corr, 1.0 - _pairwise_cosine(uq1, uq2)
+
+
+def _term_from_units(uf1, uq1, uf2, uq2, shift, pointwise):
+    """Smoothness term from already flattened, normalised features and assignments."""
+    corr, dist = _similarity_and_distance(uf1, uq1, uf2, uq2, pointwise)
     return ((corr - shift) * dist).mean()
 
 
@@ -75,13 +80,8 @@ def soft_assignment(teacher_logits, temperature=0.1):
         return torch.softmax(teacher_logits.float() / temperature, dim=1)
 
 
-def smoothness_loss(signal, teacher_logits, pos_intra_shift, neg_inter_shift,
-                    temperature=0.1, pointwise=True, pairing=None):
-    """Intra-image plus inter-image smoothness; returns dict(intra, inter, total).
-
-    ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]; drawn with
-    :func:`random_pairing` when None.
-    """
+def _checked_pairing(signal, teacher_logits, pairing):
+    """Check that signal and logits belong together; the pairing on their device (drawn when None)."""
     if signal.shape[0] != teacher_logits.shape[0] or signal.shape[2:] != teacher_logits.shape[2:]:
         raise SmoosegError(
             f"signal {tuple(signal.shape)} and teacher logits {tuple(teacher_logits.shape)} must share batch "
@@ -89,13 +89,75 @@ def smoothness_loss(signal, teacher_logits, pos_intra_shift, neg_inter_shift,
         )
     if pairing is None:
         pairing = random_pairing(signal.shape[0])
-    pairing = pairing.to(signal.device)
+    return pairing.to(signal.device)
+
+
+def smoothness_loss(signal, teacher_logits, pos_intra_shift, neg_inter_shift,
+                    temperature=0.1, pointwise=True, pairing=None):
+    """Intra-image plus inter-image smoothness; returns dict(intra, inter, total).
+
+    ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]; drawn with
+    :func:`random_pairing` when None.
+    """
+    pairing = _checked_pairing(signal, teacher_logits, pairing)
     with fp32_region(signal.device):
         uf = _unit_columns(signal.detach())
         uq = _unit_columns(soft_assignment(teacher_logits, temperature))
         intra = _term_from_units(uf, uq, uf, uq, pos_intra_shift, pointwise)
         inter = _term_from_units(uf, uq, uf[pairing], uq[pairing], neg_inter_shift, pointwise)
     return {"intra": intra, "inter": inter, "total": intra + inter}
+
+
+@torch.no_grad()
+def smoothness_parts(signal, teacher_logits, temperature=0.1, pointwise=True, pairing=None):
+    """The B×N×N tensors inside the two smoothness terms (for inspection, no gradient).
+
+    Returns dict(intra_similarity, intra_distance, inter_similarity, inter_distance): the
+    (pointwise-centred) feature similarity F and the assignment distance Dq of each term, so that
+    ``smoothness_loss`` gives intra = mean((intra_similarity − pos_intra_shift) · intra_distance)
+    and likewise inter with ``neg_inter_shift``, for the same ``pairing``.
+    """
+    pairing = _checked_pairing(signal, teacher_logits, pairing)
+    with fp32_region(signal.device):
+        uf = _unit_columns(signal)
+        uq = _unit_columns(soft_assignment(teacher_logits, temperature))
+        intra = _similarity_and_distance(uf, uq, uf, uq, pointwise)
+        inter = _similarity_and_distance(uf, uq, uf[pairing], uq[pairing], pointwise)
+    return {"intra_similarity": intra[0], "intra_distance": intra[1],
+            "inter_similarity": inter[0], "inter_distance": inter[1]}
+
+
+def _sample_index(n, max_values, generator, device):
+    """None (keep all n) or ``max_values`` uniform indices into n (with replacement).
+
+    Drawn on the CPU with ``generator`` (None: the global one), so a seeded generator leaves the
+    training random state untouched.
+    """
+    if n <= max_values:
+        return None
+    return torch.randint(n, (int(max_values),), generator=generator).to(device)
+
+
+def shift_histograms(parts, pos_intra_shift, neg_inter_shift, max_values=100_000, generator=None):
+    """Histogram inputs from :func:`smoothness_parts`: (values, attract_fractions).
+
+    values: 1-D samples (at most ``max_values`` each, the same pixel pairs for all three of a
+    term) named ``<term>_similarity`` (F), ``<term>_weight`` (F − shift) and ``<term>_distance``
+    (Dq) for the terms intra and inter. attract_fractions: dict(intra=, inter=), the share of ALL
+    pairs with F − shift > 0, i.e. of pairs whose assignments the loss pulls together.
+    """
+    values, fractions = {}, {}
+    for term, shift in (("intra", pos_intra_shift), ("inter", neg_inter_shift)):
+        similarity = parts[f"{term}_similarity"].reshape(-1)
+        distance = parts[f"{term}_distance"].reshape(-1)
+        fractions[term] = (similarity > shift).float().mean()
+        index = _sample_index(similarity.numel(), max_values, generator, similarity.device)
+        if index is not None:
+            similarity, distance = similarity[index], distance[index]
+        values[f"{term}_similarity"] = similarity
+        values[f"{term}_weight"] = similarity - shift
+        values[f"{term}_distance"] = distance
+    return values, fractions
 
 
 def data_loss(student_logits, teacher_logits):

@@ -59,19 +59,27 @@ def cluster_to_class_map(assignment, n_clusters):
     return mapping
 
 
+MATCHES = ("hungarian", "identity")
+
+
 class ClusterMetrics(Metric):
     """Accumulates a K×n_classes confusion of (cluster, label) pixel counts; matches clusters at compute.
 
     Labels outside [0, n_classes) (e.g. −1) are ignored. With ``mask_extra_clusters`` (reference
     quirk) pixels predicted as a cluster >= n_classes are dropped too; otherwise they count as errors.
+    ``match="hungarian"`` matches clusters to classes at compute; ``match="identity"`` takes cluster
+    c as class c (supervised predictions such as the linear probe's).
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, n_classes, n_clusters, mask_extra_clusters=False, **kwargs):
+    def __init__(self, n_classes, n_clusters, mask_extra_clusters=False, match="hungarian", **kwargs):
         super().__init__(**kwargs)
+        if match not in MATCHES:
+            raise SmoosegError(f"match={match!r} is unknown; use one of {', '.join(MATCHES)}")
+        self.match = match
         if n_clusters < n_classes:
             raise SmoosegError(
                 f"n_clusters={n_clusters} < n_classes={n_classes}; extra_clusters must be >= 0"
@@ -106,7 +114,10 @@ class ClusterMetrics(Metric):
     def compute(self):
         """dict(mIoU, Accuracy, iou, assignment, confusion) from the accumulated counts."""
         confusion = self.confusion.detach().cpu()
-        assignment = torch.from_numpy(hungarian_match(confusion.numpy()))
+        if self.match == "identity":
+            assignment = torch.arange(self.n_classes)
+        else:
+            assignment = torch.from_numpy(hungarian_match(confusion.numpy()))
         result = scores(confusion.numpy(), assignment.numpy())
         result["assignment"] = assignment
         result["confusion"] = confusion

@@ -4,6 +4,8 @@ Training: both loss terms, their sum and both learning rates are logged; the tea
 follow the student by EMA once per optimiser step. Validation: teacher prediction, Hungarian
 metrics ``val/cluster/mIoU`` / ``val/cluster/Accuracy`` and a TensorBoard picture grid.
 Test: horizontal-flip averaging and, when ``crf_pool`` is set, the dense CRF.
+Diagnostics (off by default, docs/shift_tuning.md): a supervised linear probe on the detached
+code (``linear_probe``) and histograms of the smoothness terms every ``hist_freq`` steps.
 """
 
 import numpy as np
@@ -17,6 +19,7 @@ from smooseg.backbone import Backbone
 from smooseg.crf import to_uint8_image
 from smooseg.data.datasets import CLASS_NAMES
 from smooseg.data.transforms import unnormalize
+from smooseg.errors import SmoosegError
 from smooseg.feature_cache import frozen_features
 from smooseg.heads import Projector, PrototypePredictor, fp32_region
 from smooseg.losses import random_pairing, shift_histograms, smoothness_parts, total_loss
@@ -37,6 +40,15 @@ def example_row(img, label, pred_classes, palette):
     image = to_uint8_image(unnormalize(img.float()))
     return np.concatenate(
         [image, colorize(label.numpy(), palette), colorize(pred_classes.numpy(), palette)], axis=1)
+
+
+class NonFiniteLossError(SmoosegError):
+    """The training loss became NaN or infinite at optimiser step ``step`` (1-based)."""
+
+    def __init__(self, step):
+        self.step = int(step)
+        super().__init__(f"non-finite training loss (NaN or inf) at step {self.step}; lower the "
+                         "learning rates (optim.lr1 / optim.lr2) or check the data")
 
 
 class SmooSegModule(pl.LightningModule):
@@ -77,7 +89,11 @@ class SmooSegModule(pl.LightningModule):
         self._examples = []
         self._compiled_losses = None
         # Supervised diagnostic (off by default): 1×1 conv code -> classes on the detached code.
-        self.linear_probe = nn.Conv2d(dim, n_classes, 1) if linear_probe else None
+        # Initialised on a forked RNG so that turning it on leaves the training's random draws alone.
+        self.linear_probe = None
+        if linear_probe:
+            with torch.random.fork_rng(devices=[]):
+                self.linear_probe = nn.Conv2d(dim, n_classes, 1)
         self.val_linear_metrics = (ClusterMetrics(n_classes, n_classes, match="identity")
                                    if linear_probe else None)
         self._hist_step = None  # last step whose shift histograms were logged
@@ -151,6 +167,7 @@ class SmooSegModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         feats = self.features(batch)
         losses = self.training_losses(feats)
+        self.check_finite(losses["total"])
         options = dict(batch_size=feats.shape[0], sync_dist=True)  # mean over processes
         self.log("train/loss", losses["total"], prog_bar=True, **options)
         for key in ("smooth", "intra", "inter", "data"):
@@ -166,6 +183,13 @@ class SmooSegModule(pl.LightningModule):
         self.log("lr/linear", groups[2]["lr"], batch_size=options["batch_size"])
         # the probe sees a detached code: adding its loss leaves the unsupervised gradients as they are
         return losses["total"] + linear
+
+    def check_finite(self, loss):
+        """Raise NonFiniteLossError on every process, before the optimiser step, when the loss of
+        any process is NaN or infinite (all processes decide together, so none waits forever)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            raise NonFiniteLossError(self.global_step + 1)
 
     def configure_optimizers(self):
         groups = [

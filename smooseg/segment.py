@@ -135,14 +135,6 @@ def bilinear_matrix(out_len, in_len, device=None):
     return weights
 
 
-def flip_averaged_code(module, img, flip):
-    """Projector code of ``img``; with ``flip`` averaged with the mirrored code of the mirrored image."""
-    code = module.code(img)
-    if flip:
-        code = (code + module.code(img.flip(-1)).flip(-1)) / 2
-    return code.float()
-
-
 def log_prob_stripes(module, code, size, max_elements=STRIPE_ELEMENTS):
     """Yield ``(top, bottom, log_probs)`` stripes (1×K×rows×W) of the cluster log-probabilities of
     a 1×D×h×w ``code`` upsampled to ``size``: log_softmax(2·T) of the teacher logits T (SPEC §5)."""
@@ -164,7 +156,7 @@ def predict_resize(module, img, size, flip=True, keep_log_probs=False, precision
     net_in = F.interpolate(img, size=resized_shape(height, width, size, patch), mode="bilinear",
                            align_corners=False, antialias=True)
     with autocast_context(img.device, precision):
-        code = flip_averaged_code(module, net_in, flip)
+        code = module.predict_code(net_in, flip).float()
     ids = np.empty((height, width), dtype=np.int64)
     log_probs = np.empty((module.n_clusters, height, width), np.float32) if keep_log_probs else None
     for top, bottom, stripe in log_prob_stripes(module, code, (height, width)):

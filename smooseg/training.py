@@ -4,22 +4,26 @@
 and are reused by the demo and the tests. The config layout is ``configs/train.yaml``.
 """
 
+import math
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from smooseg.checkpoints import check_state_dict, describe_model, is_reference_layout, read_checkpoint
 from smooseg.data.datasets import (N_CLASSES, CroppedDataset, build_dataset, class_names, crop_dir_name,
                                    dataset_key)
 from smooseg.errors import SmoosegError, atomic_write
 from smooseg.feature_cache import check_deterministic, open_or_build
-from smooseg.module import SmooSegModule
+from smooseg.module import NonFiniteLossError, SmooSegModule
 
 # No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
 BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
@@ -56,7 +60,27 @@ def build_module(cfg):
         **OmegaConf.to_container(cfg.loss, resolve=True),
         **OmegaConf.to_container(cfg.optim, resolve=True),
         **perf_options(cfg),
+        **diagnostic_options(cfg),
     )
+
+
+def diagnostic_options(cfg):
+    """Module settings of the diagnostics: ``linear_probe`` (supervised) and ``hist_freq``."""
+    hist_freq = int(cfg.get("hist_freq") or 0)
+    if hist_freq < 0:
+        raise SmoosegError(f"hist_freq={hist_freq} is negative; use 0 (off) or N > 0 (histograms "
+                           "every N steps)")
+    return {"linear_probe": bool(cfg.get("linear_probe", False)), "hist_freq": hist_freq}
+
+
+def check_probe_labels(cfg, train_set):
+    """With ``linear_probe`` every training image needs a label (the probe is supervised)."""
+    if not cfg.get("linear_probe", False):
+        return
+    unlabelled = [entry[0] for entry in getattr(train_set, "entries", ()) if entry[2] is None]
+    if unlabelled:
+        raise SmoosegError(f"linear_probe=true needs labelled training images but {len(unlabelled)} "
+                           f"have no label (e.g. {unlabelled[0]}); add labels or set linear_probe=false")
 
 
 def perf_options(cfg):
@@ -138,6 +162,7 @@ def build_dataloaders(cfg, module=None):
     same images in the same order; ``module`` (whose backbone fills the cache) is then required.
     """
     train_set, val_set = build_datasets(cfg)
+    check_probe_labels(cfg, train_set)
     batch_size = int(cfg.batch_size)
     if len(train_set) < batch_size:
         raise SmoosegError(f"the training set has {len(train_set)} images, fewer than batch_size="
@@ -175,6 +200,163 @@ class ValidateAtMaxSteps(Callback):
             trainer.should_stop = True
 
 
+# ---- reliability: last checkpoint, random streams, exact resume, DDP-exact loaders ----
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, rewritten at every validation.
+
+    (Lightning 2.6's ``save_last`` rewrites it only when a best-k checkpoint is saved at the same
+    step, so a run whose mIoU stops improving would resume from an old state.)
+    """
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+
+def random_state():
+    """The global random streams (torch CPU and CUDA, numpy, python) as tensors and plain values,
+    so a checkpoint holding them still loads with weights-only unpickling."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": python_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_random_state(state):
+    """Restore what :func:`random_state` returned (CUDA streams for the devices present)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the global random streams in checkpoints and restores them when a fit resumes.
+
+    Dropout masks and the inter-image pairing draw from the global torch stream; restoring it at
+    ``on_train_start`` makes a resumed run draw what the uninterrupted run would have drawn.
+    """
+
+    def __init__(self):
+        self._to_restore = None
+
+    def state_dict(self):
+        return random_state()
+
+    def load_state_dict(self, state_dict):
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer, pl_module):
+        if self._to_restore is not None:
+            set_random_state(self._to_restore)
+            self._to_restore = None
+
+
+class EpochSampler(DistributedSampler):
+    """Training order: a shuffle seeded by (``seed``, epoch), split over processes like
+    DistributedSampler (Lightning keeps it as it is); its first pass may start ``skip`` samples
+    into ``epoch``, which is how a resumed fit continues mid-epoch with the batches it would have had.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, epoch=0, skip=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.set_epoch(epoch)
+        self._resume = (int(epoch), int(skip))
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        epoch, skip = self._resume
+        self._resume = (None, 0)
+        return iter(indices[skip:] if epoch == self.epoch else indices)
+
+
+def resume_position(trainer, batches_per_epoch):
+    """(epoch, batches already trained in it) where the trainer's fit continues; (0, 0) when fresh."""
+    if trainer is None:
+        return 0, 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    if done >= batches_per_epoch:
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, done
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Train and validation loaders that stay exact across processes and resumes.
+
+    Training: :class:`EpochSampler`, continued where a resumed checkpoint stopped. Validation:
+    each image exactly once over all processes (Lightning's own sampler pads with repeats,
+    which the summed metric counts would include). Worker seeds come from a generator of the
+    loaders' own, never from the global stream that checkpoints carry.
+    """
+
+    def __init__(self, train_set, val_set, batch_size, loader_options=None, seed=0):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.loader_options = dict(loader_options or {})
+
+    def processes(self):
+        """(world size, global rank) of the attached trainer; (1, 0) without one."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+    def _loader(self, dataset, sampler, drop_last):
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
+                          generator=torch.Generator().manual_seed(self.seed), **self.loader_options)
+
+    def train_dataloader(self):
+        world, rank = self.processes()
+        per_process = math.ceil(len(self.train_set) / world)
+        if per_process < self.batch_size:
+            raise SmoosegError(f"the training set has {len(self.train_set)} images: {per_process} for "
+                               f"each of the {world} processes, fewer than batch_size={self.batch_size}; "
+                               "lower batch_size (it is per process)")
+        epoch, done = resume_position(self.trainer, per_process // self.batch_size)
+        sampler = EpochSampler(self.train_set, world, rank, self.seed, epoch, done * self.batch_size)
+        return self._loader(self.train_set, sampler, drop_last=True)
+
+    def val_dataloader(self):
+        world, rank = self.processes()
+        if world == 1:
+            return self._loader(self.val_set, None, drop_last=False)
+        if len(self.val_set) < world:
+            raise SmoosegError(f"the validation set has {len(self.val_set)} images, fewer than the "
+                               f"{world} processes; use fewer devices or more validation images")
+        sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_set, sampler, drop_last=False)
+
+
+def build_datamodule(cfg, module=None):
+    """The :class:`SegmentationDataModule` over the data sets :func:`build_dataloaders` checks
+    and prepares (cached features included)."""
+    train_loader, val_loader = build_dataloaders(cfg, module)
+    return SegmentationDataModule(train_loader.dataset, val_loader.dataset, int(cfg.batch_size),
+                                  loader_options(cfg), int(cfg.seed))
+
+
+def last_good_checkpoint(trainer):
+    """Path of the last checkpoint this fit wrote (or resumed from), or None."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.best_model_path:
+            if Path(callback.best_model_path).is_file():
+                return callback.best_model_path
+    return None
+
+
 def build_logger(cfg):
     """TensorBoard under ``<output_dir>/tensorboard`` or no logger (``logger=none``)."""
     kind = cfg.logger.type
@@ -190,12 +372,14 @@ def build_callbacks(cfg):
     """Best-by-validation-mIoU checkpoint plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
 
     Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
+    The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`).
     """
+    folder = str(Path(cfg.output_dir) / "checkpoints")
     checkpoint = ModelCheckpoint(
-        dirpath=str(Path(cfg.output_dir) / "checkpoints"), filename=BEST_FILENAME,
-        monitor="val/cluster/mIoU", mode="max", save_top_k=1, save_last=True,
+        dirpath=folder, filename=BEST_FILENAME,
+        monitor="val/cluster/mIoU", mode="max", save_top_k=1,
         auto_insert_metric_name=False, enable_version_counter=False)
-    return [checkpoint, ValidateAtMaxSteps()]
+    return [checkpoint, LastCheckpoint(folder), RandomStateCheckpoint(), ValidateAtMaxSteps()]
 
 
 def build_trainer(cfg, callbacks=()):
@@ -256,16 +440,25 @@ def train(cfg, callbacks=()):
     """
     pl.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg)
-    train_loader, val_loader = build_dataloaders(cfg, module)
+    ckpt_path = resume_path(cfg, module)
+    datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         save_config(cfg)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_path(cfg, module))
+    try:
+        with warnings.catch_warnings():
+            # EpochSampler does resume mid-epoch (Lightning cannot tell from the loader)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLossError as err:
+        raise SmoosegError(f"non-finite training loss (NaN or inf) at step {err.step}; last good "
+                           f"checkpoint: {last_good_checkpoint(trainer) or 'none yet'}; lower the "
+                           "learning rates (optim.lr1 / optim.lr2) or check the data") from None
     callback = trainer.checkpoint_callback
     score = callback.best_model_score
     result = {
         "best": callback.best_model_path or None,
-        "last": callback.last_model_path or None,
+        "last": last_good_checkpoint(trainer),
         "best_mIoU": None if score is None else float(score),
         "output_dir": str(cfg.output_dir),
     }

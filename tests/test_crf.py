@@ -129,6 +129,12 @@ def test_serial_pool_spawns_no_process():
         pool.map(images, log_probs)
 
 
+def _assert_same_marginals(got, expected):
+    """Workers run torch single-threaded, so the bilinear resize may differ in the last bits."""
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(0), expected.argmax(0))
+
+
 @pytest.fixture(scope="module")
 def worker_pool():
     with CRFPool(num_workers=2, max_in_flight=2) as pool:
@@ -143,7 +149,7 @@ def test_worker_map_equals_serial(worker_pool):
     for got in (worker_pool.map(images, log_probs), worker_pool.map(float_images, log_probs)):
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
-            np.testing.assert_array_equal(g, e)
+            _assert_same_marginals(g, e)
 
 
 def test_pipelined_submit_keeps_order_and_bounds_in_flight(worker_pool):
@@ -155,7 +161,7 @@ def test_pipelined_submit_keeps_order_and_bounds_in_flight(worker_pool):
     for handle, (images, log_probs) in zip(handles, batches):
         got = handle.result()
         for g, img, lp in zip(got, images, log_probs):
-            np.testing.assert_array_equal(g, dense_crf(img, lp))
+            _assert_same_marginals(g, dense_crf(img, lp))
     assert handles[0].result() is handles[0].result()
 
 

@@ -15,7 +15,7 @@ from smooseg.checkpoints import load_module
 from smooseg.errors import SmoosegError
 from smooseg.module import SmooSegModule
 from smooseg.segment import (
-    bilinear_matrix, class_map_from_metrics, flip_averaged_code, list_images, log_prob_stripes,
+    bilinear_matrix, class_map_from_metrics, list_images, log_prob_stripes,
     output_stems, patch_multiple, predict_resize, predict_window, read_image, resized_shape,
     segment_folder, window_starts,
 )
@@ -94,7 +94,7 @@ def test_stripes_equal_cluster_log_probs(module):
     img = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
         ref = module.cluster_log_probs(img, size=(37, 53), flip=True)
-        code = flip_averaged_code(module, img, flip=True)
+        code = module.predict_code(img, flip=True)
         stripes = list(log_prob_stripes(module, code, (37, 53), max_elements=64 * 53 * 5))
     assert len(stripes) == 8 and stripes[0][:2] == (0, 5) and stripes[-1][:2] == (35, 37)
     assert torch.allclose(torch.cat([s for _, _, s in stripes], dim=2), ref, atol=1e-5)

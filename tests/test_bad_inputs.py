@@ -1,0 +1,320 @@
+"""Bad inputs through the real entry points (issue #5 item 3), one table.
+
+Each row builds a bad situation in ``tmp_path``, runs an entry point script as ``python
+<script> <args>`` would (``runpy`` with ``sys.argv``, in this process to save the start-up
+time; two rows also run as real subprocesses) and expects: exit status 2, exactly one
+``error:`` line on stderr and no traceback, the line naming the thing, and nothing
+half-written: no checkpoint of a failed training, no ``*.tmp`` file, no ``metrics.json``.
+"""
+
+import logging
+import runpy
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script
+from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
+from smooseg.module import SmooSegModule
+
+pytestmark = pytest.mark.slow
+
+# A tiny, fast training setup (ViT-S/16 random init, 32 px, 2 steps: one epoch, validated and
+# checkpointed at its end); rows add to it.
+TRAIN = ["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=32", "eval_res=32",
+         "batch_size=2", "num_workers=0", "logger=none", "max_steps=2", "val_check_interval=2",
+         "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+         "data_dir={data}", "output_dir={out}"]
+EVAL = ["model_paths=[{ckpt}]", "data_dir={data}", "output_dir={out}", "crf=false", "num_workers=0",
+        "batch_size=2", "n_images=1", "device=cpu"]
+
+
+class Payload:
+    """Unpickling this creates a marker file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A valid data_dir (Cityscapes layout, 4 train / 2 val 32x64 scenes) and a valid checkpoint."""
+    root = tmp_path_factory.mktemp("inputs")
+    data = write_cityscapes_layout(root / "data", n_train=4, n_val=2, size=(32, 64), seed=0)
+    torch.manual_seed(0)
+    module = SmooSegModule(n_classes=27, dataset_name="cityscapes", model_type="vit_small",
+                           patch_size=16, pretrained=False, eval_res=32)
+    ckpt = root / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "epoch": 0, "global_step": 0}, ckpt)
+    return {"data": data, "ckpt": ckpt}
+
+
+# ---- setups: each gets (tmp_path, pristine) and returns the values the args are formatted with
+
+def copy_data(tmp, pristine):
+    return Path(shutil.copytree(pristine["data"], tmp / "data"))
+
+
+def valid(tmp, pristine):
+    return {"data": pristine["data"]}
+
+
+def no_data_dir(tmp, pristine):
+    return {"data": tmp / "nowhere"}
+
+
+def empty_data_dir(tmp, pristine):
+    (tmp / "empty").mkdir()
+    return {"data": tmp / "empty"}
+
+
+def empty_val_split(tmp, pristine):
+    data = copy_data(tmp, pristine)
+    for image in (data / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"):
+        image.unlink()
+    return {"data": data}
+
+
+def missing_label(tmp, pristine):
+    data = copy_data(tmp, pristine)
+    sorted((data / "cityscapes" / "gtFine" / "train").rglob("*_labelIds.png"))[1].unlink()
+    return {"data": data}
+
+
+def corrupt(path):
+    """Cut the file in half, as an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_train_image(tmp, pristine):
+    data = copy_data(tmp, pristine)
+    image = sorted((data / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[2]
+    corrupt(image)
+    return {"data": data, "bad": image.name}
+
+
+def corrupt_val_image(tmp, pristine):
+    data = copy_data(tmp, pristine)
+    image = sorted((data / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0]
+    corrupt(image)
+    return {"data": data, "bad": image.name}
+
+
+def directory_set(tmp, pristine, **kwargs):
+    return write_directory_layout(tmp / "data", name="mine", n_train=4, n_val=2, size=(32, 32),
+                                  **kwargs)
+
+
+def directory_empty_train(tmp, pristine):
+    data = directory_set(tmp, pristine)
+    for image in (data / "mine" / "imgs" / "train").iterdir():
+        image.unlink()
+    return {"data": data}
+
+
+def directory_extra_label(tmp, pristine):
+    data = directory_set(tmp, pristine)
+    labels = data / "mine" / "labels" / "train"
+    shutil.copy(sorted(labels.iterdir())[0], labels / "zzz_extra.png")
+    return {"data": data}
+
+
+def directory_label_out_of_range(tmp, pristine):
+    data = directory_set(tmp, pristine)
+    label = sorted((data / "mine" / "labels" / "train").iterdir())[0]
+    Image.fromarray(np.full((32, 32), 9, dtype=np.uint8)).save(label)
+    return {"data": data, "bad": label.name}
+
+
+def text_file_checkpoint(tmp, pristine):
+    path = tmp / "notes.ckpt"
+    path.write_text("these are not weights\n")
+    return {"data": pristine["data"], "ckpt": path}
+
+
+def other_architecture_checkpoint(tmp, pristine):
+    """The valid checkpoint with its projector cut to 32 channels: the hparams say 64."""
+    ckpt = torch.load(pristine["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["projector.linear.weight"] = ckpt["state_dict"]["projector.linear.weight"][:32]
+    path = tmp / "other.ckpt"
+    torch.save(ckpt, path)
+    return {"data": pristine["data"], "ckpt": path}
+
+
+def malicious_checkpoint(tmp, pristine):
+    path = tmp / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"n_classes": 27,
+                                                       "x": Payload(str(tmp / "pwned"))}}, path)
+    return {"data": pristine["data"], "ckpt": path}
+
+
+def valid_checkpoint(tmp, pristine):
+    return {"data": pristine["data"], "ckpt": pristine["ckpt"]}
+
+
+# ---- extra checks for rows that expect more than the common ones
+
+def payload_did_not_run(tmp, out, line):
+    assert not (tmp / "pwned").exists()
+
+
+def last_good_checkpoint_kept(tmp, out, line):
+    """lr1=1e30 blows the projector up in step 1: step 2's loss is NaN; step 1's checkpoint stays."""
+    last = out / "checkpoints" / "last.ckpt"
+    assert str(last) in line
+    steps = {p.name: torch.load(p, map_location="cpu", weights_only=True)["global_step"]
+             for p in (out / "checkpoints").glob("*.ckpt")}
+    assert steps and max(steps.values()) == 1, steps
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable  # (tmp_path, pristine) -> values the args and expectations are formatted with
+    script: str
+    args: list
+    expect: list  # substrings of the error line
+    check: Optional[Callable] = None  # (tmp_path, output_dir, error line) -> asserts more
+    keeps_checkpoint: bool = False
+
+
+T, E = "train_segmentation.py", "eval_segmentation.py"
+CASES = [
+    # data location and layout
+    Case("train: data_dir missing", no_data_dir, T, TRAIN, ["{data}", "does not exist", "expected layout"]),
+    Case("eval: data_dir missing", lambda t, p: {**no_data_dir(t, p), "ckpt": p["ckpt"]}, E, EVAL,
+         ["{data}", "does not exist"]),
+    Case("train: data set folder missing", empty_data_dir, T, TRAIN,
+         ["cityscapes", "not found", "expected layout", "leftImg8bit"]),
+    Case("eval: data set folder missing", lambda t, p: {**empty_data_dir(t, p), "ckpt": p["ckpt"]}, E,
+         EVAL, ["cityscapes", "not found", "expected layout"]),
+    Case("train: empty split", empty_val_split, T, TRAIN, ["no *_leftImg8bit.png images", "val"]),
+    Case("train: empty directory split", directory_empty_train, T,
+         TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
+         ["no images in", "train"]),
+    # image / label mismatch, unreadable files, bad label ids
+    Case("train: image without label", missing_label, T, TRAIN, ["images but", "label maps", "missing"]),
+    Case("train: more labels than images", directory_extra_label, T,
+         TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
+         ["4 images", "5 labels"]),
+    Case("train: corrupt image", corrupt_train_image, T, TRAIN, ["cannot read image", "{bad}"]),
+    Case("train: corrupt image read by a DataLoader worker", corrupt_train_image, T,
+         TRAIN + ["num_workers=2"], ["cannot read image", "{bad}"]),
+    Case("eval: corrupt image", lambda t, p: {**corrupt_val_image(t, p), "ckpt": p["ckpt"]}, E, EVAL,
+         ["cannot read image", "{bad}"]),
+    Case("train: label id out of range", directory_label_out_of_range, T,
+         TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
+         ["{bad}", "class id 9", "n_classes=6"]),
+    # unknown names and keys
+    Case("train: unknown data set preset", valid, T, TRAIN + ["dataset=mars"],
+         ["unknown dataset 'mars'", "cityscapes"]),
+    Case("train: unknown data set name", valid, T, TRAIN + ["dataset.name=mars"], ["dataset.name=mars"]),
+    Case("eval: unknown data set", valid_checkpoint, E, EVAL + ["dataset=mars"], ["unknown dataset 'mars'"]),
+    Case("train: unknown arch", valid, T, TRAIN + ["model.arch=resnet"], ["arch=resnet", "choose one of"]),
+    Case("train: unknown model preset", valid, T, TRAIN + ["model=vit_huge"], ["unknown model 'vit_huge'"]),
+    Case("train: unknown config key", valid, T, TRAIN + ["learning_rate=0.1"],
+         ["unknown config key 'learning_rate'"]),
+    Case("train: unknown nested config key", valid, T, TRAIN + ["optim.lr3=0.1"],
+         ["unknown config key 'optim.lr3'"]),
+    Case("eval: unknown config key", valid_checkpoint, E, EVAL + ["flipp=true"], ["unknown config key 'flipp'"]),
+    Case("train: unparsable override", valid, T, TRAIN + ["seed=["], ["cannot parse", "seed=["]),
+    Case("train: not a Trainer argument", valid, T, TRAIN + ["+trainer.gpus=2"], ["trainer.*", "gpus"]),
+    Case("eval: required key missing", valid_checkpoint, E, EVAL[1:], ["model_paths", "required"]),
+    # checkpoints
+    Case("eval: checkpoint missing", lambda t, p: {"data": p["data"], "ckpt": t / "absent.ckpt"}, E, EVAL,
+         ["absent.ckpt", "not found"]),
+    Case("eval: not a checkpoint", text_file_checkpoint, E, EVAL, ["notes.ckpt", "not a SmooSeg checkpoint"]),
+    Case("eval: checkpoint of another architecture", other_architecture_checkpoint, E, EVAL,
+         ["other.ckpt", "does not fit", "projector.linear.weight"]),
+    Case("eval: checkpoint with code in its pickle", malicious_checkpoint, E, EVAL,
+         ["evil.ckpt", "refused"], check=payload_did_not_run),
+    Case("train: resume checkpoint missing", valid, T, TRAIN + ["ckpt_path={tmp}/absent.ckpt"],
+         ["absent.ckpt", "not found"]),
+    Case("train: resume from last with no checkpoint", valid, T, TRAIN + ["ckpt_path=last"],
+         ["last.ckpt", "not found"]),
+    Case("train: resume from not a checkpoint", text_file_checkpoint, T, TRAIN + ["ckpt_path={ckpt}"],
+         ["notes.ckpt", "not a SmooSeg checkpoint"]),
+    Case("train: resume from another architecture", valid_checkpoint, T,
+         TRAIN + ["ckpt_path={ckpt}", "model.dim=32"], ["model.ckpt", "does not fit"]),
+    Case("train: resume from a checkpoint with code in its pickle", malicious_checkpoint, T,
+         TRAIN + ["ckpt_path={ckpt}"], ["evil.ckpt", "refused"], check=payload_did_not_run),
+    # sizes and numerics
+    Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40", "eval_res=40"],
+         ["40x40", "patch size 16", "model.fit"]),
+    Case("eval: size not a multiple of the patch", valid_checkpoint, E, EVAL + ["eval_res=40"],
+         ["40x40", "patch size 16"]),
+    Case("train: batch larger than the training set", valid, T, TRAIN + ["batch_size=8"],
+         ["4 images", "batch_size=8"]),
+    Case("train: non-finite loss", valid, T, TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
+         ["non-finite", "step 2", "last good checkpoint"], check=last_good_checkpoint_kept,
+         keeps_checkpoint=True),
+]
+
+
+@pytest.fixture
+def restore_logging():
+    """Hydra reconfigures the root logger for each run; put the test process's logging back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
+def run_entry_point(script, args, monkeypatch, capfd):
+    """Run ``python <script> <args>`` in this process; (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    out, err = capfd.readouterr()
+    return stopped.value.code, out, err
+
+
+def check_failure(case, values, tmp, out, status, stderr):
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines) == 1, stderr[-3000:]
+    for expected in case.expect:
+        assert expected.format(**values) in lines[0], lines[0]
+    if not case.keeps_checkpoint:
+        assert not list(out.rglob("*.ckpt"))
+    assert not [p for p in tmp.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(tmp.rglob("metrics.json"))
+    if case.check is not None:
+        case.check(tmp, out, lines[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_line_error(case, pristine, tmp_path, monkeypatch, capfd, restore_logging):
+    out = tmp_path / "out"
+    values = {"out": out, "tmp": tmp_path, "ckpt": pristine["ckpt"], **case.setup(tmp_path, pristine)}
+    args = [arg.format(**values) for arg in case.args]
+    status, _, stderr = run_entry_point(case.script, args, monkeypatch, capfd)
+    check_failure(case, values, tmp_path, out, status, stderr)
+
+
+@pytest.mark.parametrize("name", ["train: unknown config key", "train: corrupt image read by a DataLoader worker"])
+def test_same_in_a_real_process(name, pristine, tmp_path):
+    """The in-process runner above behaves as ``python <script>``: checked on two rows."""
+    case = next(c for c in CASES if c.name == name)
+    out = tmp_path / "out"
+    values = {"out": out, "tmp": tmp_path, "ckpt": pristine["ckpt"], **case.setup(tmp_path, pristine)}
+    proc = run_script(case.script, *[arg.format(**values) for arg in case.args], check=False)
+    check_failure(case, values, tmp_path, out, proc.returncode, proc.stderr)
+
