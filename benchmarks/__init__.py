@@ -8,6 +8,7 @@ numbers as JSON with ``--json PATH``.  This module holds what both scripts share
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -157,3 +158,17 @@ def write_json(data, path):
     with atomic_write(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def bench_main(parse_args, run, report, argv=None):
+    """Shared command line: parse, run, print the table, write JSON with ``--json``; 2 on a user error."""
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except SmoosegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report(results))
+    if args.json:
+        print(f"results: {write_json(results, args.json)}")
+    return 0

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import (PeakMemory, Stopwatch, describe_machine, format_table, machine, resolve_device,
-                        write_json)
+from benchmarks import (PeakMemory, Stopwatch, bench_main, describe_machine, format_table, machine,
+                        resolve_device)
 from smooseg.data.datasets import build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
@@ -212,16 +212,7 @@ def report(results):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except SmoosegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report(results))
-    if args.json:
-        print(f"results: {write_json(results, args.json)}")
-    return 0
+    return bench_main(parse_args, run, report, argv)
 
 
 if __name__ == "__main__":
