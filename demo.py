@@ -20,6 +20,7 @@ from smooseg.crf import CRFPool
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.evaluate import eval_dataset, evaluate
+from smooseg.report import write_report
 from smooseg.training import build_module, train
 
 ROOT = Path(__file__).resolve().parent
@@ -65,8 +66,11 @@ def main(overrides):
         def run(module, name):
             loader = DataLoader(eval_dataset(eval_cfg, module), batch_size=int(eval_cfg.batch_size))
             print(f"== evaluating the {name} model (flip + CRF)")
-            return evaluate(module, loader, crf_pool=pool, flip=True, n_images=int(eval_cfg.n_images),
-                            output_dir=Path(eval_cfg.output_dir) / name, device="cpu")
+            out = Path(eval_cfg.output_dir) / name
+            metrics = evaluate(module, loader, crf_pool=pool, flip=True, n_images=int(eval_cfg.n_images),
+                               output_dir=out, device="cpu")
+            write_report(out / "metrics.json")  # per-class IoU chart, confusion heatmap, example grid
+            return metrics
 
         before = run(untrained, "untrained")
         print(f"== training: {cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.res} px")
