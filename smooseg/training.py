@@ -270,6 +270,8 @@ class EpochSampler(DistributedSampler):
     """Training order: a shuffle seeded by (``seed``, epoch), split over processes like
     DistributedSampler (Lightning keeps it as it is); its first pass may start ``skip`` samples
     into ``epoch``, which is how a resumed fit continues mid-epoch with the batches it would have had.
+    For a data set with ``epoch_items`` (random crops) it yields ``(index, epoch)`` pairs, so every
+    worker process, persistent or not, crops each epoch afresh and a resume repeats the crops.
     """
 
     def __init__(self, dataset, num_replicas=1, rank=0, seed=0, epoch=0, skip=0):
@@ -281,7 +283,10 @@ class EpochSampler(DistributedSampler):
         indices = list(super().__iter__())
         epoch, skip = self._resume
         self._resume = (None, 0)
-        return iter(indices[skip:] if epoch == self.epoch else indices)
+        indices = indices[skip:] if epoch == self.epoch else indices
+        if getattr(self.dataset, "epoch_items", False):  # random crops: the epoch rides along
+            return iter([(index, self.epoch) for index in indices])
+        return iter(indices)
 
 
 def resume_position(trainer, batches_per_epoch):

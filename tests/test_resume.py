@@ -113,3 +113,31 @@ def test_random_state_round_trip_is_weights_only_safe(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.standard_normal(3), expected[1])
     assert random.random() == expected[2]
+
+
+def _crop_sums(dataset, sampler, workers):
+    """Per-image sums of the crops one epoch of ``sampler`` gives, keyed by image name."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0)
+    return {name: float(img.sum()) for batch in loader for name, img in zip(batch["name"], batch["img"])}
+
+
+def test_random_crops_change_per_epoch_and_repeat_after_resume(tmp_path):
+    from smooseg.data.datasets import build_dataset
+    from smooseg.training import EpochSampler
+
+    write_cityscapes_layout(tmp_path, n_train=4, n_val=1, size=(32, 64))
+    dataset = build_dataset("cityscapes", tmp_path, "train", res=16, crop="random", seed=5)
+    assert dataset.epoch_items
+    sampler = EpochSampler(dataset, seed=5)
+    epoch0 = _crop_sums(dataset, sampler, workers=1)
+    sampler.set_epoch(1)
+    epoch1 = _crop_sums(dataset, sampler, workers=1)
+    assert epoch0.keys() == epoch1.keys() and len(epoch0) == 4
+    assert epoch0 != epoch1  # fresh crops every epoch, also with worker processes
+    # a resumed sampler at epoch 1 (no workers this time) reproduces that epoch's crops exactly
+    assert _crop_sums(dataset, EpochSampler(dataset, seed=5, epoch=1), workers=0) == epoch1
+    centre = build_dataset("cityscapes", tmp_path, "train", res=16, crop="center", seed=5)
+    assert not centre.epoch_items and all(isinstance(i, int) for i in EpochSampler(centre, seed=5))

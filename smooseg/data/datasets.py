@@ -299,9 +299,10 @@ def _check_exist(name, list_path, paths):
 class SegmentationDataset(torch.utils.data.Dataset):
     """Common reader: a list of (name, image path, label path or None) plus a joint transform.
 
-    Random crops use a ``torch.Generator`` seeded per item from (seed, epoch, DataLoader
-    worker seed, index): reproducible, different every epoch when loaded by worker
-    processes; call ``set_epoch`` for fresh crops per epoch with ``num_workers=0``.
+    Random crops use a ``torch.Generator`` seeded per item from (seed, epoch, index):
+    reproducible whatever the number of DataLoader workers, and fresh every epoch. The epoch
+    is ``set_epoch``'s, or travels with the index when a sampler asks for ``(index, epoch)``
+    pairs (``epoch_items``; the training sampler does, so persistent workers see it too).
     """
 
     key = "dataset"
@@ -321,6 +322,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         """Select the random crops of another epoch."""
         self.epoch = int(epoch)
+
+    @property
+    def epoch_items(self):
+        """Whether items depend on the epoch (random crops): samplers then pass ``(index, epoch)``."""
+        return self.transform.crop == "random"
 
     def item_name(self, index):
         return self.entries[index][0]
@@ -344,17 +350,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"is {image.height}x{image.width}; image and label must have the same size")
         return image, label
 
-    def item_generator(self, index):
-        """The ``torch.Generator`` for item ``index``'s random crop."""
-        info = torch.utils.data.get_worker_info()
-        worker_seed = 0 if info is None else int(info.seed) % 2**64
-        entropy = [self.seed % 2**64, self.epoch, worker_seed, int(index)]
+    def item_generator(self, index, epoch=None):
+        """The ``torch.Generator`` for item ``index``'s random crop in ``epoch`` (default: set_epoch's)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        entropy = [self.seed % 2**64, epoch, int(index)]
         state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
     def __getitem__(self, index):
+        index, epoch = index if isinstance(index, tuple) else (index, None)
         image, label = self.load_raw(index)
-        generator = self.item_generator(index) if self.transform.crop == "random" else None
+        generator = self.item_generator(index, epoch) if self.transform.crop == "random" else None
         img, target = self.transform(image, label, generator=generator)
         return {"img": img, "label": target, "name": self.item_name(index)}
 
