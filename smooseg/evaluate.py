@@ -169,8 +169,7 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
     images, labels, pending = [], [], deque()
 
     def finish(handle, batch_labels):
-        marginals = handle.result()
-        refined.add(torch.from_numpy(np.stack(marginals).argmax(1)), batch_labels)
+        refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
 
     with cpu_threads_beside(crf_pool):
         for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
@@ -188,7 +187,7 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
                 images.extend(rgb[:room])
                 labels.extend(x.numpy() for x in label[:room].cpu())
             if crf_pool is not None:
-                pending.append((crf_pool.submit(rgb, log_probs.cpu()), label.cpu()))
+                pending.append((crf_pool.submit(rgb, log_probs.cpu(), labels=True), label.cpu()))
                 while pending and pending[0][0].done():
                     finish(*pending.popleft())
         while pending:

@@ -287,8 +287,8 @@ class SmooSegModule(pl.LightningModule):
         self.test_metrics.update(log_probs.argmax(1), label)
         if self.crf_pool is not None:
             images = [to_uint8_image(x) for x in unnormalize(img.float()).cpu()]
-            marginals = self.crf_pool.map(images, log_probs.float().cpu())
-            preds = torch.from_numpy(np.stack(marginals).argmax(1)).to(label.device)
+            crf_labels = self.crf_pool.map(images, log_probs.float().cpu(), labels=True)
+            preds = torch.from_numpy(np.stack(crf_labels).astype(np.int64)).to(label.device)
             self.test_crf_metrics.update(preds, label)
 
     def on_test_epoch_end(self):

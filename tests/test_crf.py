@@ -195,3 +195,13 @@ def test_slow_job_times_out_and_workers_are_killed():
     assert workers and not any(w.is_alive() for w in workers)
     with pytest.raises(SmoosegError, match="closed"):
         pool.submit(*_batches(1)[0])
+
+
+def test_labels_mode_returns_the_marginals_argmax(worker_pool):
+    images, log_probs = _batches(1)[0]
+    marginals = CRFPool(0).map(images, log_probs)
+    for pool in (CRFPool(0), worker_pool):
+        labels = pool.map(images, log_probs, labels=True)
+        for got, q in zip(labels, marginals):
+            assert got.dtype == np.int16 and got.shape == q.shape[1:]
+            np.testing.assert_array_equal(got, q.argmax(0))
