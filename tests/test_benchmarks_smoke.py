@@ -61,19 +61,20 @@ class ListLoader(list):
 
 
 class RecordingPool:
-    """Stands in for a CRFPool with workers: logs submits and result() calls; marginals = exp(log-probs)."""
+    """Stands in for a CRFPool with workers: logs submits and result() calls; the CRF result is
+    exp(log-probs), or its argmax with ``labels=True``."""
 
     num_workers = 2
 
     def __init__(self, log, finished):
         self.log, self.finished, self.submitted, self.threads = log, finished, 0, []
 
-    def submit(self, images, log_probs):
+    def submit(self, images, log_probs, labels=False):
         k, pool = self.submitted, self
         self.submitted += 1
         self.threads.append(torch.get_num_threads())
         self.log.append(("submit", k))
-        marginals = [lp.exp().numpy() for lp in log_probs]
+        marginals = [lp.argmax(0).numpy() if labels else lp.exp().numpy() for lp in log_probs]
 
         class Handle:
             def done(self):
