@@ -172,6 +172,14 @@ def _inside(root, member):
     return member and not os.path.isabs(member) and (target == root or root in target.parents)
 
 
+def _refuse_unsafe_members(archive, root, names):
+    """SmoosegError for the first member name that would land outside ``root``."""
+    for name in names:
+        if not _inside(root, name):
+            raise SmoosegError(f"archive {archive} has unsafe member {name!r}"
+                               f" (outside the target folder); refusing to extract")
+
+
 def extract(archive, dest_dir):
     """Extract a .zip/.tar/.tar.gz into ``dest_dir``, refusing members that escape it."""
     archive, dest = Path(archive), Path(dest_dir)
@@ -180,17 +188,11 @@ def extract(archive, dest_dir):
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    if not _inside(root, info.filename):
-                        raise SmoosegError(f"archive {archive} has unsafe member {info.filename!r}"
-                                           f" (outside the target folder); refusing to extract")
+                _refuse_unsafe_members(archive, root, zf.namelist())
                 zf.extractall(dest)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                for member in tf.getmembers():
-                    if not _inside(root, member.name):
-                        raise SmoosegError(f"archive {archive} has unsafe member {member.name!r}"
-                                           f" (outside the target folder); refusing to extract")
+                _refuse_unsafe_members(archive, root, tf.getnames())
                 tf.extractall(dest, filter="data")
         else:
             raise SmoosegError(f"{archive} is not a zip or tar archive; delete it and download "
