@@ -62,7 +62,7 @@ def main(overrides):
 
     pl.seed_everything(int(cfg.seed), workers=True)
     untrained = build_module(cfg)  # the same initial weights train() starts from
-    with CRFPool(num_workers=int(eval_cfg.crf_workers), timeout=float(eval_cfg.crf_timeout)) as pool:
+    with CRFPool(num_workers=eval_cfg.crf_workers, timeout=float(eval_cfg.crf_timeout)) as pool:
         def run(module, name):
             loader = DataLoader(eval_dataset(eval_cfg, module), batch_size=int(eval_cfg.batch_size))
             print(f"== evaluating the {name} model (flip + CRF)")

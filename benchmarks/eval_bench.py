@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import bench_main, describe_machine, format_table, machine, resolve_device, sync
-from smooseg.crf import CRFPool
+from smooseg.crf import CRFPool, resolve_workers
 from smooseg.data.datasets import build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
@@ -55,13 +55,14 @@ def parse_args(argv=None):
                    help="synthetic image size before the resize / centre crop")
     p.add_argument("--res", type=int, default=96, help="evaluation resolution (centre crop)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crf-workers", type=int, default=os.cpu_count() or 1, help="pipelined pool workers")
+    p.add_argument("--crf-workers", type=int, default=resolve_workers("auto"),
+                   help="pipelined pool workers (default: one per available core, as crf_workers=auto)")
     p.add_argument("--max-in-flight", type=int, default=4, help="CRF batches in flight at most")
     p.add_argument("--no-flip", action="store_true", help="turn flip averaging off")
     p.add_argument("--precision", default="32", help="network autocast: 32 | bf16-mixed | 16-mixed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating repetitions; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the fastest counts")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
 

@@ -2,6 +2,7 @@
 
 import collections
 import multiprocessing
+import os
 from concurrent.futures import CancelledError, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -87,6 +88,25 @@ def _init_worker():
         pass
 
 
+MAX_AUTO_WORKERS = 32  # each worker holds its own torch import (~0.3 GB resident)
+
+
+def available_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_workers(num_workers):
+    """``auto`` -> one CRF worker per available core (at most 32); an integer >= 0 as is."""
+    if num_workers == "auto":
+        return min(available_cores(), MAX_AUTO_WORKERS)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise SmoosegError(f"crf.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
+    return num_workers
+
+
 class CRFHandle:
     """A submitted batch; ``result()`` blocks until every image of it is done, in order."""
 
@@ -106,7 +126,8 @@ class CRFHandle:
 
 
 class CRFPool:
-    """Dense CRF over batches, in-process (``num_workers=0``) or in a reusable spawn process pool.
+    """Dense CRF over batches, in-process (``num_workers=0``) or in a reusable spawn process pool
+    (``num_workers=auto``: one worker per available core, see :func:`resolve_workers`).
 
     ``submit`` returns at once (at most ``max_in_flight`` batches outstanding; beyond that it waits
     on the oldest), so the caller can compute the next batch while workers run the CRF.
@@ -115,8 +136,7 @@ class CRFPool:
     """
 
     def __init__(self, num_workers=0, timeout=120.0, max_in_flight=4):
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise SmoosegError(f"crf.num_workers must be an integer >= 0, got {num_workers!r}")
+        num_workers = resolve_workers(num_workers)
         if not timeout or timeout <= 0:
             raise SmoosegError(f"crf.timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -149,6 +169,13 @@ class CRFPool:
         jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp)) for img, lp in zip(images, log_probs)]
         return self._run(dense_crf_labels if labels else dense_crf, jobs)
 
+    def busy_workers(self):
+        """Workers running (or about to run) a CRF job now: 0 in-process, at most num_workers."""
+        if self._executor is None:
+            return 0
+        self._live = {f for f in self._live if not f.done()}
+        return min(self.num_workers, len(self._live))
+
     def _run(self, fn, args_list):
         """Run ``fn(*args)`` for each args tuple (a module-level, picklable fn); returns a handle."""
         self._check_open()
@@ -178,7 +205,9 @@ class CRFPool:
     def _wait(self, futures):
         """Block until ``futures`` are done; SmoosegError if no pool job finishes within timeout."""
         while not all(f.done() for f in futures):
-            self._live = {f for f in self._live if not f.done()} | set(futures)
+            self._live = {f for f in self._live.union(futures) if not f.done()}
+            if not self._live:
+                continue
             finished, _ = wait(self._live, timeout=self.timeout, return_when=FIRST_COMPLETED)
             if not finished:
                 self._fail(f"CRF worker timed out after {self.timeout:g} s (no CRF job finished); "

@@ -18,7 +18,6 @@ Output of one checkpoint, in ``<output_dir>/<checkpoint stem>/``:
 import contextlib
 import json
 import math
-import os
 from collections import deque
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from smooseg.checkpoints import load_module
-from smooseg.crf import CRFPool, to_uint8_image
+from smooseg.crf import CRFPool, available_cores, to_uint8_image
 from smooseg.data.datasets import build_dataset
 from smooseg.data.transforms import unnormalize
 from smooseg.errors import SmoosegError, atomic_write
@@ -133,17 +132,25 @@ class _Collector:
 
 @contextlib.contextmanager
 def cpu_threads_beside(crf_pool):
-    """While CRF worker processes run, give torch only the CPU cores they leave free (at least one).
+    """Yields ``share()``, which gives torch the cores the CRF workers leave free at that moment.
 
-    OpenMP threads of the network that outnumber the free cores stall at every barrier while the
-    CRF workers hold the cores; the previous thread count is restored afterwards.
+    Call it before each network pass: with no CRF job running (the first batch, or a drained
+    pool) the network gets every core it had; while k workers are busy it gets the others (at
+    least one). OpenMP threads that outnumber the free cores stall at every barrier while the
+    CRF workers hold the cores. The previous thread count is restored afterwards.
     """
-    workers = getattr(crf_pool, "num_workers", 0) if crf_pool is not None else 0
     before = torch.get_num_threads()
-    if workers > 0:
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    cores = available_cores()
+
+    def share():
+        busy = crf_pool.busy_workers() if crf_pool is not None else 0
+        threads = max(1, min(before, cores - busy))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
     try:
-        yield
+        yield share
     finally:
         torch.set_num_threads(before)
 
@@ -171,8 +178,9 @@ def evaluate(module, dataloader, crf_pool=None, flip=True, n_images=0, output_di
     def finish(handle, batch_labels):
         refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
 
-    with cpu_threads_beside(crf_pool):
+    with cpu_threads_beside(crf_pool) as share_cores:
         for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
+            share_cores()
             img, label = batch["img"].to(device), batch["label"].to(device)
             with autocast_context(device, precision):
                 code = module.predict_code(img, flip)
@@ -265,7 +273,7 @@ def run_eval(cfg):
     if not paths:
         raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
     device = resolve_device(cfg.device)
-    pool = CRFPool(num_workers=int(cfg.crf_workers), timeout=float(cfg.crf_timeout)) if cfg.crf else None
+    pool = CRFPool(num_workers=cfg.crf_workers, timeout=float(cfg.crf_timeout)) if cfg.crf else None
     results = []
     try:
         for path, name in zip(paths, output_names(paths)):

@@ -88,6 +88,7 @@ class SmooSegModule(pl.LightningModule):
         self.crf_pool = None  # set a smooseg.crf.CRFPool to refine test predictions with the CRF
         self._examples = []
         self._compiled_losses = None
+        self._compiled_backbone = None
         # Supervised diagnostic (off by default): 1×1 conv code -> classes on the detached code.
         # Initialised on a forked RNG so that turning it on leaves the training's random draws alone.
         self.linear_probe = None
@@ -142,7 +143,17 @@ class SmooSegModule(pl.LightningModule):
         ``backbone_precision`` autocast; see :func:`smooseg.feature_cache.frozen_features`)."""
         if "feats" in batch:
             return batch["feats"].float()
-        return frozen_features(self.backbone, batch["img"], self.hparams.get("backbone_precision", "auto"))
+        return frozen_features(self._training_backbone(), batch["img"],
+                               self.hparams.get("backbone_precision", "auto"))
+
+    def _training_backbone(self):
+        """The backbone's forward for training: compiled on first use with the ``compile``
+        hyper-parameter (a compiled bound method, so the state dict keeps its keys)."""
+        if not self.hparams.get("compile", False):
+            return self.backbone
+        if self._compiled_backbone is None:
+            self._compiled_backbone = torch.compile(self.backbone.forward)
+        return self._compiled_backbone
 
     def _losses(self, feats):
         hp = self.hparams

@@ -344,7 +344,7 @@ def run_segment(cfg):
     class_map = names = None
     if cfg.metrics_json:
         class_map, names = class_map_from_metrics(cfg.metrics_json, module.n_clusters, module.hparams.n_classes)
-    pool = CRFPool(num_workers=int(cfg.crf_workers), timeout=float(cfg.crf_timeout)) if cfg.crf else None
+    pool = CRFPool(num_workers=cfg.crf_workers, timeout=float(cfg.crf_timeout)) if cfg.crf else None
     try:
         results = segment_folder(
             module, cfg.input_dir, cfg.output_dir, recursive=bool(cfg.recursive), mode=cfg.mode,

@@ -19,7 +19,7 @@ def test_train_bench_runs_and_writes_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_bench", "--patch", "16", "--res", "32", "--batch", "2",
-         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
+         "--steps", "2", "--warmup", "1", "--device", "cpu", "--no-compile", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/s" in proc.stdout and "cached / optimised" in proc.stdout and "GPU:" in proc.stdout
@@ -32,7 +32,20 @@ def test_train_bench_runs_and_writes_json(tmp_path):
     assert results["cache"]["images"] == 4 and results["cache"]["disk_mb"] > 0
     assert results["configs"]["cached"]["backbone_ms"] < results["configs"]["unoptimised"]["backbone_ms"]
     assert results["machine"]["cores"] >= 1 and results["machine"]["cpu"]
-    assert set(results["ratios"]) == {"optimised_vs_unoptimised", "cached_vs_optimised", "cached_vs_unoptimised"}
+    assert results["best_uncached"] == "optimised" and results["settings"]["compile"] is False
+    assert set(results["ratios"]) == {"optimised_vs_unoptimised", "cached_vs_unoptimised", "cached_vs_uncached"}
+    assert results["ratios"]["cached_vs_uncached"] == pytest.approx(
+        results["configs"]["cached"]["steps_per_s"] / results["configs"]["optimised"]["steps_per_s"], rel=1e-2)
+
+
+def test_train_bench_compiled_row_is_optional():
+    from benchmarks import train_bench
+
+    assert train_bench.configs(train_bench.parse_args([])) == ("unoptimised", "optimised", "compiled", "cached")
+    args = train_bench.parse_args(["--no-compile"])
+    assert train_bench.configs(args) == ("unoptimised", "optimised", "cached")
+    assert train_bench.best_uncached(args) == "optimised"
+    assert train_bench.best_uncached(train_bench.parse_args([])) == "compiled"
 
 
 def test_eval_bench_runs_and_writes_json(tmp_path, capsys):
@@ -86,11 +99,17 @@ class RecordingPool:
 
         return Handle()
 
+    def busy_workers(self):
+        """Both workers busy once a batch is submitted, unless jobs finish at once."""
+        return 0 if self.finished or not self.submitted else self.num_workers
+
 
 @pytest.mark.parametrize("finished", [False, True])
 def test_evaluation_pipelines_the_crf(finished):
     """Batch n's CRF is submitted before batch n+1 is computed and consumed in order, never
-    before it is done; torch gets only the cores the CRF workers leave while they run."""
+    before it is done; torch gets every core while no CRF job runs, and only the cores the busy
+    CRF workers leave while they run."""
+    from smooseg.crf import available_cores
     from smooseg.evaluate import evaluate
     from smooseg.module import SmooSegModule
 
@@ -104,7 +123,8 @@ def test_evaluation_pipelines_the_crf(finished):
     before = torch.get_num_threads()
     result = evaluate(module, ListLoader(data), crf_pool=pool, flip=False, show_progress=False)
     assert torch.get_num_threads() == before
-    assert pool.threads == [max(1, min(before, (os.cpu_count() or 1) - 2))] * 3
+    all_cores, beside_two = min(before, available_cores()), max(1, min(before, available_cores() - 2))
+    assert pool.threads == [all_cores] * 3 if finished else [all_cores, beside_two, beside_two]
     assert [e for e in log if e[0] != "result"] == [("network", 0), ("submit", 0), ("network", 1),
                                                     ("submit", 1), ("network", 2), ("submit", 2)]
     results = [e[1] for e in log if e[0] == "result"]

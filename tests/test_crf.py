@@ -205,3 +205,33 @@ def test_labels_mode_returns_the_marginals_argmax(worker_pool):
         for got, q in zip(labels, marginals):
             assert got.dtype == np.int16 and got.shape == q.shape[1:]
             np.testing.assert_array_equal(got, q.argmax(0))
+
+
+def test_waiting_for_a_slow_job_does_not_spin(worker_pool):
+    """result() sleeps until a job finishes: the finished first job must not make it busy-wait."""
+    handle = worker_pool._run(time.sleep, [(0.0,), (1.5,)])
+    cpu = time.process_time()
+    assert handle.result() == [None, None]
+    assert time.process_time() - cpu < 0.5
+
+
+def test_busy_workers_counts_running_jobs():
+    assert CRFPool(0).busy_workers() == 0
+    with CRFPool(num_workers=2) as pool:
+        assert pool.busy_workers() == 0
+        handle = pool._run(time.sleep, [(1.0,), (1.0,), (1.0,)])
+        assert pool.busy_workers() == 2
+        handle.result()
+        assert pool.busy_workers() == 0
+
+
+def test_auto_workers_is_one_per_available_core(monkeypatch):
+    from smooseg import crf
+
+    monkeypatch.setattr(crf, "available_cores", lambda: 6)
+    assert crf.resolve_workers("auto") == 6 and crf.resolve_workers(0) == 0 and crf.resolve_workers(3) == 3
+    monkeypatch.setattr(crf, "available_cores", lambda: 200)
+    assert crf.resolve_workers("auto") == crf.MAX_AUTO_WORKERS
+    for bad in (-1, "four", 2.5, True):
+        with pytest.raises(SmoosegError, match="integer >= 0 or auto"):
+            crf.resolve_workers(bad)
