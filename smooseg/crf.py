@@ -79,9 +79,15 @@ def dense_crf_labels(image, log_probs, **params):
     return dense_crf(image, log_probs, **params).argmax(0).astype(np.int16)
 
 
+WORKER_NICENESS = 10
+
+
 def _init_worker():
-    """Keep each worker single-threaded so N workers do not oversubscribe the CPU."""
+    """Keep each worker single-threaded so N workers do not oversubscribe the CPU, and below the
+    main process's priority (nice +10) so the network that feeds the pool is not starved by it."""
     torch.set_num_threads(1)
+    if hasattr(os, "nice"):
+        os.nice(WORKER_NICENESS)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:

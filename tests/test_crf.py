@@ -1,6 +1,7 @@
 """Dense CRF (SPEC §5) and the CRF process pool."""
 
 import math
+import os
 import multiprocessing
 import signal
 import time
@@ -235,3 +236,10 @@ def test_auto_workers_is_one_per_available_core(monkeypatch):
     for bad in (-1, "four", 2.5, True):
         with pytest.raises(SmoosegError, match="integer >= 0 or auto"):
             crf.resolve_workers(bad)
+
+
+def test_workers_run_single_threaded_below_the_main_priority(worker_pool):
+    from smooseg.crf import WORKER_NICENESS
+
+    assert worker_pool._run(os.nice, [(0,)]).result() == [min(19, os.nice(0) + WORKER_NICENESS)]
+    assert worker_pool._run(torch.get_num_threads, [()]).result() == [1]
