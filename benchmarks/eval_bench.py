@@ -24,7 +24,6 @@ workers) is timed separately: it happens once per evaluation run, not per split.
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -109,7 +109,7 @@ def resolve_workers(num_workers):
     if num_workers == "auto":
         return min(available_cores(), MAX_AUTO_WORKERS)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise SmoosegError(f"crf.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
+        raise SmoosegError(f"crf_workers must be an integer >= 0 or auto, got {num_workers!r}; e.g. crf_workers=auto")
     return num_workers
 
 
@@ -144,9 +144,9 @@ class CRFPool:
     def __init__(self, num_workers=0, timeout=120.0, max_in_flight=4):
         num_workers = resolve_workers(num_workers)
         if not timeout or timeout <= 0:
-            raise SmoosegError(f"crf.timeout must be a positive number of seconds, got {timeout!r}")
+            raise SmoosegError(f"crf_timeout must be a positive number of seconds, got {timeout!r}; e.g. crf_timeout=120")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise SmoosegError(f"crf.max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+            raise SmoosegError(f"CRFPool max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         self.num_workers = num_workers
         self.timeout = float(timeout)
         self.max_in_flight = max_in_flight
@@ -217,7 +217,7 @@ class CRFPool:
             finished, _ = wait(self._live, timeout=self.timeout, return_when=FIRST_COMPLETED)
             if not finished:
                 self._fail(f"CRF worker timed out after {self.timeout:g} s (no CRF job finished); "
-                           "set crf.timeout higher or crf.num_workers=0 to run the CRF in-process")
+                           "set crf_timeout higher or crf_workers=0 to run the CRF in-process")
         broken = [f.exception() for f in futures
                   if not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)]
         if broken:
@@ -238,7 +238,7 @@ class CRFPool:
 
     def _fail_died(self, exc):
         self._fail(f"CRF worker died (killed, crashed or out of memory: {exc}); "
-                   "lower crf.num_workers or set crf.num_workers=0 to run the CRF in-process")
+                   "lower crf_workers or set crf_workers=0 to run the CRF in-process")
 
     def _fail(self, message):
         self._terminate()

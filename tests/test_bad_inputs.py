@@ -229,6 +229,8 @@ CASES = [
     Case("train: unknown nested config key", valid, T, TRAIN + ["optim.lr3=0.1"],
          ["unknown config key 'optim.lr3'"]),
     Case("eval: unknown config key", valid_checkpoint, E, EVAL + ["flipp=true"], ["unknown config key 'flipp'"]),
+    Case("eval: bad CRF worker count", valid_checkpoint, E, EVAL[:4] + ["crf=true", "crf_workers=many"] + EVAL[5:],
+         ["crf_workers must be an integer >= 0 or auto", "'many'"]),
     Case("train: unparsable override", valid, T, TRAIN + ["seed=["], ["cannot parse", "seed=["]),
     Case("train: not a Trainer argument", valid, T, TRAIN + ["+trainer.gpus=2"], ["trainer.*", "gpus"]),
     Case("eval: required key missing", valid_checkpoint, E, EVAL[1:], ["model_paths", "required"]),
