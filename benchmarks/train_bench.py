@@ -91,7 +91,7 @@ def configure(module, config, args):
     optimised = config != "unoptimised"
     module.backbone.set_fused_attn(optimised)
     module.hparams.backbone_precision = args.precision if optimised else "32"
-    module.hparams.compile = config == "compiled" or (config == "cached" and not args.no_compile)
+    module.hparams.compile = config == "compiled" or (config == "cached" and best_uncached(args) == "compiled")
     return resolve_backbone_dtype(args.precision, module.device) if optimised else None
 
 

@@ -147,7 +147,6 @@ def cpu_threads_beside(crf_pool):
         threads = max(1, min(before, cores - busy))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        return threads
 
     try:
         yield share

@@ -87,8 +87,7 @@ class SmooSegModule(pl.LightningModule):
         self.test_flip = True
         self.crf_pool = None  # set a smooseg.crf.CRFPool to refine test predictions with the CRF
         self._examples = []
-        self._compiled_losses = None
-        self._compiled_backbone = None
+        self._compiled = {}  # torch.compile'd callables by name (``compile``), built on first use
         # Supervised diagnostic (off by default): 1×1 conv code -> classes on the detached code.
         # Initialised on a forked RNG so that turning it on leaves the training's random draws alone.
         self.linear_probe = None
@@ -143,17 +142,17 @@ class SmooSegModule(pl.LightningModule):
         ``backbone_precision`` autocast; see :func:`smooseg.feature_cache.frozen_features`)."""
         if "feats" in batch:
             return batch["feats"].float()
-        return frozen_features(self._training_backbone(), batch["img"],
+        return frozen_features(self._maybe_compiled("backbone", self.backbone), batch["img"],
                                self.hparams.get("backbone_precision", "auto"))
 
-    def _training_backbone(self):
-        """The backbone's forward for training: compiled on first use with the ``compile``
-        hyper-parameter (a compiled bound method, so the state dict keeps its keys)."""
+    def _maybe_compiled(self, name, fn):
+        """``fn`` itself, or with the ``compile`` hyper-parameter its ``torch.compile`` version,
+        built on first use and kept by ``name`` in a plain dict (so the state dict keeps its keys)."""
         if not self.hparams.get("compile", False):
-            return self.backbone
-        if self._compiled_backbone is None:
-            self._compiled_backbone = torch.compile(self.backbone.forward)
-        return self._compiled_backbone
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn)
+        return self._compiled[name]
 
     def _losses(self, feats):
         hp = self.hparams
@@ -169,11 +168,7 @@ class SmooSegModule(pl.LightningModule):
         ``signal``, ``teacher`` logits and image ``pairing`` they came from (for the diagnostics).
         With the ``compile`` hyper-parameter the heads and loss run through ``torch.compile``
         (compiled on first use)."""
-        if not self.hparams.get("compile", False):
-            return self._losses(feats)
-        if self._compiled_losses is None:
-            self._compiled_losses = torch.compile(self._losses)
-        return self._compiled_losses(feats)
+        return self._maybe_compiled("losses", self._losses)(feats)
 
     def training_step(self, batch, batch_idx):
         feats = self.features(batch)
