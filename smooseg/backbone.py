@@ -12,7 +12,9 @@ download of the official URL into that cache.  There is no silent fallback to ra
 """
 
 import http.client
+import math
 import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,6 +50,9 @@ _OFFICIAL_FILES = {
 }
 
 FEAT_TYPES = ("feat", "KK")
+# How position embeddings are resampled to other grids; part of the feature cache's key, so
+# features computed with another resampling are never reused.
+POS_EMBED_RESAMPLING = "official-bicubic-scale-factor-offset0.1"
 FITS = ("error", "resize", "pad")
 _NEST_KEYS = ("teacher", "student", "model", "state_dict")
 _STRIP_PREFIXES = ("module.", "backbone.")
@@ -197,6 +202,59 @@ def load_official_state_dict(model, state_dict, source: str):
     return model
 
 
+def official_pos_embed_grid(pos_embed, grid, num_prefix_tokens=1):
+    """Position embeddings 1 x (prefix + h*w) x C for a patch grid ``(h, w)``, resampled as the
+    official DINO / DINOv2 code does.
+
+    The stored M x M patch grid is resized bicubically with a SCALE FACTOR ((h + 0.1) / M,
+    (w + 0.1) / M), no antialiasing, align_corners False (the output is then h x w), in float32;
+    prefix (class token) embeddings are kept as they are.  A grid that already is M x M is
+    returned unchanged.  timm's own resize asks for a size and antialiases, which gives
+    different features (docs/method.md section 1).
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, channels = patches.shape[1:]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise SmoosegError(f"position embedding holds {n} patch positions, not a square grid; "
+                           "use an official DINO / DINOv2 checkpoint")
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (side, side):
+        return pos_embed
+    square = patches.float().reshape(1, side, side, channels).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                            align_corners=False, antialias=False)
+    if resized.shape[-2:] != (h, w):  # cannot happen for h, w >= 1; guards the formula
+        raise SmoosegError(f"position-embedding resampling gave {tuple(resized.shape[-2:])} for a "
+                           f"{h}x{w} patch grid")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, h * w, channels).to(pos_embed.dtype)
+    return torch.cat([prefix, resized], dim=1)
+
+
+def _official_pos_embed(vit, x):
+    """Replacement of timm's ``VisionTransformer._pos_embed`` (B x h x w x C patch tokens in,
+    B x (prefix + h*w) x C out) whose only change is the resampling of the position grid."""
+    B, h, w, C = x.shape
+    x = x.reshape(B, h * w, C)
+    prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    if vit.no_embed_class:
+        x = x + official_pos_embed_grid(vit.pos_embed, (h, w), num_prefix_tokens=0)
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+    else:
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+        x = x + official_pos_embed_grid(vit.pos_embed, (h, w), vit.num_prefix_tokens)
+    return vit.pos_drop(x)
+
+
+def use_official_pos_embed(vit):
+    """Make a timm ViT built with ``dynamic_img_size=True`` resample its position embeddings
+    like the official DINO / DINOv2 code (:func:`official_pos_embed_grid`)."""
+    if not getattr(vit, "dynamic_img_size", False) or vit.pos_embed is None:
+        raise ValueError("use_official_pos_embed needs a timm ViT built with dynamic_img_size=True")
+    vit._pos_embed = types.MethodType(_official_pos_embed, vit)
+    return vit
+
+
 class Backbone(nn.Module):
     """Frozen ViT feature extractor: image B x 3 x H x W (ImageNet-normalised) -> B x C x h x w.
 
@@ -207,7 +265,8 @@ class Backbone(nn.Module):
       - ``"pad"``: zero-pad right/bottom to the next multiple and keep the padded patches,
         so h = ceil(H / patch) (zeros are the ImageNet mean colour after normalisation).
     DINOv2 (patch 14) at 320 px is not a multiple; presets use ``fit: resize`` (320 -> 322,
-    a 23 x 23 grid).  Position embeddings are resampled bicubically by timm for any grid.
+    a 23 x 23 grid).  Position embeddings are resampled for any grid exactly as the official
+    DINO / DINOv2 code does (:func:`official_pos_embed_grid`).
 
     ``weights_url`` overrides the official download URL of the weights file (a mirror).
     """
@@ -222,7 +281,8 @@ class Backbone(nn.Module):
             raise SmoosegError(f"unknown fit={fit}: choose one of {', '.join(FITS)}")
         self.arch, self.model_type, self.patch_size = arch, model_type, int(patch_size)
         self.feat_type, self.fit = feat_type, fit
-        self.model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        self.model = use_official_pos_embed(
+            timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True))
         if pretrained:
             path = resolve_weights(arch, model_type, patch_size, weights_path, weights_url)
             load_official_state_dict(self.model, read_weights(path), str(path))

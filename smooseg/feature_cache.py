@@ -12,7 +12,7 @@ its features are the same every epoch.  :func:`open_or_build` stores them once u
 
 ``key`` is the sha256 of everything that changes the features: data set, split, resolution,
 crop, image interpolation, pre-cropped source, backbone arch / type / patch / feature type /
-fit policy, a digest of the backbone weights and the storage dtype.  Random crops make a cache
+fit policy / position-embedding resampling, a digest of the backbone weights and the storage dtype.  Random crops make a cache
 inexact and are refused.  :class:`CachedFeatureDataset` serves the stored features in the image
 data set's order, so a shuffled DataLoader with the same seed yields the same batches.
 """
@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from smooseg.backbone import POS_EMBED_RESAMPLING
 from smooseg.errors import SmoosegError, atomic_write
 from smooseg.heads import fp32_region
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DETERMINISTIC_CROPS = ("center", "none")
 FEATS_FILE, LABELS_FILE, META_FILE = "feats.npy", "labels.npy", "meta.json"
@@ -97,7 +98,8 @@ def cache_fields(dataset_name, split, res, crop, image_interp, crop_source, back
         "res": None if res is None else int(res), "crop": str(crop), "image_interp": str(image_interp),
         "crop_source": None if crop_source is None else {k: crop_source[k] for k in sorted(crop_source)},
         "arch": backbone.arch, "model_type": backbone.model_type, "patch_size": int(backbone.patch_size),
-        "feat_type": backbone.feat_type, "fit": backbone.fit, "weights": weights_digest(backbone),
+        "feat_type": backbone.feat_type, "fit": backbone.fit, "pos_embed": POS_EMBED_RESAMPLING,
+        "weights": weights_digest(backbone),
         "dtype": dtype,
     }
 

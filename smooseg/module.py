@@ -1,7 +1,7 @@
 """The SmooSeg LightningModule: frozen backbone + projector + prototypes, trained with SPEC §4.
 
 Training: both loss terms, their sum and both learning rates are logged; the teacher prototypes
-follow the student by EMA once per optimiser step. Validation: teacher prediction, Hungarian
+follow the student by EMA once per optimiser step, from the student before that step's update. Validation: teacher prediction, Hungarian
 metrics ``val/cluster/mIoU`` / ``val/cluster/Accuracy`` and a TensorBoard picture grid.
 Test: horizontal-flip averaging and, when ``crf_pool`` is set, the dense CRF.
 Diagnostics (off by default, docs/shift_tuning.md): a supervised linear probe on the detached
@@ -238,9 +238,13 @@ class SmooSegModule(pl.LightningModule):
             for term, fraction in fractions.items():
                 lg.experiment.add_scalar(f"shift/{term}_attract_fraction", float(fraction), step)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """Step the optimiser, then move the teacher prototypes toward the student (once per step)."""
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+    def on_before_optimizer_step(self, optimizer):
+        """Move the teacher prototypes toward the student as it is BEFORE this step's update.
+
+        This step's loss already used the teacher as it was, so the teacher lags the student by one
+        step: the reference's timing (docs/method.md section 3). Lightning calls this once per
+        optimiser step, after backward, so under gradient accumulation the EMA still runs once.
+        """
         self.predictor.ema_update(self.hparams.ema_alpha)
 
     # ---- validation ----

@@ -83,36 +83,70 @@ def check_probe_labels(cfg, train_set):
                            f"have no label (e.g. {unlabelled[0]}); add labels or set linear_probe=false")
 
 
+def backbone_precision(cfg):
+    """``perf.backbone_precision``; ``auto`` follows a mixed trainer precision (``16-mixed`` runs the
+    frozen backbone in fp16 too, as the reference's ``precision=16`` does), else stays ``auto``."""
+    value = str((cfg.get("perf") or {}).get("backbone_precision", "auto"))
+    if value != "auto":
+        return value
+    trainer = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    return {"16-mixed": "16", "bf16-mixed": "bf16"}.get(trainer, "auto")
+
+
 def perf_options(cfg):
     """Module speed settings from the ``perf`` section (backbone precision, compiled heads + loss)."""
     perf = cfg.get("perf") or {}
-    return {"backbone_precision": str(perf.get("backbone_precision", "auto")),
-            "compile": bool(perf.get("compile", False))}
+    return {"backbone_precision": backbone_precision(cfg), "compile": bool(perf.get("compile", False))}
+
+
+def crop_command(cfg, source):
+    """The ``crop_datasets.py`` command that writes the cropped training set ``source`` of ``cfg``."""
+    words = ["python crop_datasets.py", f"data_dir={cfg.data_dir}", f"datasets=[{cfg.dataset.name}]",
+             f"crop_types=[{source['crop_type']}]", f"crop_ratio={source['ratio']}"]
+    if cfg.dataset.name == "directory":
+        words += [f"dir_dataset_name={cfg.dataset.get('dir_name')}",
+                  f"dir_dataset_n_classes={cfg.dataset.get('n_classes')}"]
+    return " ".join(words)
 
 
 def train_crop_source(cfg):
-    """The pre-cropped training set to read, or None (raw images) when it is off or not written yet."""
+    """The pre-cropped training set to read, or None when ``dataset.train_crop_source`` is null.
+
+    The published Cityscapes / COCO-Stuff runs train on the five-crop sets; a missing set stops
+    training with the command that writes it, rather than training on other data.
+    """
     source = cfg.dataset.get("train_crop_source")
     if source is None:
         return None
     source = OmegaConf.to_container(source, resolve=True)
     folder = Path(cfg.data_dir) / "cropped" / crop_dir_name(
         dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")), source["crop_type"], source["ratio"])
-    if folder.is_dir():
-        return source
-    print(f"note: cropped training set {folder} not found, training on the raw images with "
-          f"{cfg.dataset.train_crop} crops (run crop_datasets.py for the published setting)")
-    return None
+    if not folder.is_dir():
+        raise SmoosegError(f"the cropped training set {folder} does not exist; write it with "
+                           f"`{crop_command(cfg, source)}`, or train on the raw images with "
+                           "dataset.train_crop_source=null")
+    return source
+
+
+def train_split(cfg):
+    """The training split: Potsdam adds its unlabelled tiles only with ``dataset.train_unlabelled``."""
+    if cfg.dataset.get("train_unlabelled", False):
+        if cfg.dataset.name != "potsdam":
+            raise SmoosegError(f"dataset.train_unlabelled=true is for potsdam only, not {cfg.dataset.name}; "
+                               "remove it")
+        return "train+unlabelled"
+    return "train"
 
 
 def build_datasets(cfg):
-    """(train set, validation set); validation uses centre crops at ``eval_res``."""
+    """(train set, validation set); validation uses centre crops at ``val_res`` (the training
+    resolution unless set, as the reference validates)."""
     common = dict(name=cfg.dataset.name, data_dir=cfg.data_dir, image_interp=cfg.dataset.image_interp,
                   n_classes=cfg.dataset.get("n_classes"), dir_name=cfg.dataset.get("dir_name"),
                   seed=int(cfg.seed))
-    train_set = build_dataset(split="train", res=int(cfg.res), crop=cfg.dataset.train_crop,
+    train_set = build_dataset(split=train_split(cfg), res=int(cfg.res), crop=cfg.dataset.train_crop,
                               crop_source=train_crop_source(cfg), **common)
-    val_set = build_dataset(split="val", res=int(cfg.eval_res), crop="center", **common)
+    val_set = build_dataset(split="val", res=int(cfg.val_res), crop="center", **common)
     return train_set, val_set
 
 

@@ -296,3 +296,128 @@ def test_unreachable_download_names_cache_path(shallow, tmp_path, monkeypatch):
     msg = str(err.value)
     assert str(cache) in msg and "weights_path" in msg and "pretrained=false" in msg and "\n" not in msg
     assert not cache.exists() and not any(cache.parent.iterdir())
+
+
+# ---- position embeddings resampled as the official DINO / DINOv2 code (docs/method.md section 1) ----
+
+def _cubic_weights(out_len, in_len, scale):
+    """out_len x in_len matrix of PyTorch-style bicubic interpolation (A = -0.75, align_corners
+    False, indices clamped at the borders) for a given scale factor, written out by hand."""
+    A = -0.75
+
+    def kernel(t):
+        t = abs(t)
+        if t <= 1:
+            return (A + 2) * t ** 3 - (A + 3) * t ** 2 + 1
+        if t < 2:
+            return A * t ** 3 - 5 * A * t ** 2 + 8 * A * t - 4 * A
+        return 0.0
+
+    weights = torch.zeros(out_len, in_len, dtype=torch.float64)
+    for i in range(out_len):
+        src = (i + 0.5) / scale - 0.5
+        base = int(torch.floor(torch.tensor(src)))
+        for k in range(base - 1, base + 3):
+            weights[i, min(max(k, 0), in_len - 1)] += kernel(src - k)
+    return weights
+
+
+def _reference_pos_embed(pos_embed, h, w):
+    """The official formula by hand: scale factors ((h+0.1)/M, (w+0.1)/M), no antialiasing."""
+    cls, grid = pos_embed[0, :1].double(), pos_embed[0, 1:].double()
+    M = int(round(grid.shape[0] ** 0.5))
+    if (h, w) == (M, M):
+        return pos_embed
+    grid = grid.reshape(M, M, -1).permute(2, 0, 1)
+    rows, cols = _cubic_weights(h, M, (h + 0.1) / M), _cubic_weights(w, M, (w + 0.1) / M)
+    resized = torch.einsum("hm,cmn,wn->hwc", rows, grid, cols).reshape(h * w, -1)
+    return torch.cat([cls, resized])[None].float()
+
+
+def _smooth_pos_embed(vit):
+    """A smooth, structured position field (sinusoids of the grid coordinates), amplitude 1."""
+    n, C = vit.pos_embed.shape[1] - 1, vit.pos_embed.shape[2]
+    M = int(round(n ** 0.5))
+    y, x = torch.meshgrid(torch.linspace(0, 1, M), torch.linspace(0, 1, M), indexing="ij")
+    freq = torch.arange(C) % 4 + 1
+    phase = torch.arange(C) * 0.37
+    field = torch.sin(torch.pi * freq * (x.reshape(-1, 1) + 0.5 * y.reshape(-1, 1)) + phase)
+    field = field * torch.cos(torch.pi * freq * y.reshape(-1, 1) - phase)
+    return torch.cat([torch.linspace(-1, 1, C)[None], field])[None]
+
+
+def _features_by_hand(vit, img, pos_embed, patch):
+    """Last block output after the final norm, patch tokens, with the given position embeddings."""
+    B, _, H, W = img.shape
+    h, w = H // patch, W // patch
+    tokens = vit.patch_embed(img).reshape(B, h * w, -1)
+    x = torch.cat([vit.cls_token.expand(B, -1, -1), tokens], dim=1) + pos_embed
+    x = vit.norm_pre(x)
+    for block in vit.blocks:
+        x = block(x)
+    x = vit.norm(x)[:, 1:]
+    return x.transpose(1, 2).reshape(B, -1, h, w)
+
+
+def _rel_l2(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+OFFICIAL_RESAMPLING_CASES = [("dino", 8, 224), ("dino", 8, 320), ("dino", 8, 160), ("dino", 8, 112),
+                             ("dinov2", 14, 224), ("dinov2", 14, 322), ("dinov2", 14, 168)]
+
+
+@pytest.fixture(scope="module")
+def structured_backbones():
+    """Two-block ViT-S backbones (DINO /8 and DINOv2 /14) with a smooth position embedding."""
+    out = {}
+    for arch, patch in (("dino", 8), ("dinov2", 14)):
+        torch.manual_seed(0)
+        original = timm.create_model
+        try:
+            timm.create_model = functools.partial(original, depth=2)
+            backbone = Backbone(arch, "vit_small", patch, pretrained=False)
+        finally:
+            timm.create_model = original
+        with torch.no_grad():
+            backbone.model.pos_embed.copy_(_smooth_pos_embed(backbone.model))
+        out[arch] = backbone
+    return out
+
+
+@pytest.mark.parametrize("arch,patch,size", OFFICIAL_RESAMPLING_CASES)
+def test_features_match_official_pos_embed_resampling(structured_backbones, arch, patch, size):
+    backbone = structured_backbones[arch]
+    vit = backbone.model
+    img = _img(size, size, seed=size)
+    expected = _features_by_hand(vit, img, _reference_pos_embed(vit.pos_embed, size // patch, size // patch),
+                                 patch)
+    assert _rel_l2(backbone(img), expected) <= 1e-5
+
+
+def test_official_resampling_non_square_grid(structured_backbones):
+    backbone = structured_backbones["dino"]
+    img = _img(112, 176)
+    expected = _features_by_hand(backbone.model, img, _reference_pos_embed(backbone.model.pos_embed, 14, 22), 8)
+    assert _rel_l2(backbone(img), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("arch,patch,size", [("dino", 8, 320), ("dino", 8, 112), ("dinov2", 14, 224)])
+def test_timm_default_resize_would_differ(structured_backbones, arch, patch, size):
+    """timm's own (size-based, antialiased) resampling gives other features: the check above is
+    sensitive to the difference it guards against."""
+    from timm.layers import resample_abs_pos_embed
+
+    vit = structured_backbones[arch].model
+    h = size // patch
+    timm_pe = resample_abs_pos_embed(vit.pos_embed, new_size=(h, h), num_prefix_tokens=1)
+    official = _reference_pos_embed(vit.pos_embed, h, h)
+    img = _img(size, size, seed=size)
+    assert _rel_l2(_features_by_hand(vit, img, timm_pe, patch),
+                   _features_by_hand(vit, img, official, patch)) > 1e-3
+    assert _rel_l2(structured_backbones[arch](img), _features_by_hand(vit, img, timm_pe, patch)) > 1e-3
+
+
+def test_official_grid_unchanged_at_native_size(structured_backbones):
+    vit = structured_backbones["dino"].model
+    assert bb.official_pos_embed_grid(vit.pos_embed, (28, 28)) is vit.pos_embed

@@ -252,6 +252,12 @@ CASES = [
          TRAIN + ["ckpt_path={ckpt}", "model.dim=32"], ["model.ckpt", "does not fit"]),
     Case("train: resume from a checkpoint with code in its pickle", malicious_checkpoint, T,
          TRAIN + ["ckpt_path={ckpt}"], ["evil.ckpt", "refused"], check=payload_did_not_run),
+    Case("train: published Cityscapes setting without its five-crop set", valid, T,
+         TRAIN + ["dataset=cityscapes"],
+         ["cropped/cityscapes_five_crop_0.5 does not exist", "python crop_datasets.py data_dir={data} "
+          "datasets=[cityscapes] crop_types=[five] crop_ratio=0.5", "dataset.train_crop_source=null"]),
+    Case("train: unlabelled tiles asked for outside Potsdam", valid, T,
+         TRAIN + ["+dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
     # sizes and numerics
     Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40", "eval_res=40"],
          ["40x40", "patch size 16", "model.fit"]),

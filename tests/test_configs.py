@@ -36,8 +36,31 @@ def test_published_presets(experiment):
     assert (cfg.loss.temperature, cfg.loss.ema_alpha, cfg.loss.pointwise) == (0.1, 0.998, True)
     assert (cfg.optim.lr1, cfg.optim.lr2, cfg.model.dim) == (1e-4, 5e-4, 64)
     assert cfg.val_check_interval == 400 and cfg.model.pretrained is True
-    assert cfg.max_steps == (3000 if dataset == "cityscapes" else 5000)
+    assert cfg.max_steps == 3000 and cfg.val_res == res  # validation at the training resolution
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("experiment", sorted(PUBLISHED))
+def test_every_preset_value_names_its_source(experiment):
+    lines = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+    values = [line for line in lines if line.strip() and not line.lstrip().startswith("#")
+              and not line.rstrip().endswith(":")]
+    assert values and all("#" in line for line in values), [v for v in values if "#" not in v]
+
+
+def test_validation_resolution_defaults_to_the_training_resolution():
+    cfg = compose_cfg("train", ["res=96"])
+    assert (cfg.res, cfg.val_res, cfg.eval_res) == (96, 96, 320)
+    assert compose_cfg("train", ["res=96", "val_res=128"]).val_res == 128
+
+
+def test_crop_script_defaults_to_the_sets_the_presets_train_on():
+    cfg = compose_cfg("crop")
+    assert list(cfg.datasets) == ["cityscapes", "cocostuff27"] and list(cfg.crop_types) == ["five"]
+    assert cfg.crop_ratio == 0.5
+    for experiment in ("cityscapes_vits8", "cocostuff27_vits8"):
+        source = compose_cfg("train", [f"experiment={experiment}"]).dataset.train_crop_source
+        assert (source.crop_type, source.ratio) == ("five", 0.5)
 
 
 def test_dinov2_preset_resizes_to_the_patch_grid():

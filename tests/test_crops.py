@@ -159,13 +159,18 @@ def test_cli_parallel_both_flag_styles_and_clean_cwd(tmp_path):
     data = write_cityscapes_layout(tmp_path / "data", n_train=4, n_val=2, size=(32, 48))
     work = tmp_path / "cwd"
     work.mkdir()
-    out = run_cli(["--data_dir", str(data), "--num_workers", "2", "--splits", "[train,val]"], work)
+    default = run_cli(["--data_dir", str(data), "--num_workers", "2"], work)
+    assert default.returncode == 2 and "cocostuff" in default.stderr  # default: cityscapes + cocostuff27
+    assert not (data / "cropped").exists()  # every data set is checked before anything is written
+    out = run_cli(["--data_dir", str(data), "--num_workers", "2", "--splits", "[train,val]",
+                   "--datasets", "[cityscapes]"], work)
     assert out.returncode == 0, out.stderr
     assert "cityscapes_five_crop_0.5/train: 4 images, 40 files written" in out.stdout
     folder = data / "cropped/cityscapes_five_crop_0.5"
     assert [len(x) for x in finished(folder, "val")] == [10, 10]
     assert list(work.iterdir()) == []                            # no outputs/, no log file
-    again = run_cli([f"data_dir={data}", "crop_types=[five,random]", "progress=false"], work)
+    again = run_cli([f"data_dir={data}", "datasets=[cityscapes]", "crop_types=[five,random]",
+                     "progress=false"], work)
     assert again.returncode == 0, again.stderr
     assert "cityscapes_five_crop_0.5/train: 4 images, 0 files written" in again.stdout
     assert "cityscapes_random_crop_0.5/train: 4 images, 40 files written" in again.stdout
@@ -179,7 +184,8 @@ def test_cli_killed_mid_way_then_resumed(tmp_path):
     data = write_cityscapes_layout(tmp_path, n_train=60, n_val=1, size=(64, 128))
     folder = data / "cropped/cityscapes_five_crop_0.5"
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "crop_datasets.py"), f"data_dir={data}", "num_workers=0"],
+        [sys.executable, str(REPO / "crop_datasets.py"), f"data_dir={data}", "datasets=[cityscapes]",
+         "num_workers=0"],
         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
@@ -191,7 +197,7 @@ def test_cli_killed_mid_way_then_resumed(tmp_path):
     proc.wait()
     done = len(os.listdir(folder / "img/train"))
     assert done < 300, "the run finished before it could be killed; grow the data set"
-    out = run_cli([f"data_dir={data}", "progress=false"], tmp_path)
+    out = run_cli([f"data_dir={data}", "datasets=[cityscapes]", "progress=false"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert not list(folder.rglob("*.tmp"))
     images, labels = finished(folder)

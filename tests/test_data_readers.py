@@ -164,7 +164,9 @@ def test_potsdam_splits_and_every_id(tmp_path):
     base = make_potsdam(tmp_path, {"labelled_train": ["t0", "t1"], "unlabelled_train": ["u0"],
                                    "labelled_test": ["v0", "v1", "v2"]})
     train = build_dataset("potsdam", tmp_path, "train", res=None, crop="none")
-    assert sorted(train.item_name(i) for i in range(len(train))) == ["t0", "t1", "u0"]
+    assert sorted(train.item_name(i) for i in range(len(train))) == ["t0", "t1"]  # the reference's split
+    both = build_dataset("potsdam", tmp_path, "train+unlabelled", res=None, crop="none")
+    assert sorted(both.item_name(i) for i in range(len(both))) == ["t0", "t1", "u0"]
     val = build_dataset("potsdam", tmp_path, "val", res=None)
     assert [val.item_name(i) for i in range(3)] == ["v0", "v1", "v2"]
     assert len(build_dataset("potsdam", tmp_path, "all", res=None)) == 6

@@ -121,6 +121,15 @@ def test_cache_is_reused_and_keyed(data_dir, backbone, tmp_path):
     assert len(list(tmp_path.iterdir())) == 4
 
 
+def test_cache_key_follows_the_position_embedding_resampling(backbone, monkeypatch):
+    """Features cached under another resampling of the position embeddings are not reused."""
+    args = ("cityscapes", "train", RES, "center", "nearest", None, backbone)
+    now = fc.cache_fields(*args)
+    assert now["pos_embed"] == "official-bicubic-scale-factor-offset0.1"
+    monkeypatch.setattr(fc, "POS_EMBED_RESAMPLING", "timm-size-antialias")
+    assert fc.cache_key(fc.cache_fields(*args)) != fc.cache_key(now)
+
+
 def test_interrupted_build_is_rebuilt(data_dir, backbone, tmp_path, monkeypatch):
     real, calls = fc.frozen_features, []
 

@@ -87,6 +87,38 @@ def test_training_and_validation_logging(tmp_path):
     assert (picture.width, picture.height) == (3 * 32, 2 * 32)  # image|label|pred, 2 rows
 
 
+class RecordPrototypes(pl.Callback):
+    """Student and teacher prototypes as each training batch starts (before its step)."""
+
+    def __init__(self):
+        self.students, self.teachers = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.students.append(pl_module.predictor.student.detach().clone())
+        self.teachers.append(pl_module.predictor.teacher.clone())
+
+
+def test_ema_uses_the_student_before_each_step(tmp_path):
+    """After n steps teacher = a^n t0 + sum_k a^(n-1-k) (1-a) s_k over the PRE-step students s_k
+    (the teacher lags the student by one step, as in the reference)."""
+    pl.seed_everything(0)
+    alpha, steps = 0.5, 3
+    module = make_module(ema_alpha=alpha)
+    with torch.no_grad():
+        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
+    teacher = module.predictor.teacher.clone()
+    record = RecordPrototypes()
+    trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=0, callbacks=[record])
+    trainer.fit(module, DataLoader(Blobs(2 * steps), batch_size=2))
+    assert trainer.global_step == steps and len(record.students) == steps
+    for k, student in enumerate(record.students):
+        torch.testing.assert_close(record.teachers[k], teacher, atol=1e-6, rtol=0)  # step k saw this teacher
+        teacher = alpha * teacher + (1 - alpha) * student
+    torch.testing.assert_close(module.predictor.teacher, teacher, atol=1e-6, rtol=0)
+    after = alpha * record.teachers[-1] + (1 - alpha) * module.predictor.student.detach()
+    assert not torch.allclose(module.predictor.teacher, after, atol=1e-4)  # not the post-step student
+
+
 def test_ema_once_per_optimiser_step_with_accumulation(tmp_path):
     pl.seed_everything(0)
     alpha = 0.5
@@ -100,9 +132,9 @@ def test_ema_once_per_optimiser_step_with_accumulation(tmp_path):
     assert trainer.global_step == 1
     student1 = module.predictor.student.detach()
     assert not torch.allclose(student1, student0)  # the optimiser did step
-    once = alpha * teacher0 + (1 - alpha) * student1
+    once = alpha * teacher0 + (1 - alpha) * student0
     assert torch.allclose(module.predictor.teacher, once, atol=1e-6)
-    twice = alpha * (alpha * teacher0 + (1 - alpha) * student0) + (1 - alpha) * student1
+    twice = alpha * (alpha * teacher0 + (1 - alpha) * student0) + (1 - alpha) * student0
     assert not torch.allclose(once, twice, atol=1e-4)
 
 

@@ -149,16 +149,19 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
 
 def crop_datasets(data_dir, datasets, splits, crop_types, ratio, seed=0, num_workers=0,
                   jpeg_quality=JPEG_QUALITY, dir_name=None, n_classes=None, progress=True):
-    """Crop every (data set, split, crop type); returns ``{folder/split: summary}``."""
+    """Crop every (data set, split, crop type); returns ``{folder/split: summary}``.
+
+    Every data set is opened (and so checked) before the first crop is written.
+    """
     summary = {}
-    for name in datasets:
-        for split in splits:
-            dataset = build_dataset(name, data_dir, split, res=None, crop="none",
-                                    n_classes=n_classes if name == "directory" else None,
-                                    seed=seed, dir_name=dir_name)
-            for crop_type in crop_types:
-                folder = crop_folder(data_dir, dataset_key(name, dir_name), crop_type, ratio)
-                result = crop_dataset(dataset, folder, split, crop_type, ratio, seed,
-                                      num_workers, jpeg_quality, progress)
-                summary[f"{folder.name}/{split}"] = result
+    opened = [(name, split, build_dataset(name, data_dir, split, res=None, crop="none",
+                                          n_classes=n_classes if name == "directory" else None,
+                                          seed=seed, dir_name=dir_name))
+              for name in datasets for split in splits]
+    for name, split, dataset in opened:
+        for crop_type in crop_types:
+            folder = crop_folder(data_dir, dataset_key(name, dir_name), crop_type, ratio)
+            result = crop_dataset(dataset, folder, split, crop_type, ratio, seed,
+                                  num_workers, jpeg_quality, progress)
+            summary[f"{folder.name}/{split}"] = result
     return summary

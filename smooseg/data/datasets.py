@@ -17,8 +17,8 @@ resolution (used by the crop writer). On-disk layouts, relative to ``data_dir``:
     cropped/<dataset>_<crop_type>_crop_<ratio>/label/<split>/<n>.png   (label + 1, 0 = ignore)
 
 Splits: ``train``/``val`` map to each data set's own names (cocostuff train2017/val2017;
-potsdam train = unlabelled_train + labelled_train, val = labelled_test); the native names
-are accepted too.
+potsdam train = labelled_train as in the reference, ``train+unlabelled`` = unlabelled_train +
+labelled_train, val = labelled_test); the native names are accepted too.
 """
 
 import os
@@ -165,7 +165,8 @@ COCO_LISTS = {"train2017": "Coco164kFull_Stuff_Coarse.txt",
 COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017",
                "val2017": "val2017"}
 POTSDAM_SPLITS = {
-    "train": ("unlabelled_train", "labelled_train"),
+    "train": ("labelled_train",),
+    "train+unlabelled": ("unlabelled_train", "labelled_train"),
     "val": ("labelled_test",),
     "train+val": ("unlabelled_train", "labelled_train", "labelled_test"),
     "labelled_train": ("labelled_train",),
