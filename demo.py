@@ -2,7 +2,8 @@
 
 Writes a synthetic Cityscapes-layout data set, evaluates the untrained model, trains with
 ``experiment=demo``, evaluates the best checkpoint (flip + dense CRF) and prints both metric
-sets and where everything went. Extra ``key=value`` arguments override the training config.
+sets and where everything went. Extra ``key=value`` arguments override the training config;
+``crf_backend=`` / ``crf_workers=`` go to the evaluation (e.g. ``python demo.py crf_backend=torch``).
 """
 
 import shutil
@@ -12,16 +13,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
-from torch.utils.data import DataLoader
 
-from smooseg.backbone import official_weights, weights_cache_path
-from smooseg.checkpoints import load_module
-from smooseg.crf import CRFPool
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.evaluate import eval_dataset, evaluate
-from smooseg.report import write_report
-from smooseg.training import build_module, train
+from smooseg.eval.evaluate import run_eval
+from smooseg.model.checkpoints import load_net
+from smooseg.model.weights import official_weights, weights_cache_path
+from smooseg.train.train import build_module, train
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "demo_output"
@@ -45,8 +43,13 @@ def headline(metrics):
     return f"mIoU {metrics['mIoU']:6.2f}   Accuracy {metrics['Accuracy']:6.2f}"
 
 
+EVAL_KEYS = ("crf_backend=", "crf_workers=")  # overrides for the evaluation, not the training
+
+
 def main(overrides):
     start = time.time()
+    eval_overrides = [o for o in overrides if o.startswith(EVAL_KEYS)]
+    overrides = [o for o in overrides if not o.startswith(EVAL_KEYS)]
     data_dir = OUT / "data"
     if not (data_dir / "cityscapes").is_dir():
         write_cityscapes_layout(data_dir, **SCENES)
@@ -57,25 +60,17 @@ def main(overrides):
         print("No DINO weights found: using a random-init backbone (demo only)")
         cfg = compose_config("train", base + ["model.pretrained=false"] + list(overrides))
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    eval_cfg = compose_config("eval", ["model_paths=[]", f"data_dir={data_dir}",
-                                       f"output_dir={OUT / 'eval'}", "device=cpu", "n_images=4"])
+    eval_cfg = compose_config("eval", ["model_paths=[]", f"data_dir={data_dir}", f"output_dir={OUT / 'eval'}",
+                                       "device=cpu", "n_images=4", "report=true", *eval_overrides])
 
     pl.seed_everything(int(cfg.seed), workers=True)
     untrained = build_module(cfg)  # the same initial weights train() starts from
-    with CRFPool(num_workers=eval_cfg.crf_workers, timeout=float(eval_cfg.crf_timeout)) as pool:
-        def run(module, name):
-            loader = DataLoader(eval_dataset(eval_cfg, module), batch_size=int(eval_cfg.batch_size))
-            print(f"== evaluating the {name} model (flip + CRF)")
-            out = Path(eval_cfg.output_dir) / name
-            metrics = evaluate(module, loader, crf_pool=pool, flip=True, n_images=int(eval_cfg.n_images),
-                               output_dir=out, device="cpu")
-            write_report(out / "metrics.json")  # per-class IoU chart, confusion heatmap, example grid
-            return metrics
-
-        before = run(untrained, "untrained")
-        print(f"== training: {cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.res} px")
-        result = train(cfg)
-        after = run(load_module(result["best"]), "trained")
+    print("== evaluating the untrained model (flip + CRF)")
+    (before,) = run_eval(eval_cfg, models=[("untrained", untrained.net, dict(untrained.hparams))])
+    print(f"== training: {cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.res} px")
+    result = train(cfg)
+    print("== evaluating the trained model (flip + CRF)")
+    (after,) = run_eval(eval_cfg, models=[("trained", *load_net(result["best"]))])
 
     print("\n== SmooSeg demo summary (synthetic val set, flip + CRF)")
     print(f"untrained: {headline(before)}")

@@ -13,7 +13,7 @@ from smooseg.cli import prepare_argv, report_errors
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 @report_errors
 def main(cfg):
-    from smooseg.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
+    from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
 
     run_eval(cfg)
 

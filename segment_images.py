@@ -8,7 +8,7 @@ plus a legend when metrics_json=<eval metrics.json> is given. Config: configs/se
 import hydra
 
 from smooseg.cli import prepare_argv, report_errors
-from smooseg.segment import run_segment
+from smooseg.eval.segment import run_segment
 
 
 @hydra.main(config_path="configs", config_name="segment", version_base="1.3")

@@ -13,7 +13,7 @@ from smooseg.cli import prepare_argv, report_errors
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @report_errors
 def main(cfg):
-    from smooseg.training import train  # heavy imports only once a run starts (not for --cfg/--help)
+    from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
     train(cfg)
 

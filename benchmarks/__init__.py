@@ -5,7 +5,6 @@ switched off, in one process, prints a table with the ratios and the machine, an
 numbers as JSON with ``--json PATH``.  This module holds what both scripts share.
 """
 
-import json
 import os
 import platform
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from smooseg.errors import SmoosegError, atomic_write
+from smooseg.errors import SmoosegError
+from smooseg.io import write_json
 
 
 def cpu_name():
@@ -150,14 +150,6 @@ def format_table(headers, rows):
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(headers), "-" * len(line(headers))] + [line(r) for r in rows])
-
-
-def write_json(data, path):
-    """Write ``data`` as indented JSON, atomically; returns the path."""
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
-    return path
 
 
 def bench_main(parse_args, run, report, argv=None):

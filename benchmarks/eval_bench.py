@@ -1,4 +1,4 @@
-"""Evaluation benchmark: no CRF, serial in-process CRF, pipelined CRF pool — one process.
+"""Evaluation benchmark: no CRF, serial in-process CRF, pipelined CRF pool, torch CRF — one process.
 
     python -m benchmarks.eval_bench --images 48 --size 96 192 --res 96 --batch 8 --patch 16
 
@@ -8,14 +8,16 @@ cores the pipelined loop needs at least (N + C) / c seconds, N and C being the C
 the network and the CRF, against N_wall + C for the serial loop.  ViT-S/16 at 96 px (the
 default) keeps the CPU network cheaper than the CRF; ``--patch 8`` shows the network-bound case.
 
-All three run :func:`smooseg.evaluate.evaluate` over the same synthetic Cityscapes-layout
+All three run :func:`smooseg.eval.evaluate.evaluate` over the same synthetic Cityscapes-layout
 validation split with a random-init backbone (flip averaging on):
 
 * ``no CRF``: the network alone;
 * ``CRF serial``: ``CRFPool(num_workers=0)``, each batch's CRF runs in-process before the next
   batch (the non-pipelined loop);
 * ``CRF pipelined``: ``CRFPool(num_workers=--crf-workers)``; batch n's CRF runs in worker
-  processes while batch n+1 goes through the network.
+  processes while batch n+1 goes through the network;
+* ``CRF torch``: the PyTorch dense CRF (``crf_backend=torch``) on the evaluation device, a batch
+  at a time right after the network.
 
 The three runs alternate ``--repeats`` times and each keeps its fastest (background load hits
 them alike).  Reported: wall clock for the split, images/s, CRF busy time and pool utilisation
@@ -32,15 +34,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import bench_main, describe_machine, format_table, machine, resolve_device, sync
-from smooseg.crf import CRFPool, resolve_workers
-from smooseg.data.datasets import build_dataset
+from benchmarks import PeakMemory, bench_main, describe_machine, format_table, machine, resolve_device, sync
+from smooseg.eval.crf_backend import TorchCRF
+from smooseg.eval.crf_pool import CRFPool, resolve_workers
+from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.evaluate import evaluate
-from smooseg.module import SmooSegModule
+from smooseg.eval.evaluate import evaluate
+from smooseg.model.net import NetConfig, SmooSegNet
 
-RUNS = ("no_crf", "crf_serial", "crf_pipelined")
+RUNS = ("no_crf", "crf_serial", "crf_pipelined", "crf_torch")
 
 
 def parse_args(argv=None):
@@ -101,6 +104,22 @@ class TimedCRFPool(CRFPool):
         return _TimedHandle(self, super()._run(timed_call, [(fn, args) for args in args_list]))
 
 
+class TimedTorchCRF(TorchCRF):
+    """A :class:`TorchCRF` that adds up how long its batches ran (``busy_s``)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.busy_s = 0.0
+
+    def submit(self, images, log_probs, labels=False):
+        sync(self.device)
+        start = time.perf_counter()
+        handle = super().submit(images, log_probs, labels=labels)
+        sync(self.device)
+        self.busy_s += time.perf_counter() - start
+        return handle
+
+
 def start_pool(workers, max_in_flight):
     """A started pool (every worker spawned and warm) and the seconds that took."""
     start = time.perf_counter()
@@ -112,19 +131,22 @@ def start_pool(workers, max_in_flight):
     return pool, time.perf_counter() - start
 
 
-def make_module(args, device):
+DATA = DatasetInfo(27, name="cityscapes")
+
+
+def make_net(args, device):
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=27, dataset_name="cityscapes", arch=args.family, model_type=args.arch,
-                           patch_size=args.patch, pretrained=False)
-    return module.to(device).eval()
+    net = SmooSegNet(NetConfig(DATA.n_classes, arch=args.family, model_type=args.arch, patch_size=args.patch),
+                     pretrained=False)
+    return net.to(device).eval()
 
 
-def timed_eval(module, loader, pool, args, device):
+def timed_eval(net, loader, pool, args, device):
     """(seconds for the whole split, metrics) of one evaluate() run."""
     sync(device)
     start = time.perf_counter()
-    result = evaluate(module, loader, crf_pool=pool, flip=not args.no_flip, device=device,
-                      precision=args.precision, show_progress=False)
+    result, _ = evaluate(net, loader, DATA, crf_pool=pool, flip=not args.no_flip, device=device,
+                         precision=args.precision, show_progress=False)
     sync(device)
     return time.perf_counter() - start, result
 
@@ -136,29 +158,36 @@ def run(args):
     if args.images < 1 or args.batch < 1 or args.crf_workers < 1 or args.repeats < 1:
         raise SmoosegError("--images, --batch, --crf-workers and --repeats must be >= 1")
     device = resolve_device(args.device)
-    module = make_module(args, device)
+    net = make_net(args, device)
     best, metrics = {}, {}
     with tempfile.TemporaryDirectory(prefix="smooseg_eval_bench_") as root:
         write_cityscapes_layout(root, n_train=1, n_val=args.images, size=tuple(args.size), seed=0)
         dataset = build_dataset("cityscapes", root, "val", args.res, crop="center")
         loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=0)
         with torch.no_grad():  # warm the network up (first-call allocations, kernel selection)
-            module.cluster_log_probs(next(iter(loader))["img"].to(device), flip=not args.no_flip)
+            net(next(iter(loader))["img"].to(device), flip=not args.no_flip)
         pool, startup = start_pool(args.crf_workers, args.max_in_flight)
-        pools = {"no_crf": None, "crf_serial": TimedCRFPool(num_workers=0), "crf_pipelined": pool}
+        pools = {"no_crf": None, "crf_serial": TimedCRFPool(num_workers=0), "crf_pipelined": pool,
+                 "crf_torch": TimedTorchCRF(device)}
+        memory = PeakMemory(device)
         try:
             for _ in range(args.repeats):
                 for name in RUNS:
                     crf_pool = pools[name]
                     busy_before = crf_pool.busy_s if crf_pool is not None else 0.0
-                    wall, metrics[name] = timed_eval(module, loader, crf_pool, args, device)
+                    with memory.track(name):
+                        wall, metrics[name] = timed_eval(net, loader, crf_pool, args, device)
                     if name not in best or wall < best[name]["wall_s"]:
                         best[name] = {"wall_s": wall, "workers": crf_pool.num_workers if crf_pool else 0}
                         if crf_pool is not None:
                             best[name]["busy_s"] = crf_pool.busy_s - busy_before
         finally:
             pool.close()
+            memory.close()
     best["crf_serial"]["workers"] = 1  # in-process: the main process is the one CRF worker
+    best["crf_torch"]["workers"] = 1  # the main process (CPU threads) or the GPU
+    for name in RUNS:
+        best[name]["peak_mem_mb"] = round(memory.peaks.get(name, 0) / 2**20, 1)
     best["crf_pipelined"]["pool_startup_s"] = round(startup, 3)
     n = len(dataset)
     for entry in best.values():
@@ -168,7 +197,7 @@ def run(args):
             entry["pool_utilisation"] = round(entry["busy_s"] / (entry["workers"] * entry["wall_s"]), 3)
             entry["busy_s"] = round(entry["busy_s"], 3)
         entry["wall_s"] = round(entry["wall_s"], 3)
-    serial, piped = metrics["crf_serial"], metrics["crf_pipelined"]
+    serial, piped, lattice = metrics["crf_serial"], metrics["crf_pipelined"], metrics["crf_torch"]
     return {
         "benchmark": "eval", "machine": machine(device),
         "settings": {"family": args.family, "arch": args.arch, "patch": args.patch, "images": n,
@@ -178,7 +207,10 @@ def run(args):
         "runs": {name: best[name] for name in RUNS},
         "ratios": {"pipelined_vs_serial_wall": round(best["crf_pipelined"]["wall_s"]
                                                      / best["crf_serial"]["wall_s"], 3),
-                   "serial_vs_no_crf_wall": round(best["crf_serial"]["wall_s"] / best["no_crf"]["wall_s"], 3)},
+                   "serial_vs_no_crf_wall": round(best["crf_serial"]["wall_s"] / best["no_crf"]["wall_s"], 3),
+                   "torch_vs_pipelined_wall": round(best["crf_torch"]["wall_s"]
+                                                    / best["crf_pipelined"]["wall_s"], 3)},
+        "torch_vs_pydensecrf": {key: round(abs(lattice[key] - serial[key]), 4) for key in ("mIoU", "Accuracy")},
         "same_results": serial["mIoU"] == piped["mIoU"] and serial["nocrf"] == piped["nocrf"]
         and metrics["no_crf"]["mIoU"] == serial["nocrf"]["mIoU"],
     }
@@ -186,13 +218,14 @@ def run(args):
 
 def report(results):
     s, runs, r = results["settings"], results["runs"], results["ratios"]
-    headers = ["run", "CRF workers", "wall s", "images/s", "CRF ms/image", "pool utilisation"]
+    headers = ["run", "CRF workers", "wall s", "images/s", "CRF ms/image", "pool utilisation", "peak MB"]
     rows = []
     for name in RUNS:
         e = runs[name]
         rows.append([name, str(e["workers"]), f"{e['wall_s']:.2f}", f"{e['images_per_s']:.2f}",
                      f"{e['crf_ms_per_image']:.1f}" if "crf_ms_per_image" in e else "-",
-                     f"{e['pool_utilisation']:.0%}" if "pool_utilisation" in e else "-"])
+                     f"{e['pool_utilisation']:.0%}" if "pool_utilisation" in e else "-",
+                     f"{e['peak_mem_mb']:.0f}"])
     ratio = r["pipelined_vs_serial_wall"]
     return "\n".join([
         f"eval benchmark: {s['family']} {s['arch']}/{s['patch']}, {s['images']} images {s['size'][0]}x"
@@ -203,7 +236,10 @@ def report(results):
         f"pool start-up (once per run, not in the wall clock): {runs['crf_pipelined']['pool_startup_s']:.2f} s",
         f"ratio wall clock pipelined / serial = {ratio:.2f} (target <= 0.70: {'met' if ratio <= 0.7 else 'MISSED'})"
         f"; serial CRF / no CRF = {r['serial_vs_no_crf_wall']:.2f}",
-        f"same metrics serial vs pipelined: {results['same_results']}",
+        f"same metrics serial vs pipelined: {results['same_results']}; torch CRF vs pydensecrf: "
+        f"|d mIoU| {results['torch_vs_pydensecrf']['mIoU']:.3f}, |d Accuracy| "
+        f"{results['torch_vs_pydensecrf']['Accuracy']:.3f} (bound 0.05); wall torch / pipelined = "
+        f"{r['torch_vs_pipelined_wall']:.2f}",
     ])
 
 

@@ -31,11 +31,13 @@ from torch.utils.data import DataLoader
 
 from benchmarks import (PeakMemory, Stopwatch, bench_main, describe_machine, format_table, machine,
                         resolve_device)
-from smooseg.data.datasets import build_dataset
+from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.feature_cache import open_or_build, resolve_backbone_dtype
-from smooseg.module import SmooSegModule
+from smooseg.model.net import NetConfig, SmooSegNet
+from smooseg.runtime import autocast_dtype
+from smooseg.train.feature_cache import open_or_build
+from smooseg.train.module import SmooSegModule
 
 CONFIGS = ("unoptimised", "optimised", "compiled", "cached")
 PHASES = ("data", "backbone", "heads_loss", "optimiser")
@@ -66,9 +68,8 @@ def parse_args(argv=None):
 
 def make_module(args, device):
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=27, dataset_name="cityscapes", arch=args.family, model_type=args.arch,
-                           patch_size=args.patch, pretrained=False)
-    return module.to(device).train()
+    net = SmooSegNet(NetConfig(27, arch=args.family, model_type=args.arch, patch_size=args.patch), pretrained=False)
+    return SmooSegModule(net, DatasetInfo(27, name="cityscapes")).to(device).train()
 
 
 def endless(loader):
@@ -89,10 +90,11 @@ def configure(module, config, args):
     cosine-correlation and loss math stays float32 inside).
     """
     optimised = config != "unoptimised"
-    module.backbone.set_fused_attn(optimised)
-    module.hparams.backbone_precision = args.precision if optimised else "32"
-    module.hparams.compile = config == "compiled" or (config == "cached" and best_uncached(args) == "compiled")
-    return resolve_backbone_dtype(args.precision, module.device) if optimised else None
+    module.net.backbone.set_fused_attn(optimised)
+    module.net.backbone_precision = args.precision if optimised else "32"
+    module.compile = config == "compiled" or (config == "cached" and best_uncached(args) == "compiled")
+    module.net.compile_backbone = module.compile
+    return autocast_dtype(args.precision, module.device) if optimised else None
 
 
 def best_uncached(args):
@@ -116,7 +118,7 @@ def train_step(module, optimizer, batches, dtype, watch):
     with watch.phase("optimiser"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        module.predictor.ema_update(module.hparams.ema_alpha)
+        module.net.predictor.ema_update(module.loss_config.ema_alpha)
     return float(losses["total"].detach())
 
 
@@ -126,7 +128,7 @@ def build_data(args, root, module, device):
     write_cityscapes_layout(root, n_train=n_images, n_val=1, size=(args.res, 2 * args.res), seed=0)
     images = build_dataset("cityscapes", root, "train", args.res, crop="center")
     start = time.perf_counter()
-    cached = open_or_build(images, module.backbone, Path(root) / "feature_cache", "cityscapes", "train",
+    cached = open_or_build(images, module.net.backbone, Path(root) / "feature_cache", "cityscapes", "train",
                            args.res, "center", "nearest", dtype=args.cache_dtype, batch_size=args.batch,
                            device=device, precision=args.precision, progress=True)
     build_s = time.perf_counter() - start
@@ -190,7 +192,7 @@ def run(args):
 
 
 def targets(results):
-    """Issue #6 CPU targets, checked when the run used their settings."""
+    """The CPU performance targets, checked when the run used their settings."""
     s, r = results["settings"], results["ratios"]
     if results["machine"]["gpu"] is not None or any(s[k] != v for k, v in TARGET_SETTINGS.items()):
         return ["targets: not checked (they are stated for CPU, ViT-S/8, 112 px, batch 8)"]

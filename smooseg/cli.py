@@ -125,7 +125,10 @@ def prepare_argv():
     syntax) as one ``error:`` line with exit status 2, like the entry points' own errors.
     """
     sys.argv[1:] = translate_args(sys.argv[1:])
-    import hydra._internal.utils as hydra_utils  # the function hydra.main reports errors through
+    # Hydra 1.3 has no public hook for errors raised while it composes the config (its callbacks
+    # start after composition, HYDRA_FULL_ERROR only toggles the traceback), so the one function
+    # hydra.main reports them through is wrapped here, and only here.
+    import hydra._internal.utils as hydra_utils
 
     if not getattr(hydra_utils.run_and_report, "one_line_config_errors", False):
         hydra_utils.run_and_report = _one_line_config_errors(hydra_utils.run_and_report)

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from smooseg.errors import SmoosegError, atomic_write
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
 
 # Official Cityscapes colours for labelIds 7..33 (the 27 classes, in class order).
 CITYSCAPES_COLORS = [

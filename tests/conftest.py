@@ -58,3 +58,13 @@ def trained_run(synthetic_data, tmp_path_factory):
         "data_dir": Path(synthetic_data), "output_dir": output_dir, "overrides": overrides,
         "best": best[0] if best else None, "last": checkpoints / "last.ckpt",
     }
+
+
+def make_module(pretrained=False, **options):
+    """A SmooSegModule from flat options: the field names of NetConfig (``n_classes`` +
+    ``extra_clusters`` clusters, ``linear_probe``), DatasetInfo (``dataset_name``), LossConfig,
+    OptimConfig and the module's own keywords; random-init backbone unless ``pretrained``."""
+    from smooseg.model.checkpoints import grouped_from_flat
+    from smooseg.train.module import SmooSegModule
+
+    return SmooSegModule.from_hparams(grouped_from_flat(options), pretrained=pretrained)

@@ -1,4 +1,4 @@
-"""Tests for the frozen ViT backbone (SPEC section 1): shapes, features, freezing, weights."""
+"""Tests for the frozen ViT backbone (docs/method.md §1): shapes, features, freezing, weights."""
 
 import functools
 import http.server
@@ -10,8 +10,10 @@ import timm
 import torch
 from torch import nn
 
-from smooseg import backbone as bb
-from smooseg.backbone import ARCHS, Backbone, load_official_state_dict, official_weights, timm_name
+from smooseg.model import backbone as bb
+from smooseg.model import weights
+from smooseg.model.backbone import Backbone
+from smooseg.model.weights import ARCHS, load_official_state_dict, official_weights, timm_name
 from smooseg.errors import SmoosegError
 
 WIDTH = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant": 1536}
@@ -261,7 +263,7 @@ def test_download_into_hub_cache(shallow, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     filename, _ = official_weights("dino", "vit_small", 16)
     cache = tmp_path / "torch" / "hub" / "checkpoints" / filename
-    assert bb.weights_cache_path(filename) == cache
+    assert weights.weights_cache_path(filename) == cache
 
     src, sd = _source(shallow)
     serve = tmp_path / "serve"

@@ -1,4 +1,4 @@
-"""Bad inputs through the real entry points (issue #5 item 3), one table.
+"""Bad inputs through the real entry points , one table.
 
 Each row builds a bad situation in ``tmp_path``, runs an entry point script as ``python
 <script> <args>`` would (``runpy`` with ``sys.argv``, in this process to save the start-up
@@ -20,9 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
-from smooseg.module import SmooSegModule
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +51,8 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     data = write_cityscapes_layout(root / "data", n_train=4, n_val=2, size=(32, 64), seed=0)
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=27, dataset_name="cityscapes", model_type="vit_small",
-                           patch_size=16, pretrained=False, eval_res=32)
+    module = make_module(n_classes=27, dataset_name="cityscapes", model_type="vit_small",
+                         patch_size=16, eval_res=32)
     ckpt = root / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "epoch": 0, "global_step": 0}, ckpt)
@@ -147,7 +146,7 @@ def text_file_checkpoint(tmp, pristine):
 def other_architecture_checkpoint(tmp, pristine):
     """The valid checkpoint with its projector cut to 32 channels: the hparams say 64."""
     ckpt = torch.load(pristine["ckpt"], map_location="cpu", weights_only=True)
-    ckpt["state_dict"]["projector.linear.weight"] = ckpt["state_dict"]["projector.linear.weight"][:32]
+    ckpt["state_dict"]["net.projector.linear.weight"] = ckpt["state_dict"]["net.projector.linear.weight"][:32]
     path = tmp / "other.ckpt"
     torch.save(ckpt, path)
     return {"data": pristine["data"], "ckpt": path}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, make_module
 
 PHASES = ("data_ms", "backbone_ms", "heads_loss_ms", "optimiser_ms")
 
@@ -59,10 +59,12 @@ def test_eval_bench_runs_and_writes_json(tmp_path, capsys):
     assert "crf_pipelined" in printed and "GPU:" in printed
     results = json.loads(out.read_text())
     runs = results["runs"]
-    assert set(runs) == {"no_crf", "crf_serial", "crf_pipelined"}
+    assert set(runs) == {"no_crf", "crf_serial", "crf_pipelined", "crf_torch"}
     assert results["settings"]["images"] == 3 and results["same_results"] is True
-    for name in ("crf_serial", "crf_pipelined"):
+    for name in ("crf_serial", "crf_pipelined", "crf_torch"):
         assert runs[name]["busy_s"] > 0 and 0 < runs[name]["pool_utilisation"] <= 1.0
+        assert runs[name]["peak_mem_mb"] > 0
+    assert results["torch_vs_pydensecrf"]["mIoU"] <= 0.05 and "torch CRF vs pydensecrf" in printed
 
 
 class ListLoader(list):
@@ -109,19 +111,18 @@ def test_evaluation_pipelines_the_crf(finished):
     """Batch n's CRF is submitted before batch n+1 is computed and consumed in order, never
     before it is done; torch gets every core while no CRF job runs, and only the cores the busy
     CRF workers leave while they run."""
-    from smooseg.crf import available_cores
-    from smooseg.evaluate import evaluate
-    from smooseg.module import SmooSegModule
-
+    from smooseg.eval.crf_pool import available_cores
+    from smooseg.eval.evaluate import evaluate
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=3, patch_size=16, pretrained=False)
+    module = make_module(n_classes=3, patch_size=16)
     log = []
-    module.backbone.register_forward_hook(  # flip=False: one backbone call per batch
+    module.net.backbone.register_forward_hook(  # flip=False: one backbone call per batch
         lambda *_: log.append(("network", sum(e[0] == "network" for e in log))))
     data = [{"img": torch.randn(2, 3, 32, 32), "label": torch.randint(-1, 3, (2, 32, 32))} for _ in range(3)]
     pool = RecordingPool(log, finished)
     before = torch.get_num_threads()
-    result = evaluate(module, ListLoader(data), crf_pool=pool, flip=False, show_progress=False)
+    result, _ = evaluate(module.net, ListLoader(data), module.data, crf_pool=pool, flip=False,
+                         show_progress=False)
     assert torch.get_num_threads() == before
     all_cores, beside_two = min(before, available_cores()), max(1, min(before, available_cores() - 2))
     assert pool.threads == [all_cores] * 3 if finished else [all_cores, beside_two, beside_two]

@@ -8,17 +8,18 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import run_script, train_config
-from smooseg.checkpoints import load_module, read_checkpoint
+from smooseg.model import backbone
+from smooseg.model.checkpoints import load_net, read_checkpoint
 from smooseg.errors import SmoosegError
-from smooseg.training import build_datasets
+from smooseg.train.datamodule import build_datasets
 
-# Native module name -> reference release name (SPEC §9).
+# Native module name -> reference release name (docs/method.md section 9).
 TO_REFERENCE = (
-    ("backbone.model.", "net.model."),
-    ("projector.linear.", "projection.cluster1.0."),
-    ("projector.nonlinear.", "projection.cluster2."),
-    ("predictor.student", "prediction.local_clusters"),
-    ("predictor.teacher", "prediction.global_clusters"),
+    ("net.backbone.model.", "net.model."),
+    ("net.projector.linear.", "projection.cluster1.0."),
+    ("net.projector.nonlinear.", "projection.cluster2."),
+    ("net.predictor.student", "prediction.local_clusters"),
+    ("net.predictor.teacher", "prediction.global_clusters"),
 )
 
 
@@ -29,8 +30,15 @@ def to_reference_key(key):
     raise AssertionError(f"unmapped key {key}")
 
 
+def flat(hp):
+    """The grouped hyper-parameters of a native checkpoint as one flat dict."""
+    return {**hp["net"], **hp["loss"], **hp["optim"], "dataset_name": hp["data"]["name"],
+            "n_classes": hp["data"]["n_classes"], "extra_clusters": hp["net"]["n_clusters"] - hp["data"]["n_classes"]}
+
+
 def reference_cfg(hp):
     """A training cfg as the reference release stores it (OmegaConf DictConfig)."""
+    hp = flat(hp) if "net" in hp else hp
     return OmegaConf.create({
         "output_root": "outputs/", "data_dir": "data/", "experiment_name": "exp1",
         "num_workers": 8, "max_steps": 3000, "batch_size": 32, "dataset_name": hp["dataset_name"],
@@ -61,7 +69,7 @@ def reference_file(native, tmp_path_factory):
         "state_dict": {to_reference_key(k): v for k, v in native["state_dict"].items()},
         "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
         "hparams_name": "kwargs",
-        "hyper_parameters": {"n_classes": hp["n_classes"], "cfg": reference_cfg(hp)},
+        "hyper_parameters": {"n_classes": hp["data"]["n_classes"], "cfg": reference_cfg(hp)},
     }, path)
     return path
 
@@ -72,30 +80,35 @@ def val_batch(trained_run):
     return torch.stack([val_set[i]["img"] for i in range(4)])
 
 
-def test_native_round_trip(trained_run, native, val_batch):
+def test_native_round_trip(trained_run, native, val_batch, monkeypatch):
     # the file itself needs no allow-listing: plain weights-only unpickling reads it
     torch.load(trained_run["last"], map_location="cpu", weights_only=True)
-    module = load_module(trained_run["last"])
-    assert not module.training and module.hparams.pretrained is False
-    state = module.state_dict()
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("loading a checkpoint must not need the DINO weights file")
+
+    monkeypatch.setattr(backbone, "resolve_weights", no_weights)
+    net, hparams = load_net(trained_run["last"])
+    assert not net.training and hparams["data"]["name"] == "cityscapes"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
     assert state.keys() == native["state_dict"].keys()
     assert all(torch.equal(state[k], v) for k, v in native["state_dict"].items())
-    assert not any(p.requires_grad for p in module.backbone.parameters())
+    assert not any(p.requires_grad for p in net.backbone.parameters())
     with torch.no_grad():
-        assert module.cluster_log_probs(val_batch).shape == (4, 27, 64, 64)
+        assert net(val_batch).shape == (4, 27, 64, 64)
 
 
 def test_reference_layout_gives_identical_predictions(trained_run, reference_file, val_batch):
     with pytest.raises(pickle.UnpicklingError):  # what PyTorch >= 2.6 does with such files by default
         torch.load(reference_file, map_location="cpu")
-    ours, theirs = load_module(trained_run["last"]), load_module(reference_file)
-    assert theirs.hparams.dataset_name == "cityscapes" and theirs.hparams.n_classes == 27
-    assert theirs.hparams.pos_intra_shift == ours.hparams.pos_intra_shift
-    assert theirs.hparams.ema_alpha == ours.hparams.ema_alpha
+    (ours, ours_hp), (theirs, theirs_hp) = load_net(trained_run["last"]), load_net(reference_file)
+    assert theirs_hp["data"]["name"] == "cityscapes" and theirs_hp["data"]["n_classes"] == 27
+    assert theirs_hp["loss"]["pos_intra_shift"] == ours_hp["loss"]["pos_intra_shift"]
+    assert theirs_hp["loss"]["ema_alpha"] == ours_hp["loss"]["ema_alpha"]
     with torch.no_grad():
         for flip in (False, True):
-            expected = ours.cluster_log_probs(val_batch, flip=flip)
-            assert torch.equal(theirs.cluster_log_probs(val_batch, flip=flip), expected)
+            expected = ours(val_batch, flip=flip)
+            assert torch.equal(theirs(val_batch, flip=flip), expected)
 
 
 def test_reference_checkpoint_evaluates_like_native(trained_run, reference_file, tmp_path):
@@ -124,7 +137,7 @@ def test_code_in_pickle_is_refused_and_never_runs(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"x": Payload(str(marker))}},
                path)
     with pytest.raises(SmoosegError, match="refused.*open"):
-        load_module(path)
+        load_net(path)
     assert not marker.exists()
     # the payload is live: an unsafe load would have run it
     torch.load(path, weights_only=False)
@@ -142,30 +155,31 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"state_dict": {"projector.linear.weight": torch.zeros(1)}}, no_hparams)
     for path in (text, empty, a_list, no_hparams):
         with pytest.raises(SmoosegError, match="is not a SmooSeg checkpoint") as err:
-            load_module(path)
+            load_net(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     with pytest.raises(SmoosegError, match="not found"):
-        load_module(tmp_path / "absent.ckpt")
+        load_net(tmp_path / "absent.ckpt")
 
 
 def test_architecture_mismatch_names_key_and_shapes(native, tmp_path):
-    broken = dict(native, hyper_parameters=dict(native["hyper_parameters"], dim=32))
+    hp = native["hyper_parameters"]
+    broken = dict(native, hyper_parameters=dict(hp, net=dict(hp["net"], dim=32)))
     path = tmp_path / "dim32.ckpt"
     torch.save(broken, path)
     shapes = r"projector\.linear\.weight.*\(64, 384, 1, 1\) in the file.*\(32, 384, 1, 1\) in the model"
     with pytest.raises(SmoosegError, match=shapes):
-        load_module(path)
+        load_net(path)
     truncated = dict(native, state_dict={k: v for k, v in native["state_dict"].items()
-                                         if k != "predictor.teacher"})
+                                         if k != "net.predictor.teacher"})
     torch.save(truncated, path)
     with pytest.raises(SmoosegError, match="missing predictor.teacher"):
-        load_module(path)
+        load_net(path)
 
 
 def test_reference_backbone_mismatch(native, tmp_path):
-    hp = dict(native["hyper_parameters"], model_type="vit_base")
+    hp = dict(flat(native["hyper_parameters"]), model_type="vit_base")
     path = tmp_path / "ref_base.ckpt"
     torch.save({"state_dict": {to_reference_key(k): v for k, v in native["state_dict"].items()},
                 "hyper_parameters": {"n_classes": 27, "cfg": reference_cfg(hp)}}, path)
     with pytest.raises(SmoosegError, match="does not fit"):
-        load_module(path)
+        load_net(path)

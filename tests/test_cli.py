@@ -5,7 +5,8 @@ import textwrap
 import pytest
 
 from smooseg.cli import report_errors, translate_args
-from smooseg.errors import SmoosegError, atomic_write
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
 
 
 @pytest.mark.parametrize(

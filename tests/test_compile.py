@@ -2,27 +2,26 @@
 
 import torch
 
-from smooseg.module import SmooSegModule
+from conftest import make_module
 
 
 def test_compiled_training_matches_eager():
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16,
-                           pretrained=False, dropout=False, compile=False)
+    module = make_module(n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16,
+                         dropout=False, compile=False)
     batch = {"img": torch.randn(2, 3, 32, 32)}
     torch.manual_seed(1)
     eager_feats = module.features(batch)
     eager = module.training_losses(eager_feats)
-    module.hparams.compile = True
+    module.compile = module.net.compile_backbone = True
     torch.manual_seed(1)
     feats = module.features(batch)
     compiled = module.training_losses(feats)
-    assert set(module._compiled) == {"backbone", "losses"}
+    assert set(module.net._compiled) == {"backbone"} and module._compiled_losses is not None
     torch.testing.assert_close(feats, eager_feats, rtol=1e-4, atol=1e-4)
     for key in ("total", "smooth", "data"):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
     compiled["total"].backward()
-    assert module.predictor.student.grad is not None and module.projector.linear.weight.grad is not None
-    assert set(module.state_dict()) == set(SmooSegModule(
-        n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16,
-        pretrained=False).state_dict())
+    assert module.net.predictor.student.grad is not None and module.net.projector.linear.weight.grad is not None
+    assert set(module.state_dict()) == set(make_module(
+        n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16).state_dict())

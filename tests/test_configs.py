@@ -1,4 +1,4 @@
-"""Hydra configs: every group option and preset composes, presets hold SPEC §8, both override styles."""
+"""Hydra configs: every group option and preset composes, presets hold the published settings (docs/method.md §8), both override styles."""
 
 import pytest
 import yaml
@@ -11,7 +11,7 @@ from smooseg.cli import translate_args
 
 CONFIGS = ROOT / "configs"
 
-# SPEC §8: dataset, (arch, model_type, patch), res, eval_res, batch, pos_intra_shift, neg_inter_shift, seed
+# docs/method.md §8: dataset, (arch, model_type, patch), res, eval_res, batch, pos_intra_shift, neg_inter_shift, seed
 PUBLISHED = {
     "cocostuff27_vits8": ("cocostuff27", ("dino", "vit_small", 8), 224, 320, 32, -0.02, 0.48, 123456),
     "cityscapes_vits8": ("cityscapes", ("dino", "vit_small", 8), 224, 320, 32, -0.02, 0.5, 0),

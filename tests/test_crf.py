@@ -1,4 +1,4 @@
-"""Dense CRF (SPEC §5) and the CRF process pool."""
+"""Dense CRF (docs/method.md §5) and the CRF process pool."""
 
 import math
 import os
@@ -12,7 +12,9 @@ import pytest
 import torch
 from pydensecrf.utils import unary_from_softmax
 
-from smooseg.crf import CRFPool, dense_crf, to_uint8_image
+from smooseg.data.transforms import to_uint8_image
+from smooseg.eval.crf import dense_crf
+from smooseg.eval.crf_pool import CRFPool
 from smooseg.errors import SmoosegError
 
 
@@ -106,7 +108,7 @@ def test_bad_inputs_raise():
         with pytest.raises(SmoosegError):
             CRFPool(**kwargs)
     with pytest.raises(SmoosegError):
-        CRFPool().map([np.zeros((8, 8, 3), np.uint8)], [])
+        CRFPool().submit([np.zeros((8, 8, 3), np.uint8)], []).result()
 
 
 def _batches(n_batches=4, batch=3):
@@ -121,13 +123,13 @@ def test_serial_pool_spawns_no_process():
     before = set(multiprocessing.active_children())
     with CRFPool(num_workers=0) as pool:
         images, log_probs = _batches(1)[0]
-        result = pool.map(images, log_probs)
+        result = pool.submit(images, log_probs).result()
         assert pool._executor is None
         assert set(multiprocessing.active_children()) == before
     for q, img, lp in zip(result, images, log_probs):
         np.testing.assert_array_equal(q, dense_crf(img, lp))
     with pytest.raises(SmoosegError, match="closed"):
-        pool.map(images, log_probs)
+        pool.submit(images, log_probs).result()
 
 
 def _assert_same_marginals(got, expected):
@@ -146,8 +148,9 @@ def test_worker_map_equals_serial(worker_pool):
     images, log_probs = _batches(1)[0]
     # float 3×H×W images are converted by to_uint8_image on the way in
     float_images = [torch.from_numpy(img).permute(2, 0, 1).float() / 255 + 1e-4 for img in images]
-    expected = CRFPool(0).map(images, log_probs)
-    for got in (worker_pool.map(images, log_probs), worker_pool.map(float_images, log_probs)):
+    expected = CRFPool(0).submit(images, log_probs).result()
+    for got in (worker_pool.submit(images, log_probs).result(),
+                worker_pool.submit(float_images, log_probs).result()):
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
             _assert_same_marginals(g, e)
@@ -180,7 +183,7 @@ def test_killed_worker_raises_instead_of_hanging():
         handle.result()
     assert time.monotonic() - start < 45
     with pytest.raises(SmoosegError, match="closed"):
-        pool.map(*_batches(1)[0])
+        pool.submit(*_batches(1)[0]).result()
     pool.close()
 
 
@@ -200,9 +203,9 @@ def test_slow_job_times_out_and_workers_are_killed():
 
 def test_labels_mode_returns_the_marginals_argmax(worker_pool):
     images, log_probs = _batches(1)[0]
-    marginals = CRFPool(0).map(images, log_probs)
+    marginals = CRFPool(0).submit(images, log_probs).result()
     for pool in (CRFPool(0), worker_pool):
-        labels = pool.map(images, log_probs, labels=True)
+        labels = pool.submit(images, log_probs, labels=True).result()
         for got, q in zip(labels, marginals):
             assert got.dtype == np.int16 and got.shape == q.shape[1:]
             np.testing.assert_array_equal(got, q.argmax(0))
@@ -227,7 +230,7 @@ def test_busy_workers_counts_running_jobs():
 
 
 def test_auto_workers_is_one_per_available_core(monkeypatch):
-    from smooseg import crf
+    from smooseg.eval import crf_pool as crf
 
     monkeypatch.setattr(crf, "available_cores", lambda: 6)
     assert crf.resolve_workers("auto") == 6 and crf.resolve_workers(0) == 0 and crf.resolve_workers(3) == 3
@@ -239,7 +242,7 @@ def test_auto_workers_is_one_per_available_core(monkeypatch):
 
 
 def test_workers_run_single_threaded_below_the_main_priority(worker_pool):
-    from smooseg.crf import WORKER_NICENESS
+    from smooseg.eval.crf_pool import WORKER_NICENESS
 
     assert worker_pool._run(os.nice, [(0,)]).result() == [min(19, os.nice(0) + WORKER_NICENESS)]
     assert worker_pool._run(torch.get_num_threads, [()]).result() == [1]

@@ -1,4 +1,4 @@
-"""Readers on synthetic instances of each real on-disk layout (SPEC §7)."""
+"""Readers on synthetic instances of each real on-disk layout (docs/method.md §7)."""
 
 import numpy as np
 import pytest

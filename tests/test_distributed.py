@@ -1,6 +1,6 @@
-"""Two-process DDP on CPU (gloo) through Lightning (issue #5 item 1).
+"""Two-process DDP on CPU (gloo) through Lightning.
 
-A small script composes the training config and calls ``smooseg.training.train`` with a callback
+A small script composes the training config and calls ``smooseg.train.train.train`` with a callback
 that makes every process save what it ends with; Lightning's DDP launcher starts the second process
 by re-running the script. Checked: both processes end with identical projector, student and
 teacher prototypes; the training loss log is the mean over processes; validation counts every one
@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, train_config
-from smooseg.checkpoints import load_module
+from smooseg.model.checkpoints import load_net
 from smooseg.data.synthetic import write_cityscapes_layout
-from smooseg.metrics import ClusterMetrics
-from smooseg.training import build_datasets
+from smooseg.eval.metrics import ClusterMetrics
+from smooseg.train.datamodule import build_datasets
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     from hydra import compose, initialize_config_dir
     from pytorch_lightning.callbacks import Callback
 
-    from smooseg.training import train
+    from smooseg.train.train import train
 
 
     class SaveRankState(Callback):
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent('''
             self.local_losses = []
 
         def on_train_start(self, trainer, module):
-            self.teacher_start = module.predictor.teacher.detach().clone()
+            self.teacher_start = module.net.predictor.teacher.detach().clone()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.local_losses.append(float(outputs["loss"]))
@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent('''
             torch.save({
                 "world_size": trainer.world_size,
                 "state": {k: v.detach().clone() for k, v in module.state_dict().items()
-                          if not k.startswith("backbone.")},
+                          if not k.startswith("net.backbone.")},
                 "teacher_start": self.teacher_start,
                 "local_losses": self.local_losses,
                 "confusion": self.confusion,
@@ -97,11 +97,11 @@ def test_processes_end_identical(ddp_run):
     r0, r1 = ddp_run["ranks"]
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["state"].keys() == r1["state"].keys()
-    assert {"predictor.student", "predictor.teacher", "projector.linear.weight"} <= r0["state"].keys()
+    assert {"net.predictor.student", "net.predictor.teacher", "net.projector.linear.weight"} <= r0["state"].keys()
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
     # the EMA did move the teacher (identically on both processes)
-    assert not torch.allclose(r0["state"]["predictor.teacher"], r0["teacher_start"])
+    assert not torch.allclose(r0["state"]["net.predictor.teacher"], r0["teacher_start"])
     assert torch.equal(r0["teacher_start"], r1["teacher_start"])
     # the saved checkpoint is that state
     saved = torch.load(ddp_run["last"], map_location="cpu", weights_only=True)
@@ -123,11 +123,11 @@ def test_validation_counts_each_image_once_and_matches_single_process(ddp_run):
     r0, r1 = ddp_run["ranks"]
     _, val_set = build_datasets(train_config(ddp_run["overrides"]))
     assert len(val_set) == 5
-    module = load_module(ddp_run["last"])
+    net, _ = load_net(ddp_run["last"])
     single = ClusterMetrics(27, 27)
     with torch.no_grad():
         for batch in DataLoader(val_set, batch_size=2):
-            preds = module.cluster_log_probs(batch["img"], batch["label"].shape[-2:]).argmax(1)
+            preds = net(batch["img"], batch["label"].shape[-2:]).argmax(1)
             single.update(preds, batch["label"])
     labelled = [int((val_set[i]["label"] >= 0).sum()) for i in range(5)]
     # process r took images r, r + 2, ...: 3 and 2 images, none twice

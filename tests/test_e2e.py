@@ -11,9 +11,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import run_script, train_config
-from smooseg.checkpoints import load_module
-from smooseg.evaluate import evaluate
-from smooseg.training import build_datasets, build_module
+from smooseg.data.datasets import DatasetInfo
+from smooseg.model.checkpoints import load_net
+from smooseg.eval.evaluate import evaluate
+from smooseg.train.datamodule import build_datasets
+from smooseg.train.train import build_module
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +29,7 @@ def test_training_writes_best_and_last_checkpoints(trained_run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = torch.load(trained_run["last"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 60  # last.ckpt is the final state (validated at max_steps)
-    assert ckpt["hyper_parameters"]["pretrained"] is False
+    assert ckpt["hyper_parameters"]["runtime"]["pretrained"] is False
 
 
 def _check_eval_dir(folder, n_images, size):
@@ -68,14 +70,29 @@ def test_eval_with_and_without_crf(trained_run, tmp_path):
     assert (128, 64, 128) in {tuple(c) for c in label.reshape(-1, 3)}  # Cityscapes road colour
 
 
+def test_crf_backends_give_the_same_metrics(trained_run, tmp_path):
+    """The torch CRF and pydensecrf through the real entry point: mIoU and Accuracy within 0.05."""
+    common = [f"model_paths=[{trained_run['last']}]", f"data_dir={trained_run['data_dir']}", "crf=true",
+              "n_images=0", "batch_size=4", "num_workers=0", "crf_workers=0"]
+    metrics = {}
+    for backend in ("pydensecrf", "torch"):
+        run_script("eval_segmentation.py", *common, f"crf_backend={backend}", f"output_dir={tmp_path / backend}")
+        metrics[backend] = json.loads((tmp_path / backend / "last" / "metrics.json").read_text())
+    for key in ("mIoU", "Accuracy"):
+        assert metrics["torch"][key] == pytest.approx(metrics["pydensecrf"][key], abs=0.05)
+        assert metrics["torch"]["nocrf"][key] == metrics["pydensecrf"]["nocrf"][key]
+    assert metrics["torch"]["mIoU"] != metrics["torch"]["nocrf"]["mIoU"]  # the CRF did change pixels
+
+
 def test_trained_beats_untrained(trained_run):
     cfg = train_config(trained_run["overrides"])
     pl.seed_everything(int(cfg.seed), workers=True)
     untrained = build_module(cfg)  # the initial weights of the training run
     _, val_set = build_datasets(cfg)
     loader = DataLoader(val_set, batch_size=8)
-    before = evaluate(untrained, loader, flip=True, show_progress=False)
-    after = evaluate(load_module(trained_run["last"]), loader, flip=True, show_progress=False)
+    before, _ = evaluate(untrained.net, loader, untrained.data, flip=True, show_progress=False)
+    trained, hparams = load_net(trained_run["last"])
+    after, _ = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=True, show_progress=False)
     assert after["mIoU"] > before["mIoU"] + 5.0, (before["mIoU"], after["mIoU"])
     assert after["Accuracy"] > before["Accuracy"] + 10.0, (before["Accuracy"], after["Accuracy"])
 

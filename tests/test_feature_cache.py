@@ -10,13 +10,15 @@ from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
-import smooseg.feature_cache as fc
+import smooseg.train.feature_cache as fc
 from conftest import ROOT
-from smooseg.backbone import Backbone
+from smooseg.model.backbone import Backbone, frozen_features
+from smooseg.runtime import autocast_dtype
 from smooseg.data.datasets import build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.training import build_dataloaders, build_module, train
+from smooseg.train.datamodule import build_datamodule
+from smooseg.train.train import build_module, train
 
 RES = 48  # ViT-S/16: a 3x3 patch grid
 
@@ -62,9 +64,9 @@ def train_losses(cfg, steps=5):
     """Loss of each of the first ``steps`` steps of a seeded run; also the backbone's call count."""
     pl.seed_everything(int(cfg.seed))
     module = build_module(cfg)
-    loader, _ = build_dataloaders(cfg, module)
+    loader = build_datamodule(cfg, module.net).train_dataloader()
     calls = []
-    handle = module.backbone.register_forward_hook(lambda *_: calls.append(1))
+    handle = module.net.backbone.register_forward_hook(lambda *_: calls.append(1))
     recorder = LossRecorder()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -168,30 +170,30 @@ def test_random_crops_are_refused(data_dir, backbone, tmp_path):
         build(data_dir, backbone, tmp_path, crop="random")
     cfg = train_config(data_dir, tmp_path, "cache.enabled=true", "dataset.train_crop=random")
     with pytest.raises(SmoosegError) as err:
-        build_dataloaders(cfg, build_module(cfg))
+        build_datamodule(cfg, build_module(cfg).net)
     assert "\n" not in str(err.value) and "dataset.train_crop=random" in str(err.value)
     assert not list(tmp_path.iterdir())
 
 
 def test_frozen_features_can_feed_trainable_heads(backbone):
     img = torch.randn(2, 3, 32, 32)
-    feats = fc.frozen_features(backbone, img, precision="32")
+    feats = frozen_features(backbone, img, precision="32")
     assert not feats.is_inference() and not feats.requires_grad and feats.dtype == torch.float32
     torch.testing.assert_close(feats, backbone(img), rtol=0, atol=0)
     head = torch.nn.Conv2d(384, 4, 1)
     head(feats).square().mean().backward()  # autograd may save the features for backward
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     with torch.inference_mode():
-        assert fc.frozen_features(backbone, img, precision="32").is_inference()  # no copy needed there
+        assert frozen_features(backbone, img, precision="32").is_inference()  # no copy needed there
 
 
 def test_backbone_precision_resolution():
-    assert fc.resolve_backbone_dtype("auto", "cpu") is None
-    assert fc.resolve_backbone_dtype("32", "cpu") is None
-    assert fc.resolve_backbone_dtype("bf16", "cpu") is torch.bfloat16
-    assert fc.resolve_backbone_dtype("16-mixed", "cpu") is torch.float16
-    with pytest.raises(SmoosegError, match="backbone precision=64"):
-        fc.resolve_backbone_dtype("64", "cpu")
+    assert autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("16-mixed", "cpu") is torch.float16
+    with pytest.raises(SmoosegError, match="precision=64 is unknown"):
+        autocast_dtype("64", "cpu")
 
 
 def test_cached_dataset_in_worker_processes(data_dir, backbone, tmp_path):
@@ -217,5 +219,5 @@ def test_train_entry_trains_from_the_cache_and_validates_on_images(data_dir, tmp
     assert "feature cache: 8 images × 384×3×3 float16" in capsys.readouterr().out
     assert result["best_mIoU"] is not None and 0 <= result["best_mIoU"] <= 100  # validated on images
     ckpt = torch.load(result["last"], map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["backbone_precision"] == "auto"
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["runtime"]["backbone_precision"] == "auto"
     assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from smooseg.errors import SmoosegError
-from smooseg.heads import PrototypePredictor, Projector
-from smooseg.losses import total_loss
+from smooseg.model.heads import PrototypePredictor, Projector
+from smooseg.model.losses import total_loss
 
 
 def test_projector_shapes_and_branches():

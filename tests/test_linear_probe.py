@@ -12,13 +12,15 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from conftest import ROOT
-from smooseg.checkpoints import load_module, read_checkpoint
+from smooseg.data.datasets import DatasetInfo
+from smooseg.model.checkpoints import load_net, read_checkpoint
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
-from smooseg.evaluate import evaluate, run_eval
-from smooseg.metrics import ClusterMetrics
-from smooseg.module import SmooSegModule
-from smooseg.training import build_dataloaders, build_datasets, build_module, train
+from smooseg.eval.evaluate import evaluate, run_eval
+from smooseg.eval.metrics import ClusterMetrics
+from conftest import make_module
+from smooseg.train.datamodule import build_datamodule, build_datasets
+from smooseg.train.train import build_module, train
 
 N_CLASSES = 3
 
@@ -75,8 +77,8 @@ class GradRecorder(Callback):
 
 def fit_tiny(probe, steps=3, **module_kwargs):
     pl.seed_everything(0)
-    module = SmooSegModule(n_classes=N_CLASSES, dataset_name="directory", model_type="vit_small",
-                           patch_size=16, pretrained=False, dim=16, linear_probe=probe, **module_kwargs)
+    module = make_module(n_classes=N_CLASSES, dataset_name="directory", model_type="vit_small",
+                         patch_size=16, dim=16, linear_probe=probe, **module_kwargs)
     recorder = GradRecorder()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -88,19 +90,19 @@ def fit_tiny(probe, steps=3, **module_kwargs):
 def test_probe_does_not_change_the_unsupervised_gradients_or_training():
     off, grads_off, _ = fit_tiny(probe=False)
     on, grads_on, trainer = fit_tiny(probe=True)
-    assert off.linear_probe is None and on.linear_probe is not None
+    assert off.net.linear_probe is None and on.net.linear_probe is not None
     assert len(grads_off) == len(grads_on) == 3
     for g_off, g_on in zip(grads_off, grads_on):
-        unsupervised = [k for k in g_on if not k.startswith("linear_probe.")]
+        unsupervised = [k for k in g_on if not k.startswith("net.linear_probe.")]
         assert sorted(unsupervised) == sorted(g_off)  # projector + student prototypes only
-        assert any(k.startswith("projector.") for k in g_off) and "predictor.student" in g_off
+        assert any(k.startswith("net.projector.") for k in g_off) and "net.predictor.student" in g_off
         for key in g_off:
             assert torch.equal(g_on[key], g_off[key]), key  # bit-identical (dropout on, same draws)
-        assert g_on["linear_probe.weight"].abs().sum() > 0  # the probe itself does learn
+        assert g_on["net.linear_probe.weight"].abs().sum() > 0  # the probe itself does learn
     # after three Adam steps + EMA the unsupervised state is still identical
     state_off = off.state_dict()
     for key, value in on.state_dict().items():
-        if not key.startswith("linear_probe."):
+        if not key.startswith("net.linear_probe."):
             assert torch.equal(value, state_off[key]), key
     optimiser = trainer.optimizers[0]
     assert [g["lr"] for g in optimiser.param_groups] == [1e-4, 5e-4, 5e-3]
@@ -108,10 +110,9 @@ def test_probe_does_not_change_the_unsupervised_gradients_or_training():
 
 
 def test_probe_is_off_by_default_and_not_in_the_state():
-    module = SmooSegModule(n_classes=N_CLASSES, model_type="vit_small", patch_size=16, pretrained=False,
-                           dim=16)
-    assert module.linear_probe is None and module.val_linear_metrics is None
-    assert not any(k.startswith("linear_probe") for k in module.state_dict())
+    module = make_module(n_classes=N_CLASSES, model_type="vit_small", patch_size=16, dim=16)
+    assert module.net.linear_probe is None and module.val_linear_metrics is None
+    assert not any("linear_probe" in k for k in module.state_dict())
     assert len(module.configure_optimizers().param_groups) == 2
     cfg = compose_cfg("train", [])
     assert cfg.linear_probe is False and cfg.optim.linear_lr == 5e-3 and cfg.hist_freq == 0
@@ -119,13 +120,12 @@ def test_probe_is_off_by_default_and_not_in_the_state():
 
 def test_probe_loss_is_cross_entropy_of_upsampled_logits():
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=N_CLASSES, model_type="vit_small", patch_size=16, pretrained=False,
-                           dim=4, linear_probe=True)
+    module = make_module(n_classes=N_CLASSES, model_type="vit_small", patch_size=16, dim=4, linear_probe=True)
     code = torch.randn(2, 4, 2, 2, requires_grad=True)
     label = torch.randint(-1, N_CLASSES, (2, 4, 4))
     label[0] = -1  # an unlabelled image counts for nothing
     loss = module.linear_probe_loss(code, label)
-    w, b = module.linear_probe.weight[:, :, 0, 0], module.linear_probe.bias
+    w, b = module.net.linear_probe.weight[:, :, 0, 0], module.net.linear_probe.bias
     logits = torch.nn.functional.interpolate(torch.einsum("kd,bdhw->bkhw", w, code) + b[:, None, None],
                                              size=(4, 4), mode="bilinear", align_corners=False)
     expected = torch.nn.functional.cross_entropy(logits, label, ignore_index=-1)
@@ -168,11 +168,11 @@ def test_probe_learns_and_is_validated(probe_run):
         assert 0.0 <= val[key] <= 100.0, key
     pl.seed_everything(int(cfg.seed), workers=True)
     untrained = build_module(cfg)  # same initial weights as the run (probe included)
-    trained = load_module(probe_run["last"])
+    trained, hparams = load_net(probe_run["last"])
     _, val_set = build_datasets(cfg)
     loader = DataLoader(val_set, batch_size=4)
-    before = evaluate(untrained, loader, flip=False, show_progress=False)["linear"]
-    after = evaluate(trained, loader, flip=False, show_progress=False)["linear"]
+    before = evaluate(untrained.net, loader, untrained.data, flip=False, show_progress=False)[0]["linear"]
+    after = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=False, show_progress=False)[0]["linear"]
     assert after["Accuracy"] > before["Accuracy"] + 30.0, (before["Accuracy"], after["Accuracy"])
     # validation during training = the same probe prediction without flip
     assert after["Accuracy"] == pytest.approx(val["val/linear/Accuracy"], abs=1e-3)
@@ -181,15 +181,19 @@ def test_probe_learns_and_is_validated(probe_run):
 
 def test_probe_checkpoint_round_trip_and_eval(probe_run, tmp_path, capsys):
     ckpt = read_checkpoint(probe_run["last"])
-    assert ckpt["hyper_parameters"]["linear_probe"] is True
-    module = load_module(probe_run["last"])
-    torch.testing.assert_close(module.linear_probe.weight, ckpt["state_dict"]["linear_probe.weight"])
+    hp = ckpt["hyper_parameters"]
+    assert hp["net"]["linear_probe_classes"] == 27
+    module, _ = load_net(probe_run["last"])
+    torch.testing.assert_close(module.linear_probe.weight, ckpt["state_dict"]["net.linear_probe.weight"])
 
-    # legacy file: no probe, no diagnostics hyper-parameters (written before this feature)
-    legacy = dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items()
-                                    if not k.startswith("linear_probe.")},
-                  hyper_parameters={k: v for k, v in ckpt["hyper_parameters"].items()
-                                    if k not in ("linear_probe", "linear_lr", "hist_freq")})
+    # legacy file: this package's earlier layout (flat hyper-parameters, keys without "net."),
+    # written before this feature: no probe, no diagnostics hyper-parameters
+    flat = {**{k: v for k, v in hp["net"].items() if k not in ("n_clusters", "linear_probe_classes")},
+            **hp["loss"], "lr1": hp["optim"]["lr1"], "lr2": hp["optim"]["lr2"], "n_classes": 27,
+            "dataset_name": hp["data"]["name"], "eval_res": hp["data"]["eval_res"]}
+    legacy = dict(ckpt, state_dict={k[len("net."):]: v for k, v in ckpt["state_dict"].items()
+                                    if not k.startswith("net.linear_probe.")},
+                  hyper_parameters=flat)
     legacy_path = tmp_path / "legacy.ckpt"
     torch.save(legacy, legacy_path)
 
@@ -228,4 +232,4 @@ def test_probe_needs_labelled_training_images(tmp_path):
                                 f"data_dir={data_dir}", "batch_size=2", "res=32", "eval_res=32",
                                 "linear_probe=true"])
     with pytest.raises(SmoosegError, match="linear_probe=true needs labelled training images"):
-        build_dataloaders(cfg)
+        build_datamodule(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.losses import (
+from smooseg.model.losses import (
     assignment_distance,
     data_loss,
     feature_correlation,

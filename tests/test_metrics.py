@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.metrics import ClusterMetrics, cluster_to_class_map, hungarian_match, scores
+from smooseg.eval.metrics import ClusterMetrics, cluster_to_class_map, hungarian_match, scores
 
 # Rows = clusters, columns = classes. Best matching: class0<-cluster1, class1<-cluster2, class2<-cluster0.
 CONF = np.array([

@@ -1,4 +1,4 @@
-"""SmooSegModule: training step and logging, EMA once per optimiser step, prediction, test step."""
+"""SmooSegModule: training step and logging, EMA once per optimiser step, prediction, evaluation."""
 
 import numpy as np
 import pytest
@@ -9,10 +9,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from smooseg.crf import CRFPool
-from smooseg.losses import total_loss
-from smooseg.metrics import ClusterMetrics
-from smooseg.module import SmooSegModule
+import conftest
+from smooseg.eval.crf_pool import CRFPool
+from smooseg.eval.evaluate import evaluate
+from smooseg.model.losses import total_loss
+from smooseg.eval.metrics import ClusterMetrics
 
 N_CLASSES = 3
 
@@ -38,9 +39,9 @@ class Blobs(Dataset):
 
 def make_module(**kwargs):
     options = dict(n_classes=N_CLASSES, dataset_name="directory", model_type="vit_small",
-                   patch_size=16, pretrained=False, dim=16, n_log_images=2)
+                   patch_size=16, dim=16, n_log_images=2)
     options.update(kwargs)
-    return SmooSegModule(**options)
+    return conftest.make_module(**options)
 
 
 def make_trainer(tmp_path, **kwargs):
@@ -75,7 +76,7 @@ def test_training_and_validation_logging(tmp_path):
     metric = ClusterMetrics(N_CLASSES, N_CLASSES)
     with torch.no_grad():
         for batch in val:
-            metric.update(module.cluster_log_probs(batch["img"]).argmax(1), batch["label"])
+            metric.update(module.net(batch["img"]).argmax(1), batch["label"])
     expected = metric.compute()
     assert float(logged["val/cluster/mIoU"]) == pytest.approx(expected["mIoU"], abs=1e-4)
     assert float(logged["val/cluster/Accuracy"]) == pytest.approx(expected["Accuracy"], abs=1e-4)
@@ -94,8 +95,8 @@ class RecordPrototypes(pl.Callback):
         self.students, self.teachers = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.students.append(pl_module.predictor.student.detach().clone())
-        self.teachers.append(pl_module.predictor.teacher.clone())
+        self.students.append(pl_module.net.predictor.student.detach().clone())
+        self.teachers.append(pl_module.net.predictor.teacher.clone())
 
 
 def test_ema_uses_the_student_before_each_step(tmp_path):
@@ -105,8 +106,8 @@ def test_ema_uses_the_student_before_each_step(tmp_path):
     alpha, steps = 0.5, 3
     module = make_module(ema_alpha=alpha)
     with torch.no_grad():
-        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
-    teacher = module.predictor.teacher.clone()
+        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher))
+    teacher = module.net.predictor.teacher.clone()
     record = RecordPrototypes()
     trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=0, callbacks=[record])
     trainer.fit(module, DataLoader(Blobs(2 * steps), batch_size=2))
@@ -114,9 +115,9 @@ def test_ema_uses_the_student_before_each_step(tmp_path):
     for k, student in enumerate(record.students):
         torch.testing.assert_close(record.teachers[k], teacher, atol=1e-6, rtol=0)  # step k saw this teacher
         teacher = alpha * teacher + (1 - alpha) * student
-    torch.testing.assert_close(module.predictor.teacher, teacher, atol=1e-6, rtol=0)
-    after = alpha * record.teachers[-1] + (1 - alpha) * module.predictor.student.detach()
-    assert not torch.allclose(module.predictor.teacher, after, atol=1e-4)  # not the post-step student
+    torch.testing.assert_close(module.net.predictor.teacher, teacher, atol=1e-6, rtol=0)
+    after = alpha * record.teachers[-1] + (1 - alpha) * module.net.predictor.student.detach()
+    assert not torch.allclose(module.net.predictor.teacher, after, atol=1e-4)  # not the post-step student
 
 
 def test_ema_once_per_optimiser_step_with_accumulation(tmp_path):
@@ -124,16 +125,16 @@ def test_ema_once_per_optimiser_step_with_accumulation(tmp_path):
     alpha = 0.5
     module = make_module(ema_alpha=alpha)
     with torch.no_grad():
-        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
-    teacher0 = module.predictor.teacher.clone()
-    student0 = module.predictor.student.detach().clone()
+        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher))
+    teacher0 = module.net.predictor.teacher.clone()
+    student0 = module.net.predictor.student.detach().clone()
     trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
     trainer.fit(module, DataLoader(Blobs(4), batch_size=2))
     assert trainer.global_step == 1
-    student1 = module.predictor.student.detach()
+    student1 = module.net.predictor.student.detach()
     assert not torch.allclose(student1, student0)  # the optimiser did step
     once = alpha * teacher0 + (1 - alpha) * student0
-    assert torch.allclose(module.predictor.teacher, once, atol=1e-6)
+    assert torch.allclose(module.net.predictor.teacher, once, atol=1e-6)
     twice = alpha * (alpha * teacher0 + (1 - alpha) * student0) + (1 - alpha) * student0
     assert not torch.allclose(once, twice, atol=1e-4)
 
@@ -143,18 +144,18 @@ def test_backbone_gets_no_gradients():
     module.train()
     batch = Blobs(2)[0]
     img = torch.stack([batch["img"], -batch["img"]])
-    signal, code = module.projector(module.backbone(img))
-    student, teacher = module.predictor(code)
+    signal, code = module.net.projector(module.net.backbone(img))
+    student, teacher = module.net.predictor(code)
     total_loss(signal, student, teacher, -0.02, 0.5)["total"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in module.backbone.parameters())
-    assert not module.backbone.model.training  # the ViT stays in eval mode while training
-    assert all(p.grad is not None for p in module.projector.parameters())
-    assert module.predictor.student.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in module.net.backbone.parameters())
+    assert not module.net.backbone.model.training  # the ViT stays in eval mode while training
+    assert all(p.grad is not None for p in module.net.projector.parameters())
+    assert module.net.predictor.student.grad is not None
     optimiser = module.configure_optimizers()
     grouped = [list(g["params"]) for g in optimiser.param_groups]
     assert [g["lr"] for g in optimiser.param_groups] == [1e-4, 5e-4]
-    assert len(grouped[0]) == len(list(module.projector.parameters()))
-    assert grouped[1] == [module.predictor.student]
+    assert len(grouped[0]) == len(list(module.net.projector.parameters()))
+    assert grouped[1] == [module.net.predictor.student]
 
 
 def test_cluster_log_probs_shape_and_flip_average():
@@ -162,44 +163,43 @@ def test_cluster_log_probs_shape_and_flip_average():
     module = make_module().eval()
     img = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        plain = module.cluster_log_probs(img, (40, 56))
-        flipped = module.cluster_log_probs(img, (40, 56), flip=True)
-        code = (module.code(img) + module.code(img.flip(-1)).flip(-1)) / 2
+        plain = module.net(img, (40, 56))
+        flipped = module.net(img, (40, 56), flip=True)
+        code = (module.net.code(img) + module.net.code(img.flip(-1)).flip(-1)) / 2
         code = F.interpolate(code, size=(40, 56), mode="bilinear", align_corners=False)
         unit = F.normalize(code, dim=1)
-        teacher = F.normalize(module.predictor.teacher, dim=1)
+        teacher = F.normalize(module.net.predictor.teacher, dim=1)
         manual = torch.log_softmax(2 * torch.einsum("bdhw,kd->bkhw", unit, teacher), dim=1)
     assert plain.shape == (2, N_CLASSES, 40, 56)
     assert torch.allclose(plain.exp().sum(1), torch.ones(2, 40, 56), atol=1e-5)
     assert torch.allclose(flipped, manual, atol=1e-5)
     assert not torch.allclose(flipped, plain, atol=1e-3)
-    assert module.cluster_log_probs(img).shape[-2:] == (32, 48)  # default: image size
+    assert module.net(img).shape[-2:] == (32, 48)  # default: image size
 
 
 def test_prediction_uses_the_teacher_only():
     module = make_module().eval()
     img = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        before = module.cluster_log_probs(img)
-        module.predictor.student.copy_(torch.randn_like(module.predictor.student))
-        assert torch.equal(module.cluster_log_probs(img), before)
-        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher))
-        assert not torch.allclose(module.cluster_log_probs(img), before)
+        before = module.net(img)
+        module.net.predictor.student.copy_(torch.randn_like(module.net.predictor.student))
+        assert torch.equal(module.net(img), before)
+        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher))
+        assert not torch.allclose(module.net(img), before)
 
 
-def test_test_step_flip_and_crf(tmp_path):
+def test_evaluation_flip_and_crf(tmp_path):
     pl.seed_everything(0)
     module = make_module()
     data = DataLoader(Blobs(3, seed=2), batch_size=2)
-    module.crf_pool = CRFPool(num_workers=0)
-    trainer = make_trainer(tmp_path)
-    (result,) = trainer.test(module, data, verbose=False)
+    with CRFPool(num_workers=0) as pool:
+        result, _ = evaluate(module.net, data, module.data, crf_pool=pool, flip=True, show_progress=False)
     metric = ClusterMetrics(N_CLASSES, N_CLASSES)
     module.eval()
     with torch.no_grad():
         for batch in data:
-            metric.update(module.cluster_log_probs(batch["img"], flip=True).argmax(1), batch["label"])
-    assert result["test/cluster/mIoU"] == pytest.approx(metric.compute()["mIoU"], abs=1e-4)
-    for key in ("test/crf/mIoU", "test/crf/Accuracy"):
+            metric.update(module.net(batch["img"], flip=True).argmax(1), batch["label"])
+    assert result["nocrf"]["mIoU"] == pytest.approx(metric.compute()["mIoU"], abs=1e-4)
+    for key in ("mIoU", "Accuracy"):
         assert 0.0 <= result[key] <= 100.0
-    assert np.isfinite(result["test/crf/Accuracy"])
+    assert np.isfinite(result["Accuracy"])

@@ -8,9 +8,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from smooseg.errors import SmoosegError
-from smooseg.evaluate import evaluate
-from smooseg.module import SmooSegModule
-from smooseg.report import (
+from smooseg.eval.evaluate import evaluate
+from conftest import make_module
+from smooseg.eval.results import write_outputs
+from smooseg.eval.report import (
     REPORT_FILES, confusion_heatmap, example_grid, find_examples, iou_bar_chart, ordered_confusion,
     write_report,
 )
@@ -109,22 +110,22 @@ def test_write_report_all_parts(tmp_path):
 
 def test_write_report_without_confusion_or_examples(tmp_path, caplog):
     json_path = _metrics(tmp_path / "metrics.json", confusion=False)
-    with caplog.at_level(logging.WARNING, logger="smooseg.report"):
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.report"):
         written = write_report(json_path)
     assert set(written) == {"iou"} and written["iou"].parent == tmp_path
     assert "no 'confusion'" in caplog.text and "examples" in caplog.text
 
 
 def test_report_of_a_real_evaluation(tmp_path):
-    """The JSON and pictures written by smooseg.evaluate feed write_report."""
+    """The JSON and pictures written by smooseg.eval.evaluate feed write_report."""
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=3, dataset_name="potsdam", patch_size=16, pretrained=False,
-                           extra_clusters=1)
+    module = make_module(n_classes=3, dataset_name="potsdam", patch_size=16, extra_clusters=1)
     items = [{"img": torch.randn(3, 32, 32), "label": torch.randint(-1, 3, (32, 32)), "name": str(i)}
              for i in range(3)]
     out = tmp_path / "eval"
-    evaluate(module, DataLoader(items, batch_size=2), flip=True, n_images=2, output_dir=out,
-             device="cpu", show_progress=False)
+    metrics, examples = evaluate(module.net, DataLoader(items, batch_size=2), module.data, flip=True,
+                                 n_images=2, device="cpu", show_progress=False)
+    write_outputs(metrics, examples, module.data, module.net.n_clusters, out)
     written = write_report(out / "metrics.json")
     assert set(written) == {"iou", "confusion", "examples"}
     grid = _png(written["examples"], (200, 100))

@@ -1,4 +1,4 @@
-"""Resuming (issue #5 item 2): a run interrupted mid-epoch and resumed from ``last.ckpt`` ends
+"""Resuming: a run interrupted mid-epoch and resumed from ``last.ckpt`` ends
 exactly where an uninterrupted run with the same seed ends: same parameters, teacher prototypes,
 optimiser state and global step. Dropout stays on: the random streams are part of the checkpoint.
 """
@@ -11,7 +11,8 @@ from pytorch_lightning.callbacks import Callback
 
 from conftest import train_config
 from smooseg.data.synthetic import write_cityscapes_layout
-from smooseg.training import RandomStateCheckpoint, train
+from smooseg.train.callbacks import RandomStateCheckpoint
+from smooseg.train.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +79,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(data, tmp_path):
     resumed = run(data, tmp_path / "b", "max_steps=6", "ckpt_path=last", callbacks=[counter])
     assert counter.start == 4 and counter.batches == 2  # continued, not restarted
     assert_same_training_state(straight, resumed)
-    teacher, student = resumed["state_dict"]["predictor.teacher"], resumed["state_dict"]["predictor.student"]
-    assert not torch.allclose(teacher, first["state_dict"]["predictor.teacher"])  # the EMA went on
+    teacher, student = resumed["state_dict"]["net.predictor.teacher"], resumed["state_dict"]["net.predictor.student"]
+    assert not torch.allclose(teacher, first["state_dict"]["net.predictor.teacher"])  # the EMA went on
     assert not torch.allclose(teacher, student)
 
     # Control: the same resume without the saved random streams (an older checkpoint) draws other
@@ -126,7 +127,7 @@ def _crop_sums(dataset, sampler, workers):
 
 def test_random_crops_change_per_epoch_and_repeat_after_resume(tmp_path):
     from smooseg.data.datasets import build_dataset
-    from smooseg.training import EpochSampler
+    from smooseg.train.datamodule import EpochSampler
 
     write_cityscapes_layout(tmp_path, n_train=4, n_val=1, size=(32, 64))
     dataset = build_dataset("cityscapes", tmp_path, "train", res=16, crop="random", seed=5)

@@ -3,7 +3,6 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from smooseg.checkpoints import load_module
+from smooseg.data.datasets import DatasetInfo
+from smooseg.model.checkpoints import load_net
 from smooseg.errors import SmoosegError
-from smooseg.module import SmooSegModule
-from smooseg.segment import (
+from conftest import make_module
+from smooseg.eval.segment import (
     bilinear_matrix, class_map_from_metrics, list_images, log_prob_stripes,
     output_stems, patch_multiple, predict_resize, predict_window, read_image, resized_shape,
     segment_folder, window_starts,
@@ -30,10 +30,9 @@ K = N_CLASSES + EXTRA
 def checkpoint(tmp_path_factory):
     """A random-init ViT-S/16 SmooSeg model (3 classes + 1 extra cluster) saved in the native layout."""
     torch.manual_seed(0)
-    module = SmooSegModule(n_classes=N_CLASSES, dataset_name="potsdam", patch_size=16,
-                           pretrained=False, extra_clusters=EXTRA)
+    module = make_module(n_classes=N_CLASSES, dataset_name="potsdam", patch_size=16, extra_clusters=EXTRA)
     with torch.no_grad():  # spread the teacher prototypes so several clusters win somewhere
-        module.predictor.teacher.copy_(torch.randn_like(module.predictor.teacher) * 3)
+        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher) * 3)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
@@ -41,7 +40,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def module(checkpoint):
-    return load_module(checkpoint)
+    return load_net(checkpoint)[0]
+
+
+@pytest.fixture(scope="module")
+def data(checkpoint):
+    return DatasetInfo(**load_net(checkpoint)[1]["data"])
 
 
 def _write(path, h, w, seed):
@@ -93,7 +97,7 @@ def test_stripes_equal_cluster_log_probs(module):
     """Stripe-wise upsampling of the (flip-averaged) code gives the model's own log-probabilities."""
     img = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
-        ref = module.cluster_log_probs(img, size=(37, 53), flip=True)
+        ref = module(img, size=(37, 53), flip=True)
         code = module.predict_code(img, flip=True)
         stripes = list(log_prob_stripes(module, code, (37, 53), max_elements=64 * 53 * 5))
     assert len(stripes) == 8 and stripes[0][:2] == (0, 5) and stripes[-1][:2] == (35, 37)
@@ -103,10 +107,10 @@ def test_stripes_equal_cluster_log_probs(module):
 class _WindowMean:
     """Fake model: each window gets p(cluster 0) = its mean of channel 0, uniformly over the window."""
 
-    backbone = SimpleNamespace(patch_size=8)
+    patch_size = 8
     n_clusters = 2
 
-    def cluster_log_probs(self, batch, flip=False):
+    def __call__(self, batch, flip=False):
         p0 = batch[:, 0].mean(dim=(1, 2)).view(-1, 1, 1).expand(-1, *batch.shape[-2:])
         return torch.stack([p0, 1 - p0], dim=1).log()
 
@@ -139,7 +143,7 @@ def test_resize_mode_predicts_at_original_size(module):
     assert ids.shape == (50, 70) and log_probs.shape == (K, 50, 70)
     net_in = F.interpolate(img, size=(64, 96), mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
-        ref = module.cluster_log_probs(net_in, size=(50, 70))
+        ref = module(net_in, size=(50, 70))
     assert np.allclose(log_probs, ref[0].numpy(), atol=1e-5)
     assert (ids == log_probs.argmax(0)).all()
 
@@ -156,7 +160,7 @@ def test_list_images_sorted_filtered_and_stems(folder, tmp_path):
         ["a.jpg", "a.png", "b.jpg"]
 
 
-def test_empty_missing_and_unreadable(tmp_path, module):
+def test_empty_missing_and_unreadable(tmp_path, module, data):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(SmoosegError, match="holds no images.*recursive=true"):
         list_images(tmp_path / "empty")
@@ -174,9 +178,9 @@ def _read(path):
     return np.asarray(Image.open(path))
 
 
-def test_segment_folder_resize_recursive(folder, tmp_path, module):
+def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
     out = tmp_path / "out"
-    results = segment_folder(module, folder, out, recursive=True, mode="resize", size=64,
+    results = segment_folder(module, data, folder, out, recursive=True, mode="resize", size=64,
                              save_ids=True, device="cpu", show_progress=False)
     assert len(results) == 3
     palette = colormap("potsdam", K)
@@ -194,10 +198,10 @@ def test_segment_folder_resize_recursive(folder, tmp_path, module):
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
 
 
-def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module):
+def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module, data):
     out = tmp_path / "out"
     class_map = torch.tensor([2, -1, 0, 1])         # cluster 1 is unmatched
-    results = segment_folder(module, folder, out, mode="window", size=32, stride=16, flip=False,
+    results = segment_folder(module, data, folder, out, mode="window", size=32, stride=16, flip=False,
                              save_ids=True, class_map=class_map, device="cpu", show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     palette = colormap("potsdam", K)
@@ -212,12 +216,12 @@ def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module):
     assert all(tuple(c) in colours_in_legend for c in colour_of_cluster)
 
 
-def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, caplog):
+def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, data, caplog):
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(SmoosegError, match="zz_broken.png"):
-        segment_folder(module, folder, tmp_path / "o1", device="cpu", show_progress=False)
-    with caplog.at_level(logging.WARNING, logger="smooseg.segment"):
-        results = segment_folder(module, folder, tmp_path / "o2", size=32, crf=True, save_ids=True,
+        segment_folder(module, data, folder, tmp_path / "o1", device="cpu", show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"):
+        results = segment_folder(module, data, folder, tmp_path / "o2", size=32, crf=True, save_ids=True,
                                  skip_bad=True, device="cpu", show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     assert "zz_broken.png" in caplog.text
@@ -225,22 +229,22 @@ def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, caplog):
     assert not (tmp_path / "o2" / "zz_broken_mask.png").exists()
 
 
-def test_segment_folder_rejects_bad_options(folder, tmp_path, module):
+def test_segment_folder_rejects_bad_options(folder, tmp_path, module, data):
     with pytest.raises(SmoosegError, match="mode=tile"):
-        segment_folder(module, folder, tmp_path / "o", mode="tile", show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o", mode="tile", show_progress=False)
     with pytest.raises(SmoosegError, match="stride=40 is larger than the window"):
-        segment_folder(module, folder, tmp_path / "o", mode="window", size=32, stride=40,
+        segment_folder(module, data, folder, tmp_path / "o", mode="window", size=32, stride=40,
                        show_progress=False)
     with pytest.raises(SmoosegError, match="input folder"):
-        segment_folder(module, folder, folder, show_progress=False)
+        segment_folder(module, data, folder, folder, show_progress=False)
     with pytest.raises(SmoosegError, match="class_map"):
-        segment_folder(module, folder, tmp_path / "o", class_map=[0, 1], show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o", class_map=[0, 1], show_progress=False)
 
 
-def test_output_inside_input_is_not_resegmented(folder, module):
+def test_output_inside_input_is_not_resegmented(folder, module, data):
     out = folder / "seg"
-    segment_folder(module, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
-    again = segment_folder(module, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
+    segment_folder(module, data, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
+    again = segment_folder(module, data, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
     assert len(again) == 3
 
 
@@ -319,3 +323,19 @@ def test_trained_checkpoint_with_its_evaluation(trained_run, tmp_path):
         assert ids.shape == read_image(src).shape[:2]
         assert (_read(tmp_path / "seg" / f"{stem}_mask.png") == colours[ids]).all()
     assert (tmp_path / "seg" / "legend.png").is_file()
+
+
+def test_entry_point_crf_backends_agree(folder, tmp_path, checkpoint):
+    """segment_images.py crf=true with the torch CRF and with pydensecrf: the same ids (almost)."""
+    ids = {}
+    for backend in ("pydensecrf", "torch"):
+        proc = _run(f"model_path={checkpoint}", f"input_dir={folder}", f"output_dir={backend}", "size=32",
+                    "crf=true", f"crf_backend={backend}", "save_ids=true", "progress=false", "device=cpu",
+                    cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        ids[backend] = _read(tmp_path / backend / "b_ids.png")
+    assert ids["torch"].shape == (97, 64)
+    assert (ids["torch"] == ids["pydensecrf"]).mean() >= 0.999
+    bad = _run(f"model_path={checkpoint}", f"input_dir={folder}", "crf=true", "crf_backend=opencl",
+               "progress=false", cwd=tmp_path)
+    assert bad.returncode == 2 and "crf_backend=opencl is unknown" in bad.stderr

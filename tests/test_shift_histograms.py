@@ -10,12 +10,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from conftest import ROOT
+from conftest import ROOT, make_module
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.losses import shift_histograms, smoothness_loss, smoothness_parts
-from smooseg.module import SmooSegModule
-from smooseg.training import diagnostic_options, train
+from smooseg.model.losses import shift_histograms, smoothness_loss, smoothness_parts
+from smooseg.train.train import diagnostic_options, train
 
 # ---- pure functions ---------------------------------------------------------------------------
 
@@ -130,8 +129,8 @@ BATCH, SIZE = 4, 64  # ViT-S/16 at 64 px: N = 16 patches, B·N·N = 1024 pairs p
 
 def fit(tmp_path, hist_freq, steps, logger=True):
     pl.seed_everything(0)
-    module = SmooSegModule(n_classes=3, model_type="vit_small", patch_size=16, pretrained=False, dim=16,
-                           pos_intra_shift=0.1, neg_inter_shift=0.4, hist_freq=hist_freq)
+    module = make_module(n_classes=3, model_type="vit_small", patch_size=16, dim=16,
+                         pos_intra_shift=0.1, neg_inter_shift=0.4, hist_freq=hist_freq)
     g = torch.Generator().manual_seed(0)
     label = torch.zeros(SIZE, SIZE, dtype=torch.long)
     data = [{"img": torch.randn(3, SIZE, SIZE, generator=g), "label": label} for _ in range(8)]

@@ -6,7 +6,8 @@ import pytest
 from conftest import train_config
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.training import backbone_precision, build_datasets
+from smooseg.train.datamodule import build_datasets
+from smooseg.train.train import backbone_precision
 from test_data_readers import make_potsdam
 
 

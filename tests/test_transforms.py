@@ -1,4 +1,4 @@
-"""Joint image/label transforms (SPEC §7)."""
+"""Joint image/label transforms (docs/method.md §7)."""
 
 import numpy as np
 import pytest

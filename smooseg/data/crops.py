@@ -1,4 +1,4 @@
-"""Pre-cropped training sets (SPEC §7): five crops or seeded random crops of every image.
+"""Pre-cropped training sets (docs/method.md §7): five crops or seeded random crops of every image.
 
 Crops are cut from the full-resolution image and label (``dataset.load_raw``). Crop ``n`` of
 item ``i`` is numbered ``5·i + n`` and written to
@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smooseg.data.datasets import build_dataset, crop_dir_name, dataset_key
-from smooseg.errors import SmoosegError, atomic_write
+from smooseg.data.datasets import build_dataset, crop_dir_name, dataset_key, n_classes_of
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
 
 CROP_TYPES = ("five", "random")
 CROPS_PER_IMAGE = 5
@@ -154,6 +155,8 @@ def crop_datasets(data_dir, datasets, splits, crop_types, ratio, seed=0, num_wor
     Every data set is opened (and so checked) before the first crop is written.
     """
     summary = {}
+    if "directory" in datasets:
+        n_classes_of("directory", n_classes, key="dir_dataset_n_classes")
     opened = [(name, split, build_dataset(name, data_dir, split, res=None, crop="none",
                                           n_classes=n_classes if name == "directory" else None,
                                           seed=seed, dir_name=dir_name))

@@ -1,4 +1,4 @@
-"""Data set readers (SPEC §7): cocostuff27, cityscapes, potsdam, directory and cropped sets.
+"""Data set readers (docs/method.md §7): cocostuff27, cityscapes, potsdam, directory and cropped sets.
 
 Every reader yields ``dict(img=Float[3,H,W] normalised, label=Long[H,W] with -1 = ignore,
 name=str)`` and offers ``load_raw(i) -> (PIL RGB image, int64 label array or None)`` at full
@@ -23,7 +23,9 @@ labelled_train, val = labelled_test); the native names are accepted too.
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import scipy.io
@@ -32,8 +34,8 @@ from PIL import Image
 
 from smooseg.data.transforms import JointTransform
 from smooseg.errors import SmoosegError
+from smooseg.io import IMAGE_EXTENSIONS, read_rgb
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 COCO_COARSE = (
     "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory",
@@ -200,10 +202,48 @@ def map_ids(ids, table):
 
 
 def class_names(name, n_classes=None):
-    """Class names of a data set; directory sets get ``class_0 .. class_{n-1}``."""
+    """Class names of a data set when it has them (and their count is ``n_classes``), else
+    ``class_0 .. class_{n-1}`` (directory sets, or another class count)."""
+    names = CLASS_NAMES.get(name)
+    if names is not None and (n_classes is None or len(names) == int(n_classes)):
+        return list(names)
+    return [f"class_{i}" for i in range(int(n_classes))]
+
+
+def n_classes_of(name, n_classes=None, key="dataset.n_classes"):
+    """The number of classes of data set ``name``; ``n_classes`` (the config value ``key``) is
+    required for directory sets and must agree with a known data set's own count."""
     if name == "directory":
-        return [f"class_{i}" for i in range(int(n_classes))]
-    return list(CLASS_NAMES[name])
+        if n_classes is None or int(n_classes) < 1:
+            raise SmoosegError(f"{key} is not set; a directory data set needs n_classes (the number of "
+                               f"classes in your data), e.g. {key}=5")
+        return int(n_classes)
+    if name not in N_CLASSES:
+        raise SmoosegError(f"unknown data set '{name}' (dataset.name={name}); choose one of {', '.join(DATASETS)}")
+    if n_classes is not None and int(n_classes) != N_CLASSES[name]:
+        raise SmoosegError(f"{name} has {N_CLASSES[name]} classes, not {key}={n_classes}; drop the override")
+    return N_CLASSES[name]
+
+
+@dataclass
+class DatasetInfo:
+    """The data set a model was trained for: its classes, and how its images were read and
+    validated (what evaluation defaults to)."""
+
+    n_classes: int
+    name: str = "directory"
+    class_names: Optional[list] = None  # None: :func:`class_names`
+    dir_name: Optional[str] = None      # directory sets: the folder under data_dir
+    eval_res: Optional[int] = None      # evaluation resolution (None: 320, potsdam 224)
+    image_interp: str = "nearest"
+
+    def __post_init__(self):
+        self.n_classes = int(self.n_classes)
+        self.class_names = list(self.class_names or class_names(self.name, self.n_classes))
+
+    def to_dict(self):
+        return {"n_classes": self.n_classes, "name": self.name, "class_names": list(self.class_names),
+                "dir_name": self.dir_name, "eval_res": self.eval_res, "image_interp": self.image_interp}
 
 
 def crop_dir_name(dataset, crop_type, ratio):
@@ -215,17 +255,6 @@ def _missing(name, what, path):
     return SmoosegError(
         f"{name}: {what} {path} not found; download the data (download_datasets.py) or fix "
         f"data_dir; expected layout: {EXPECTED_LAYOUT[name]}")
-
-
-def read_image(path):
-    """Open an image file as RGB, decoding it fully so corrupt files fail here, by name."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise SmoosegError(f"cannot read image {path} ({err}); the file is corrupt or not an "
-                           f"image: re-download it or remove it from the data set") from None
 
 
 def read_label_png(path):
@@ -333,7 +362,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.entries[index][0]
 
     def read_image(self, path):
-        return read_image(path)
+        return read_rgb(path)
 
     def read_label(self, path):
         raise NotImplementedError
@@ -547,18 +576,6 @@ def _data_dir(data_dir, name):
     return path
 
 
-def _n_classes(name, n_classes):
-    if name == "directory":
-        if n_classes is None or int(n_classes) < 1:
-            raise SmoosegError("directory data set needs n_classes (the number of classes in "
-                               "your data), e.g. dir_dataset_n_classes=5")
-        return int(n_classes)
-    if n_classes is not None and int(n_classes) != N_CLASSES[name]:
-        raise SmoosegError(f"{name} has {N_CLASSES[name]} classes, not n_classes={n_classes}; "
-                           f"drop the override")
-    return N_CLASSES[name]
-
-
 def build_dataset(name, data_dir, split, res, crop="center", image_interp="nearest",
                   n_classes=None, crop_source=None, seed=0, dir_name=None):
     """Build a reader; see the module docstring for layouts and the item format.
@@ -571,7 +588,7 @@ def build_dataset(name, data_dir, split, res, crop="center", image_interp="neare
         raise SmoosegError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     transform = JointTransform(res, crop=crop, image_interp=image_interp)
     root = _data_dir(data_dir, name)
-    n = _n_classes(name, n_classes)
+    n = n_classes_of(name, n_classes)
     if crop_source is not None and crop_source.get("crop_type") not in (None, "none"):
         if crop_source.get("ratio") is None:
             raise SmoosegError("crop_source needs a ratio, e.g. {crop_type: five, ratio: 0.5}")

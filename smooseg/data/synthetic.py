@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smooseg.errors import atomic_write
+from smooseg.io import atomic_write
 
 # Official Cityscapes labelIds of the classes drawn.
 UNLABELED, EGO_VEHICLE, ROAD, SIDEWALK, BUILDING = 0, 1, 7, 8, 11

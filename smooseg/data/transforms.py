@@ -1,4 +1,4 @@
-"""Joint image/label transforms (SPEC §7).
+"""Joint image/label transforms (docs/method.md §7).
 
 One :class:`JointTransform` applies the *same* geometry to an image and its label map:
 resize the shorter side to ``res`` (labels always NEAREST; images NEAREST by default — a
@@ -113,3 +113,16 @@ class JointTransform:
         else:
             target = torch.from_numpy(np.asarray(lab, dtype=np.int64).copy())
         return img, target
+
+
+def to_uint8_image(img):
+    """Un-normalised 3×H×W image in [0, 1] (tensor or array) -> H×W×3 uint8, ×255 then truncation."""
+    img = torch.as_tensor(img)
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise SmoosegError(f"to_uint8_image: expected a 3×H×W image, got shape {tuple(img.shape)}; "
+                           "pass one un-normalised image in channel-first layout")
+    if not img.is_floating_point():
+        raise SmoosegError(f"to_uint8_image: expected a float image in [0, 1], got {img.dtype}; "
+                           "pass the un-normalised float image (uint8 images need no conversion)")
+    scaled = (img.detach() * 255).clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(scaled.permute(1, 2, 0).cpu().numpy())

@@ -9,7 +9,7 @@ subfolders are mirrored in the output. Two images with the same stem in one fold
 Any image size is handled in one of two ways:
   * ``resize``: the shorter side is resized (bilinear, antialiased) to ``size`` and both sides
     are rounded to the nearest multiple of the patch size; the code is upsampled back to the
-    original size and the teacher gives log_softmax(2·T) there (SPEC §5), in row stripes, so
+    original size and the teacher gives log_softmax(2·T) there (docs/method.md §5), in row stripes, so
     a large image never holds its full-resolution code in memory.
   * ``window``: ``size``×``size`` windows (``size`` rounded to a patch multiple; sides shorter
     than a window are zero-padded, in normalised space, to a patch multiple) every ``stride``
@@ -30,20 +30,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from smooseg.checkpoints import load_module
-from smooseg.crf import CRFPool
+from smooseg.model.checkpoints import load_net
+from smooseg.eval.crf_backend import open_crf
+from smooseg.data.datasets import DatasetInfo
 from smooseg.data.transforms import normalize
 from smooseg.errors import SmoosegError
-from smooseg.evaluate import autocast_context, resolve_device
-from smooseg.metrics import cluster_to_class_map
+from smooseg.io import IMAGE_EXTENSIONS, read_rgb
+from smooseg.runtime import autocast, resolve_device
+from smooseg.eval.metrics import cluster_to_class_map
 from smooseg.viz import class_colors, colormap, legend_image, overlay, read_metrics_json, save_png
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 MODES = ("resize", "window")
 # Largest number of float elements one stripe of upsampled code / logits may hold (64 MiB).
 STRIPE_ELEMENTS = 1 << 24
@@ -84,13 +84,8 @@ def output_stems(paths, input_dir):
 
 def read_image(path):
     """H×W×3 uint8 RGB of an image file (EXIF orientation applied); SmoosegError naming the file."""
-    try:
-        with Image.open(path) as img:
-            return np.array(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
-        raise SmoosegError(f"cannot read image {path} ({reason}); fix or remove it, "
-                           "or set skip_bad=true to skip unreadable images") from None
+    return np.array(read_rgb(path, exif=True, fix="fix or remove it, or set skip_bad=true to skip "
+                                                   "unreadable images"))
 
 
 def to_input(image, device):
@@ -135,31 +130,31 @@ def bilinear_matrix(out_len, in_len, device=None):
     return weights
 
 
-def log_prob_stripes(module, code, size, max_elements=STRIPE_ELEMENTS):
+def log_prob_stripes(net, code, size, max_elements=STRIPE_ELEMENTS):
     """Yield ``(top, bottom, log_probs)`` stripes (1×K×rows×W) of the cluster log-probabilities of
-    a 1×D×h×w ``code`` upsampled to ``size``: log_softmax(2·T) of the teacher logits T (SPEC §5)."""
+    a 1×D×h×w ``code`` upsampled to ``size`` (the net's prediction, docs/method.md section 5)."""
     height, width = size
     weights_y = bilinear_matrix(height, code.shape[-2], code.device)
     along_x = code @ bilinear_matrix(width, code.shape[-1], code.device).T   # 1×D×h×W
-    channels = max(code.shape[1], module.n_clusters)
+    channels = max(code.shape[1], net.n_clusters)
     rows = max(1, max_elements // (channels * width))
     for top in range(0, height, rows):
         stripe = weights_y[top:top + rows] @ along_x
-        yield top, top + stripe.shape[-2], torch.log_softmax(2 * module.predictor.teacher_logits(stripe), dim=1)
+        yield top, top + stripe.shape[-2], net.log_probs_at(stripe)
 
 
 @torch.no_grad()
-def predict_resize(module, img, size, flip=True, keep_log_probs=False, precision="32"):
+def predict_resize(net, img, size, flip=True, keep_log_probs=False, precision="32"):
     """Resize mode on one 1×3×H×W image -> (ids H×W int64 numpy, K×H×W float32 log-probs or None)."""
     height, width = img.shape[-2:]
-    patch = module.backbone.patch_size
+    patch = net.patch_size
     net_in = F.interpolate(img, size=resized_shape(height, width, size, patch), mode="bilinear",
                            align_corners=False, antialias=True)
-    with autocast_context(img.device, precision):
-        code = module.predict_code(net_in, flip).float()
+    with autocast(img.device, precision):
+        code = net.predict_code(net_in, flip).float()
     ids = np.empty((height, width), dtype=np.int64)
-    log_probs = np.empty((module.n_clusters, height, width), np.float32) if keep_log_probs else None
-    for top, bottom, stripe in log_prob_stripes(module, code, (height, width)):
+    log_probs = np.empty((net.n_clusters, height, width), np.float32) if keep_log_probs else None
+    for top, bottom, stripe in log_prob_stripes(net, code, (height, width)):
         ids[top:bottom] = stripe[0].argmax(0).cpu().numpy()
         if keep_log_probs:
             log_probs[:, top:bottom] = stripe[0].cpu().numpy()
@@ -167,7 +162,7 @@ def predict_resize(module, img, size, flip=True, keep_log_probs=False, precision
 
 
 @torch.no_grad()
-def predict_window(module, img, size, stride, flip=True, batch_size=8, keep_log_probs=False,
+def predict_window(net, img, size, stride, flip=True, batch_size=8, keep_log_probs=False,
                    precision="32"):
     """Window mode on one 1×3×H×W image -> (ids H×W int64 numpy, K×H×W float32 log-probs or None).
 
@@ -177,19 +172,19 @@ def predict_window(module, img, size, stride, flip=True, batch_size=8, keep_log_
     if not 1 <= stride <= size:
         raise SmoosegError(f"stride={stride} must lie in [1, size={size}] so that windows leave no gaps")
     height, width = img.shape[-2:]
-    patch = module.backbone.patch_size
+    patch = net.patch_size
     win_h = min(size, -(-height // patch) * patch)
     win_w = min(size, -(-width // patch) * patch)
     padded = F.pad(img, (0, max(0, win_w - width), 0, max(0, win_h - height)))
     boxes = [(top, left) for top in window_starts(padded.shape[-2], win_h, stride)
              for left in window_starts(padded.shape[-1], win_w, stride)]
-    total = torch.zeros((module.n_clusters,) + tuple(padded.shape[-2:]), device=img.device)
+    total = torch.zeros((net.n_clusters,) + tuple(padded.shape[-2:]), device=img.device)
     count = torch.zeros(tuple(padded.shape[-2:]), device=img.device)
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first:first + batch_size]
         batch = torch.cat([padded[..., t:t + win_h, l:l + win_w] for t, l in chunk])
-        with autocast_context(img.device, precision):
-            probs = module.cluster_log_probs(batch, flip=flip).float().exp()
+        with autocast(img.device, precision):
+            probs = net(batch, flip=flip).float().exp()
         for (top, left), p in zip(chunk, probs):
             total[:, top:top + win_h, left:left + win_w] += p
             count[top:top + win_h, left:left + win_w] += 1
@@ -251,9 +246,9 @@ def _check_options(mode, size, stride, batch_size, alpha):
 
 
 @torch.no_grad()
-def segment_folder(module, input_dir, output_dir, recursive=False, mode="resize", size=320,
+def segment_folder(net, data, input_dir, output_dir, recursive=False, mode="resize", size=320,
                    stride=None, flip=True, crf=False, crf_pool=None, save_ids=False, class_map=None,
-                   class_names=None, palette_name=None, alpha=0.5, device="auto", precision="32",
+                   class_names=None, alpha=0.5, device="auto", precision="32",
                    batch_size=8, skip_bad=False, show_progress=True):
     """Segment every image of ``input_dir`` into ``output_dir``; returns one dict per written image
     (keys ``image``, ``mask``, ``overlay``, ``ids`` (None unless ``save_ids``)).
@@ -263,7 +258,8 @@ def segment_folder(module, input_dir, output_dir, recursive=False, mode="resize"
     network together. ``crf`` refines with the dense CRF in ``crf_pool`` (None: in-process);
     the CRF of one image runs while the next goes through the network. ``class_map``
     (cluster -> class, −1 unmatched) colours by class and writes ``legend.png`` with
-    ``class_names`` (default: the model's). Unreadable images raise, or are skipped with a
+    ``class_names`` (default: those of ``data``, the :class:`DatasetInfo` the net was trained for,
+    whose colour map is used). Unreadable images raise, or are skipped with a
     warning under ``skip_bad``.
     """
     _check_options(mode, size, stride, batch_size, alpha)
@@ -274,19 +270,20 @@ def segment_folder(module, input_dir, output_dir, recursive=False, mode="resize"
         raise SmoosegError(f"output_dir {output_dir} is the input folder; pass another output_dir")
     paths = list_images(input_dir, recursive, exclude=output_dir)
     device = resolve_device(device)
-    module = module.to(device).eval()
-    patch = module.backbone.patch_size
+    net = net.to(device).eval()
+    net.backbone_precision = str(precision)  # the backbone runs at the precision asked for here
+    patch = net.patch_size
     size = patch_multiple(size, patch)
     stride = size // 2 if stride is None else stride
     if mode == "window" and stride > size:
         raise SmoosegError(f"stride={stride} is larger than the window (size={size}, a multiple of the "
                            f"patch size {patch}); set stride <= size so that windows leave no gaps")
-    colors = cluster_palette(module.n_clusters, palette_name or module.hparams.dataset_name, class_map)
+    colors = cluster_palette(net.n_clusters, data.name, class_map)
     if class_map is not None:
-        names = module.class_names if class_names is None else list(class_names)
+        names = data.class_names if class_names is None else list(class_names)
         save_png(legend_image(*legend_entries(class_map, names, colors)), output_dir / "legend.png")
     own_pool = crf_pool is None and crf
-    pool = CRFPool(num_workers=0) if own_pool else crf_pool
+    pool = open_crf("pydensecrf", device) if own_pool else crf_pool
     results, pending = [], deque()
 
     def write(image, ids, base):
@@ -296,7 +293,7 @@ def segment_folder(module, input_dir, output_dir, recursive=False, mode="resize"
         out["mask"] = save_png(mask, stem.parent / f"{stem.name}_mask.png")
         out["overlay"] = save_png(overlay(image, mask, alpha), stem.parent / f"{stem.name}_overlay.png")
         if save_ids:
-            dtype = np.uint8 if module.n_clusters <= 256 else np.uint16
+            dtype = np.uint8 if net.n_clusters <= 256 else np.uint16
             out["ids"] = save_png(ids.astype(dtype), stem.parent / f"{stem.name}_ids.png")
         results.append(out)
 
@@ -315,9 +312,9 @@ def segment_folder(module, input_dir, output_dir, recursive=False, mode="resize"
                 continue
             img = to_input(image, device)
             if mode == "resize":
-                ids, log_probs = predict_resize(module, img, size, flip, crf, precision)
+                ids, log_probs = predict_resize(net, img, size, flip, crf, precision)
             else:
-                ids, log_probs = predict_window(module, img, size, stride, flip, batch_size, crf,
+                ids, log_probs = predict_window(net, img, size, stride, flip, batch_size, crf,
                                                 precision)
             if crf:
                 pending.append((pool.submit([image], [log_probs]), image, (path, rel)))
@@ -340,14 +337,15 @@ def run_segment(cfg):
             raise SmoosegError(f"{key} is required; pass {key}=<path>")
     list_images(cfg.input_dir, bool(cfg.recursive), exclude=cfg.output_dir)
     device = resolve_device(cfg.device)
-    module = load_module(cfg.model_path, map_location=device)
+    net, hparams = load_net(cfg.model_path, map_location=device)
+    data = DatasetInfo(**hparams["data"])
     class_map = names = None
     if cfg.metrics_json:
-        class_map, names = class_map_from_metrics(cfg.metrics_json, module.n_clusters, module.hparams.n_classes)
-    pool = CRFPool(num_workers=cfg.crf_workers, timeout=float(cfg.crf_timeout)) if cfg.crf else None
+        class_map, names = class_map_from_metrics(cfg.metrics_json, net.n_clusters, data.n_classes)
+    pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
     try:
         results = segment_folder(
-            module, cfg.input_dir, cfg.output_dir, recursive=bool(cfg.recursive), mode=cfg.mode,
+            net, data, cfg.input_dir, cfg.output_dir, recursive=bool(cfg.recursive), mode=cfg.mode,
             size=cfg.size, stride=cfg.stride, flip=bool(cfg.flip), crf=bool(cfg.crf), crf_pool=pool,
             save_ids=bool(cfg.save_ids), class_map=class_map, class_names=names,
             alpha=float(cfg.alpha), device=device, precision=cfg.precision,

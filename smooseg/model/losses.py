@@ -1,13 +1,26 @@
-"""SmooSeg losses (SPEC §4): smoothness (intra- and inter-image) plus the teacher-student data loss.
+"""SmooSeg losses (docs/method.md §4): smoothness (intra- and inter-image) plus the teacher-student data loss.
 
 Pure functions of tensors. Correlations and assignments are computed in float32, also under autocast.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from smooseg.errors import SmoosegError
-from smooseg.heads import fp32_region
+from smooseg.runtime import fp32_region
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss settings (docs/method.md section 4) and the teacher's EMA decay (section 3)."""
+
+    temperature: float = 0.1
+    ema_alpha: float = 0.998
+    pos_intra_shift: float = -0.02
+    neg_inter_shift: float = 0.5
+    pointwise: bool = True
 
 
 def _unit_columns(x):

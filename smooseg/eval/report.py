@@ -14,7 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from smooseg.errors import SmoosegError, atomic_write
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
 from smooseg.viz import read_metrics_json
 
 log = logging.getLogger(__name__)

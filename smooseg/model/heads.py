@@ -1,25 +1,17 @@
 """Trainable heads on top of the frozen backbone: the projector and the prototype predictor."""
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smooseg.errors import SmoosegError
+from smooseg.runtime import fp32_region
 
 PROJECTION_TYPES = ("nonlinear", "linear")
 
 
-def fp32_region(device):
-    """Context that switches autocast off on ``device`` so the math inside runs in float32."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
-
-
 class Projector(nn.Module):
-    """Maps backbone features B×C×h×w to codes B×D×h×w (SPEC §2).
+    """Maps backbone features B×C×h×w to codes B×D×h×w (docs/method.md §2).
 
     With ``dropout`` on, a fresh Dropout2d mask is drawn for each use: the linear branch input,
     the nonlinear branch input and the returned signal. The signal feeds the smoothness loss.
@@ -52,7 +44,7 @@ class Projector(nn.Module):
 
 
 class PrototypePredictor(nn.Module):
-    """Student/teacher cluster prototypes and the cosine logits they give (SPEC §3).
+    """Student/teacher cluster prototypes and the cosine logits they give (docs/method.md §3).
 
     Logits are computed in float32, also under autocast.
     """

@@ -1,4 +1,4 @@
-"""Unsupervised segmentation metrics (SPEC §6): cluster/class confusion, Hungarian matching, IoU."""
+"""Unsupervised segmentation metrics (docs/method.md §6): cluster/class confusion, Hungarian matching, IoU."""
 
 import numpy as np
 import torch

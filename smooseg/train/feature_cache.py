@@ -27,47 +27,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from smooseg.backbone import POS_EMBED_RESAMPLING
-from smooseg.errors import SmoosegError, atomic_write
-from smooseg.heads import fp32_region
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
+from smooseg.model.backbone import POS_EMBED_RESAMPLING, frozen_features
 
 CACHE_VERSION = 2
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DETERMINISTIC_CROPS = ("center", "none")
 FEATS_FILE, LABELS_FILE, META_FILE = "feats.npy", "labels.npy", "meta.json"
-PRECISIONS = {"32": None, "32-true": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
-              "16": torch.float16, "16-mixed": torch.float16}
-
-
-def resolve_backbone_dtype(precision, device):
-    """Autocast dtype for the frozen backbone: None (float32), torch.bfloat16 or torch.float16.
-
-    ``auto``: bfloat16 on a CUDA GPU that supports it (else float16), float32 on other devices.
-    """
-    device = torch.device(device)
-    key = str(precision)
-    if key == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if key not in PRECISIONS:
-        raise SmoosegError(f"backbone precision={precision} is unknown; use auto, 32, bf16 or 16")
-    return PRECISIONS[key]
-
-
-def frozen_features(backbone, img, precision="auto"):
-    """Backbone features B×C×h×w (float32) of normalised images, ready to feed trainable heads.
-
-    The backbone runs under ``torch.inference_mode`` and, per ``precision``, under autocast
-    (see :func:`resolve_backbone_dtype`; float32 switches a surrounding autocast off).  Outside inference mode the result is cloned into an
-    ordinary tensor, so autograd may save it for the heads' backward pass.
-    """
-    dtype = resolve_backbone_dtype(precision, img.device)
-    autocast = fp32_region(img.device) if dtype is None else torch.autocast(img.device.type, dtype=dtype)
-    with torch.inference_mode(), autocast:
-        feats = backbone(img)
-    feats = feats.float()
-    return feats if torch.is_inference_mode_enabled() else feats.clone()
 
 
 def check_deterministic(crop):

@@ -1,4 +1,8 @@
-"""Dense CRF refinement (SPEC §5) and a reusable, pipelined process pool to run it."""
+"""A reusable, pipelined process pool for the pydensecrf dense CRF (:mod:`smooseg.eval.crf`).
+
+Evaluation submits batch n's CRF jobs and goes on with batch n+1 through the network while the
+workers (nice +10, one torch thread each) run them; results come back in order.
+"""
 
 import collections
 import multiprocessing
@@ -6,77 +10,10 @@ import os
 from concurrent.futures import CancelledError, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
-import torch.nn.functional as F
-from pydensecrf.utils import unary_from_softmax
 
 from smooseg.errors import SmoosegError
-
-
-def to_uint8_image(img):
-    """Un-normalised 3×H×W image in [0, 1] (tensor or array) -> H×W×3 uint8, ×255 then truncation."""
-    img = torch.as_tensor(img)
-    if img.ndim != 3 or img.shape[0] != 3:
-        raise SmoosegError(f"to_uint8_image: expected a 3×H×W image, got shape {tuple(img.shape)}; "
-                           "pass one un-normalised image in channel-first layout")
-    if not img.is_floating_point():
-        raise SmoosegError(f"to_uint8_image: expected a float image in [0, 1], got {img.dtype}; "
-                           "pass the un-normalised float image (uint8 images need no conversion)")
-    scaled = (img.detach() * 255).clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(scaled.permute(1, 2, 0).cpu().numpy())
-
-
-def _as_uint8_hwc(image):
-    """Accept an H×W×3 uint8 array as is; convert a float 3×H×W image with to_uint8_image."""
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-        image = image.cpu().numpy()
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise SmoosegError(f"dense CRF: uint8 image must be H×W×3 RGB, got shape {image.shape}; "
-                               "convert it with smooseg.crf.to_uint8_image")
-        return image
-    return to_uint8_image(image)
-
-
-def _as_float32_numpy(log_probs):
-    """Log-probabilities as a K×h×w float32 CPU numpy array (what is pickled to workers)."""
-    if isinstance(log_probs, torch.Tensor):
-        log_probs = log_probs.detach().float().cpu().numpy()
-    log_probs = np.asarray(log_probs, dtype=np.float32)
-    if log_probs.ndim != 3:
-        raise SmoosegError(f"dense CRF: log_probs must be K×h×w, got shape {log_probs.shape}; "
-                           "pass one image's cluster log-probabilities at a time")
-    return log_probs
-
-
-def dense_crf(image, log_probs, iters=10, gaussian_sxy=1, gaussian_compat=3,
-              bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4):
-    """Fully connected CRF on one image; returns K×H×W float32 per-pixel marginals.
-
-    ``image`` is H×W×3 uint8 RGB; ``log_probs`` is K×h×w and is resized bilinearly to H×W.
-    The bilateral term sees the image in BGR order, as the reference implementation feeds it.
-    """
-    image = _as_uint8_hwc(image)
-    log_probs = _as_float32_numpy(log_probs)
-    height, width = image.shape[:2]
-    n_classes = log_probs.shape[0]
-    resized = F.interpolate(torch.from_numpy(log_probs)[None], size=(height, width),
-                            mode="bilinear", align_corners=False)[0]
-    probs = torch.softmax(resized, dim=0).numpy()
-    crf = dcrf.DenseCRF2D(width, height, n_classes)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=bgr, compat=bilateral_compat)
-    marginals = np.array(crf.inference(iters), dtype=np.float32)
-    return marginals.reshape(n_classes, height, width)
-
-
-def dense_crf_labels(image, log_probs, **params):
-    """The CRF's per-pixel argmax H×W (int16): what evaluation needs, 2·K times less to send back."""
-    return dense_crf(image, log_probs, **params).argmax(0).astype(np.int16)
+from smooseg.eval.crf import _as_float32_numpy, _as_uint8_hwc, dense_crf, dense_crf_labels
 
 
 WORKER_NICENESS = 10
@@ -158,10 +95,6 @@ class CRFPool:
             self._executor = ProcessPoolExecutor(
                 max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker)
-
-    def map(self, images, log_probs, labels=False):
-        """CRF marginals (K×H×W each), or with ``labels`` their argmax (H×W), for a batch, in order."""
-        return self.submit(images, log_probs, labels=labels).result()
 
     def submit(self, images, log_probs, labels=False):
         """Start the CRF for a batch of images (uint8 H×W×3 or float 3×H×W) and K×h×w log-probs.

@@ -1,4 +1,14 @@
-"""Load SmooSeg checkpoints safely: this package's own files and the reference release's (SPEC §9).
+"""SmooSeg checkpoints without Lightning: read them safely, convert every layout in one place,
+and rebuild the :class:`SmooSegNet` they hold (docs/method.md section 9).
+
+Three layouts are read:
+
+* this package's (layout 2): ``hyper_parameters`` grouped as ``net`` / ``data`` / ``loss`` /
+  ``optim`` / ``metrics`` / ``diagnostics`` / ``runtime``, state-dict keys ``net.*``;
+* this package's earlier layout: flat hyper-parameters, keys ``backbone.*``, ``projector.*``,
+  ``predictor.*`` (and ``linear_probe.*``);
+* the reference release's: ``net.model.*`` (DINO ViT), ``projection.*``, ``prediction.*`` and a
+  training ``cfg``.
 
 Unpickling is weights-only (``torch.load(..., weights_only=True)``); the only extra classes
 allowed are the OmegaConf containers (and the plain types they reference) that the reference
@@ -17,10 +27,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from smooseg.backbone import load_official_state_dict
-from smooseg.data.datasets import CLASS_NAMES
+from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
-from smooseg.module import SmooSegModule
+from smooseg.model.net import NetConfig, SmooSegNet
+from smooseg.model.weights import load_official_state_dict
+
+CHECKPOINT_LAYOUT = 2
 
 # What a pickled OmegaConf cfg (as written by the reference release) contains besides tensors.
 SAFE_GLOBALS = [
@@ -81,8 +93,12 @@ def _cfg_get(cfg, key, default):
     return default if value is None else value
 
 
+def _default_eval_res(dataset_name):
+    return 224 if str(dataset_name).startswith("potsdam") else 320
+
+
 def reference_hparams(hyper_parameters, path):
-    """SmooSegModule arguments from a reference checkpoint's ``n_classes`` and training ``cfg``."""
+    """Grouped hyper-parameters from a reference checkpoint's ``n_classes`` and training ``cfg``."""
     cfg = hyper_parameters.get("cfg")
     if "n_classes" not in hyper_parameters or not isinstance(cfg, (DictConfig, Mapping)):
         raise SmoosegError(f"reference checkpoint {path} lacks hyper_parameters n_classes/cfg; "
@@ -95,30 +111,73 @@ def reference_hparams(hyper_parameters, path):
                            "it cannot be rebuilt from this file")
     arch = _cfg_get(cfg, "arch", "dino")
     dataset_name = str(_cfg_get(cfg, "dataset_name", "directory"))
-    n_classes = int(hyper_parameters["n_classes"])
-    names = CLASS_NAMES.get(dataset_name)
-    return dict(
-        n_classes=n_classes,
-        dataset_name=dataset_name,
-        class_names=list(names) if names and len(names) == n_classes else None,
-        arch=arch,
-        model_type=cfg["model_type"],
-        patch_size=int(cfg["dino_patch_size"]),
-        feat_type=_cfg_get(cfg, "dino_feat_type", "feat"),
-        fit="resize" if arch == "dinov2" else "error",
-        dim=int(cfg["dim"]),
-        projection_type=_cfg_get(cfg, "projection_type", "nonlinear"),
-        dropout=bool(_cfg_get(cfg, "dropout", True)),
-        extra_clusters=int(_cfg_get(cfg, "extra_clusters", 0)),
-        temperature=float(_cfg_get(cfg, "temperature", 0.1)),
-        ema_alpha=float(_cfg_get(cfg, "alpha", 0.998)),
+    return grouped_from_flat(dict(
+        n_classes=int(hyper_parameters["n_classes"]), dataset_name=dataset_name,
+        arch=arch, model_type=cfg["model_type"], patch_size=int(cfg["dino_patch_size"]),
+        feat_type=_cfg_get(cfg, "dino_feat_type", "feat"), fit="resize" if arch == "dinov2" else "error",
+        dim=int(cfg["dim"]), projection_type=_cfg_get(cfg, "projection_type", "nonlinear"),
+        dropout=bool(_cfg_get(cfg, "dropout", True)), extra_clusters=int(_cfg_get(cfg, "extra_clusters", 0)),
+        temperature=float(_cfg_get(cfg, "temperature", 0.1)), ema_alpha=float(_cfg_get(cfg, "alpha", 0.998)),
         pos_intra_shift=float(_cfg_get(cfg, "pos_intra_shift", -0.02)),
         neg_inter_shift=float(_cfg_get(cfg, "neg_inter_shift", 0.5)),
         pointwise=bool(_cfg_get(cfg, "pointwise", True)),
-        lr1=float(_cfg_get(cfg, "lr1", 1e-4)),
-        lr2=float(_cfg_get(cfg, "lr2", 5e-4)),
-        eval_res=224 if dataset_name.startswith("potsdam") else 320,
-    )
+        lr1=float(_cfg_get(cfg, "lr1", 1e-4)), lr2=float(_cfg_get(cfg, "lr2", 5e-4)),
+        eval_res=_default_eval_res(dataset_name)))
+
+
+def grouped_from_flat(flat):
+    """Grouped hyper-parameters from flat ones (this package's earlier layout: the keyword names of
+    NetConfig, DatasetInfo (``dataset_name``), LossConfig, OptimConfig and the module's own)."""
+    get = flat.get
+    n_classes = int(flat["n_classes"])
+    return {
+        "layout": CHECKPOINT_LAYOUT,
+        "net": NetConfig(
+            n_clusters=n_classes + int(get("extra_clusters") or 0), arch=get("arch", "dino"),
+            model_type=get("model_type", "vit_small"), patch_size=int(get("patch_size", 8)),
+            feat_type=get("feat_type", "feat"), fit=get("fit", "error"), dim=int(get("dim", 64)),
+            projection_type=get("projection_type", "nonlinear"), dropout=bool(get("dropout", True)),
+            linear_probe_classes=n_classes if get("linear_probe") else None).to_dict(),
+        "data": DatasetInfo(n_classes, name=get("dataset_name", "directory"), class_names=get("class_names"),
+                            dir_name=get("dir_name"), eval_res=get("eval_res"),
+                            image_interp=get("image_interp", "nearest")).to_dict(),
+        "loss": {k: flat[k] for k in ("temperature", "ema_alpha", "pos_intra_shift", "neg_inter_shift",
+                                      "pointwise") if k in flat},
+        "optim": {k: flat[k] for k in ("lr1", "lr2", "linear_lr") if k in flat},
+        "metrics": {"mask_extra_clusters": bool(get("mask_extra_clusters", False))},
+        "diagnostics": {"n_log_images": int(get("n_log_images", 4)), "hist_freq": int(get("hist_freq") or 0)},
+        "runtime": {"compile": bool(get("compile", False)), "fused_attn": bool(get("fused_attn", True)),
+                    "backbone_precision": str(get("backbone_precision", "auto"))},
+    }
+
+
+def is_grouped(hyper_parameters):
+    return isinstance(hyper_parameters, Mapping) and isinstance(hyper_parameters.get("net"), Mapping)
+
+
+def grouped_hparams(ckpt, path):
+    """The grouped hyper-parameters of a checkpoint of any of the three layouts."""
+    hyper_parameters = ckpt.get("hyper_parameters") or {}
+    if is_reference_layout(ckpt["state_dict"]):
+        return reference_hparams(hyper_parameters, path)
+    if is_grouped(hyper_parameters):
+        return dict(hyper_parameters)
+    if "n_classes" not in hyper_parameters:
+        raise _not_a_checkpoint(path, "its hyper_parameters lack n_classes")
+    return grouped_from_flat(dict(hyper_parameters))
+
+
+def upgrade_checkpoint(ckpt):
+    """Convert a training checkpoint of the earlier layout to this one, in place (for resuming):
+    grouped hyper-parameters, state-dict keys under ``net.``. Checkpoints of this layout and the
+    reference's are left as they are."""
+    state_dict = ckpt.get("state_dict") or {}
+    if is_reference_layout(state_dict) or is_grouped(ckpt.get("hyper_parameters")):
+        return ckpt
+    if "n_classes" in (ckpt.get("hyper_parameters") or {}):
+        ckpt["hyper_parameters"] = grouped_from_flat(dict(ckpt["hyper_parameters"]))
+    ckpt["state_dict"] = {k if k.startswith("net.") else f"net.{k}": v for k, v in state_dict.items()}
+    return ckpt
 
 
 def split_reference_state_dict(state_dict):
@@ -159,41 +218,43 @@ def check_state_dict(expected, found, path, model):
                 "in the model; fix the architecture settings (arch/model_type/patch_size/dim)")
 
 
-def describe_model(hp, whose="its hyper_parameters describe"):
-    """E.g. "the dino/vit_small/8 dim=64 model its hyper_parameters describe"."""
-    return f"the {hp['arch']}/{hp['model_type']}/{hp['patch_size']} dim={hp.get('dim', 64)} model {whose}"
-
-
-def _build(hparams, path):
-    hparams = dict(hparams, pretrained=False, weights_path=None)
+def build_net(hparams, path, **runtime):
+    """A :class:`SmooSegNet` (random weights) of the checkpoint's ``net`` group."""
     try:
-        return SmooSegModule(**hparams)
-    except TypeError as err:
+        config = NetConfig.from_dict(hparams["net"])
+    except (TypeError, ValueError, KeyError) as err:
         raise SmoosegError(f"checkpoint {path} has hyper_parameters this version cannot use ({err}); "
                            "re-train or use a matching smooseg version") from None
+    return SmooSegNet(config, pretrained=False, **runtime)
 
 
-def load_module(path, map_location="cpu"):
-    """Rebuild a :class:`SmooSegModule` (eval mode) from a native or reference-layout checkpoint.
+def _net_state_dict(state_dict):
+    """The net's own keys of a state dict of this layout (``net.*``) or the earlier one (no prefix)."""
+    if any(k.startswith("net.") for k in state_dict):
+        return {k[len("net."):]: v for k, v in state_dict.items() if k.startswith("net.")}
+    return dict(state_dict)
+
+
+def load_net(path, map_location="cpu", **runtime):
+    """Rebuild the :class:`SmooSegNet` (eval mode) of a checkpoint of any layout and return
+    ``(net, hparams)`` with the grouped hyper-parameters (``hparams["data"]`` names the data set).
 
     The backbone is built without pretrained weights and filled from the checkpoint, so no DINO
-    file is needed.
+    file is needed. ``runtime`` goes to :class:`SmooSegNet` (e.g. ``backbone_precision``).
     """
     ckpt = read_checkpoint(path, map_location)
     state_dict = dict(ckpt["state_dict"])
-    hyper_parameters = ckpt.get("hyper_parameters") or {}
+    hparams = grouped_hparams(ckpt, path)
+    net = build_net(hparams, path, **runtime)
+    describe = NetConfig.from_dict(hparams["net"]).describe() + " its hyper_parameters describe"
     if is_reference_layout(state_dict):
-        hparams = reference_hparams(hyper_parameters, path)
-        module = _build(hparams, path)
         backbone, heads = split_reference_state_dict(state_dict)
-        expected = {k: v for k, v in module.state_dict().items() if not k.startswith("backbone.")}
-        check_state_dict(expected, heads, path, describe_model(hparams))
-        load_official_state_dict(module.backbone.model, backbone, f"{path} (net.model.*)")
-        module.load_state_dict({**module.backbone.state_dict(prefix="backbone."), **heads})
+        expected = {k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+        check_state_dict(expected, heads, path, describe)
+        load_official_state_dict(net.backbone.model, backbone, f"{path} (net.model.*)")
+        net.load_state_dict({**net.backbone.state_dict(prefix="backbone."), **heads})
     else:
-        if "n_classes" not in hyper_parameters:
-            raise _not_a_checkpoint(path, "its hyper_parameters lack n_classes")
-        module = _build(hyper_parameters, path)
-        check_state_dict(module.state_dict(), state_dict, path, describe_model(module.hparams))
-        module.load_state_dict(state_dict)
-    return module.to(map_location).eval()
+        state_dict = _net_state_dict(state_dict)
+        check_state_dict(net.state_dict(), state_dict, path, describe)
+        net.load_state_dict(state_dict)
+    return net.to(map_location).eval(), hparams

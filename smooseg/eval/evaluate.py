@@ -1,0 +1,216 @@
+"""Evaluation (docs/method.md sections 5-6): flip averaging, optional dense CRF, Hungarian metrics.
+
+``evaluate`` runs one net over one loader and returns its metrics and example pictures;
+``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``configs/eval.yaml``) evaluates each
+checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
+in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
+
+  * ``metrics.json``: the headline ``mIoU`` / ``Accuracy`` (after the CRF when it is on),
+    ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
+    counts, rows clusters, columns classes), and, when the CRF is on,
+    the same numbers without it under ``nocrf``. Undefined IoUs (class absent, never predicted)
+    are ``null``. A checkpoint trained with ``linear_probe=true`` adds ``linear``: the same
+    numbers for the supervised linear probe (identity class map, same flip-averaged code, no CRF).
+  * ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for the first ``n_images`` images,
+    label and prediction coloured with the data set's colour map (prediction through the
+    Hungarian cluster -> class map).
+"""
+
+import contextlib
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_pool import available_cores
+from smooseg.data.datasets import DatasetInfo, build_dataset
+from smooseg.data.transforms import to_uint8_image, unnormalize
+from smooseg.errors import SmoosegError
+from smooseg.eval.metrics import ClusterMetrics
+from smooseg.eval.results import print_summary, summarize, write_outputs
+from smooseg.model.checkpoints import load_net
+from smooseg.runtime import autocast, resolve_device
+
+
+class _Collector:
+    """Accumulates predictions into a ClusterMetrics and keeps the first ``n_images`` pictures."""
+
+    def __init__(self, n_classes, n_clusters, mask_extra_clusters, n_images, device):
+        self.metric = ClusterMetrics(n_classes, n_clusters, mask_extra_clusters).to(device)
+        self.n_images = n_images
+        self.preds = []
+
+    def add(self, preds, labels):
+        self.metric.update(preds, labels)
+        room = self.n_images - len(self.preds)
+        self.preds.extend(p for p in preds[:room].cpu())
+
+
+@contextlib.contextmanager
+def cpu_threads_beside(crf_pool):
+    """Yields ``share()``, which gives torch the cores the CRF workers leave free at that moment.
+
+    Call it before each network pass: with no CRF job running (the first batch, or a drained
+    pool) the network gets every core it had; while k workers are busy it gets the others (at
+    least one). OpenMP threads that outnumber the free cores stall at every barrier while the
+    CRF workers hold the cores. The previous thread count is restored afterwards.
+    """
+    before = torch.get_num_threads()
+    cores = available_cores()
+
+    def share():
+        busy = crf_pool.busy_workers() if crf_pool is not None else 0
+        threads = max(1, min(before, cores - busy))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    try:
+        yield share
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_pool=None, flip=True,
+             n_images=0, device="cpu", precision="32", checkpoint=None, show_progress=True):
+    """Evaluate ``net`` on ``dataloader``; returns ``(metrics, examples)``: the dict that
+    ``metrics.json`` holds and the first ``n_images`` (image, label, cluster prediction) triples.
+
+    ``precision`` is the autocast of the whole pass, the frozen backbone included. ``crf_pool``
+    is a CRF runner (:func:`smooseg.eval.crf_backend.open_crf`); with the pydensecrf pool the CRF
+    is pipelined: batch n's CRF jobs run in the pool while batch n+1 goes through the network
+    (the pool bounds the batches in flight); the torch CRF runs each batch on the device at once.
+    """
+    device = resolve_device(device)
+    net = net.to(device).eval()
+    net.backbone_precision = str(precision)
+    names = list(data.class_names)
+    args = (data.n_classes, net.n_clusters, mask_extra_clusters, int(n_images))
+    plain = _Collector(*args, device)
+    refined = _Collector(*args, "cpu") if crf_pool is not None else None
+    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity").to(device)
+              if net.linear_probe is not None else None)
+    images, labels, pending = [], [], deque()
+
+    def finish(handle, batch_labels):
+        refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
+
+    with cpu_threads_beside(crf_pool) as share_cores:
+        for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
+            share_cores()
+            img, label = batch["img"].to(device), batch["label"].to(device)
+            with autocast(device, precision):
+                code = net.predict_code(img, flip)
+                log_probs = net.cluster_log_probs(code, label.shape[-2:]).float()
+                if linear is not None:
+                    linear.update(net.linear_log_probs(code, label.shape[-2:]).argmax(1), label)
+            plain.add(log_probs.argmax(1), label)
+            rgb = None
+            if crf_pool is not None or len(images) < n_images:
+                rgb = [to_uint8_image(x) for x in unnormalize(img.float()).cpu()]
+                room = n_images - len(images)
+                images.extend(rgb[:room])
+                labels.extend(x.numpy() for x in label[:room].cpu())
+            if crf_pool is not None:
+                pending.append((crf_pool.submit(rgb, log_probs, labels=True), label.cpu()))
+                while pending and pending[0][0].done():
+                    finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+
+    metrics = {"checkpoint": None if checkpoint is None else str(checkpoint),
+               "dataset": data.name, "n_evaluated": len(dataloader.dataset),
+               "flip": bool(flip), "crf": crf_pool is not None}
+    head = refined if refined is not None else plain
+    metrics.update(summarize(head.metric.compute(), names))
+    if refined is not None:
+        metrics["nocrf"] = summarize(plain.metric.compute(), names)
+    if linear is not None:
+        metrics["linear"] = summarize(linear.compute(), names)
+    return metrics, list(zip(images, labels, head.preds))
+
+
+def eval_dataset(cfg, data: DatasetInfo):
+    """The evaluation set: the checkpoint's data set (or the ``dataset`` group chosen) at ``eval_res``.
+
+    Centre crops; ``eval_res`` / ``image_interp`` default to what the checkpoint was validated with.
+    """
+    if cfg.get("dataset") is not None:
+        name, dir_name = cfg.dataset.name, cfg.dataset.get("dir_name")
+    else:
+        name, dir_name = data.name, data.dir_name
+    res = cfg.eval_res or data.eval_res or (224 if name == "potsdam" else 320)
+    dataset = build_dataset(name, cfg.data_dir, cfg.split, int(res), crop="center",
+                            image_interp=cfg.image_interp or data.image_interp,
+                            n_classes=data.n_classes if name == "directory" else None,
+                            dir_name=dir_name)
+    if dataset.n_classes != data.n_classes:
+        raise SmoosegError(f"dataset={name} has {dataset.n_classes} classes but the checkpoint was "
+                           f"trained for {data.n_classes}; evaluate on a data set with the same classes")
+    return dataset
+
+
+def output_names(paths):
+    """A distinct output folder name per checkpoint: its stem, suffixed with _2, _3 on clashes."""
+    names, seen = [], {}
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def _checkpoints(cfg):
+    """``(name, path, loader)`` of each checkpoint of ``cfg.model_paths``: the net is loaded only
+    when its turn comes."""
+    paths = list(cfg.model_paths) if OmegaConf.is_list(cfg.model_paths) or isinstance(
+        cfg.model_paths, (list, tuple)) else [cfg.model_paths]
+    if not paths:
+        raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
+    return [(name, path, lambda device, path=path: load_net(path, map_location=device))
+            for path, name in zip(paths, output_names(paths))]
+
+
+def run_eval(cfg, models=None):
+    """Evaluate every checkpoint of ``cfg.model_paths``, or the ``models`` given as
+    ``(name, net, hparams)`` triples; returns a list of metrics dicts.
+
+    For each: the per-class table is printed, ``metrics.json`` and the pictures are written to
+    ``<output_dir>/<name>/`` and, with ``report``, the report pictures next to them.
+    """
+    if models is None:
+        jobs = _checkpoints(cfg)
+    else:
+        jobs = [(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
+    device = resolve_device(cfg.device)
+    pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
+    results = []
+    try:
+        for name, path, load in jobs:
+            net, hparams = load(device)
+            data = DatasetInfo(**hparams["data"])
+            loader = DataLoader(eval_dataset(cfg, data), batch_size=int(cfg.batch_size),
+                                shuffle=False, drop_last=False, num_workers=int(cfg.num_workers))
+            out = Path(cfg.output_dir) / name
+            print(f"== {path or name}")
+            metrics, examples = evaluate(
+                net, loader, data, mask_extra_clusters=bool(hparams["metrics"]["mask_extra_clusters"]),
+                crf_pool=pool, flip=bool(cfg.flip), n_images=int(cfg.n_images), device=device,
+                precision=cfg.precision, checkpoint=path)
+            print_summary(metrics, data.class_names)
+            print(f"results: {write_outputs(metrics, examples, data, net.n_clusters, out)}")
+            results.append(metrics)
+            if cfg.get("report"):
+                from smooseg.eval.report import write_report
+
+                for part, picture in write_report(out / "metrics.json").items():
+                    print(f"report {part}: {picture}")
+    finally:
+        if pool is not None:
+            pool.close()
+    return results

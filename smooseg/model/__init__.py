@@ -1,0 +1,1 @@
+"""The model in plain PyTorch: frozen backbone, weights, heads, losses and the SmooSeg net."""

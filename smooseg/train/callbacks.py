@@ -1,0 +1,107 @@
+"""Lightning callbacks of a training run: the best and last checkpoints, the random streams
+saved in them, and a validation at ``max_steps``."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+# No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
+BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
+
+
+class ValidateAtMaxSteps(Callback):
+    """Ask the loop to stop at ``max_steps``, so the final state is validated and checkpointed too."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, rewritten at every validation.
+
+    (Lightning 2.6's ``save_last`` rewrites it only when a best-k checkpoint is saved at the same
+    step, so a run whose mIoU stops improving would resume from an old state.)
+    """
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+
+def random_state():
+    """The global random streams (torch CPU and CUDA, numpy, python) as tensors and plain values,
+    so a checkpoint holding them still loads with weights-only unpickling."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": python_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_random_state(state):
+    """Restore what :func:`random_state` returned (CUDA streams for the devices present)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the global random streams in checkpoints and restores them when a fit resumes.
+
+    Dropout masks and the inter-image pairing draw from the global torch stream; restoring it at
+    ``on_train_start`` makes a resumed run draw what the uninterrupted run would have drawn.
+    """
+
+    def __init__(self):
+        self._to_restore = None
+
+    def state_dict(self):
+        return random_state()
+
+    def load_state_dict(self, state_dict):
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer, pl_module):
+        if self._to_restore is not None:
+            set_random_state(self._to_restore)
+            self._to_restore = None
+
+
+def build_callbacks(output_dir):
+    """Best-by-validation-mIoU checkpoint plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
+
+    Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
+    The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`).
+    """
+    folder = str(Path(output_dir) / "checkpoints")
+    checkpoint = ModelCheckpoint(
+        dirpath=folder, filename=BEST_FILENAME,
+        monitor="val/cluster/mIoU", mode="max", save_top_k=1,
+        auto_insert_metric_name=False, enable_version_counter=False)
+    return [checkpoint, LastCheckpoint(folder), RandomStateCheckpoint(), ValidateAtMaxSteps()]
+
+
+def last_good_checkpoint(trainer):
+    """Path of the last checkpoint this fit wrote (or resumed from), or None."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.best_model_path:
+            if Path(callback.best_model_path).is_file():
+                return callback.best_model_path
+    return None

@@ -1,0 +1,173 @@
+"""From a composed training config to a trained model: ``train(cfg)`` is what
+``train_segmentation.py`` runs; ``build_net`` / ``build_module`` / ``build_trainer`` build one
+piece each (the demo and the tests reuse them). The config layout is ``configs/train.yaml``.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from smooseg.data.datasets import DatasetInfo, n_classes_of
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write
+from smooseg.model.checkpoints import check_state_dict, is_reference_layout, read_checkpoint, upgrade_checkpoint
+from smooseg.model.losses import LossConfig
+from smooseg.model.net import NetConfig, SmooSegNet
+from smooseg.runtime import resolve_precision
+from smooseg.train.callbacks import build_callbacks, last_good_checkpoint
+from smooseg.train.datamodule import build_datamodule
+from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
+
+RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "fused_attn")
+
+
+def dataset_info(cfg):
+    """The :class:`DatasetInfo` of the configured data set (classes, how it is read and evaluated)."""
+    dataset = cfg.dataset
+    return DatasetInfo(n_classes_of(dataset.name, dataset.get("n_classes")), name=dataset.name,
+                       dir_name=dataset.get("dir_name"), eval_res=int(cfg.eval_res),
+                       image_interp=dataset.image_interp)
+
+
+def build_net(cfg, n_classes):
+    """A fresh :class:`SmooSegNet` from the ``model`` keys: identity in :class:`NetConfig`, the
+    rest (weights to start from, fused attention, backbone precision) as how it runs."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    config = NetConfig.from_dict(dict(
+        model, n_clusters=n_classes + int(cfg.extra_clusters),
+        linear_probe_classes=n_classes if cfg.get("linear_probe", False) else None))
+    runtime = {k: model[k] for k in RUNTIME_MODEL_KEYS if k in model}
+    return SmooSegNet(config, backbone_precision=backbone_precision(cfg), **runtime)
+
+
+def build_module(cfg):
+    """A fresh :class:`SmooSegModule` around :func:`build_net`, from the ``loss``, ``optim`` and
+    diagnostics keys."""
+    data = dataset_info(cfg)
+    diagnostics = diagnostic_options(cfg)
+    return SmooSegModule(
+        build_net(cfg, data.n_classes), data,
+        loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
+        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        mask_extra_clusters=bool(cfg.mask_extra_clusters), n_log_images=int(cfg.n_log_images),
+        hist_freq=diagnostics["hist_freq"], compile=bool((cfg.get("perf") or {}).get("compile", False)))
+
+
+def diagnostic_options(cfg):
+    """Module settings of the diagnostics: ``linear_probe`` (supervised) and ``hist_freq``."""
+    hist_freq = int(cfg.get("hist_freq") or 0)
+    if hist_freq < 0:
+        raise SmoosegError(f"hist_freq={hist_freq} is negative; use 0 (off) or N > 0 (histograms "
+                           "every N steps)")
+    return {"linear_probe": bool(cfg.get("linear_probe", False)), "hist_freq": hist_freq}
+
+
+def backbone_precision(cfg):
+    """``perf.backbone_precision``; ``auto`` follows a mixed trainer precision (``16-mixed`` runs the
+    frozen backbone in fp16 too, as the reference's ``precision=16`` does), else stays ``auto``."""
+    value = str((cfg.get("perf") or {}).get("backbone_precision", "auto"))
+    if value != "auto":
+        return value
+    trainer = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    return {"16-mixed": "16", "bf16-mixed": "bf16"}.get(trainer, "auto")
+
+
+def build_logger(cfg):
+    """TensorBoard under ``<output_dir>/tensorboard`` or no logger (``logger=none``)."""
+    kind = cfg.logger.type
+    if kind == "none":
+        return False
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=cfg.output_dir, name="tensorboard", version="",
+                                 default_hp_metric=False)
+    raise SmoosegError(f"logger.type={kind} is unknown; use logger=tensorboard or logger=none")
+
+
+def build_trainer(cfg, callbacks=()):
+    """A Lightning Trainer: ``trainer.*`` keys are passed through (``precision: auto`` resolved)."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["precision"] = resolve_precision(options.get("precision", "auto"),
+                                             options.get("accelerator", "auto"))
+    accumulate = int(options.get("accumulate_grad_batches", 1))
+    # The frozen ViT is in eval mode on purpose (docs/method.md §1).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    try:
+        return pl.Trainer(
+            max_steps=int(cfg.max_steps), max_epochs=-1,
+            val_check_interval=int(cfg.val_check_interval) * accumulate,
+            check_val_every_n_epoch=None, logger=build_logger(cfg),
+            callbacks=build_callbacks(cfg.output_dir) + list(callbacks), default_root_dir=cfg.output_dir,
+            **options)
+    except TypeError as err:
+        raise SmoosegError(f"a trainer.* setting is not a Lightning Trainer argument ({err}); "
+                           "fix or remove it") from None
+
+
+def resume_path(cfg, module=None):
+    """The checkpoint to resume from: None, ``last`` (``<output_dir>/checkpoints/last.ckpt``) or a path.
+
+    With ``module`` the file is first read safely (weights-only) and checked to be a training
+    checkpoint that fits the configured model, so bad files fail with one clear line.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(
+        cfg.ckpt_path)
+    if not path.is_file():
+        raise SmoosegError(f"ckpt_path={cfg.ckpt_path}: {path} not found; pass an existing checkpoint "
+                           "or ckpt_path=null to start afresh")
+    if module is not None:
+        ckpt = read_checkpoint(path)
+        if not is_reference_layout(ckpt["state_dict"]):
+            check_state_dict(module.state_dict(), upgrade_checkpoint(ckpt)["state_dict"], path,
+                             module.net.config.describe() + " configured for this run")
+        if is_reference_layout(ckpt["state_dict"]) or "optimizer_states" not in ckpt:
+            raise SmoosegError(f"ckpt_path={path} holds no training state (optimiser, loops); resume "
+                               "from a last.ckpt written by train_segmentation.py")
+    return str(path)
+
+
+def save_config(cfg):
+    """Write the resolved config to ``<output_dir>/config.yaml``."""
+    path = Path(cfg.output_dir) / "config.yaml"
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def train(cfg, callbacks=()):
+    """Seed, build everything and fit; returns dict(best, last, best_mIoU, output_dir).
+
+    ``callbacks`` are extra Lightning callbacks added to the trainer's own.
+    """
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = build_module(cfg)
+    ckpt_path = resume_path(cfg, module)
+    datamodule = build_datamodule(cfg, module.net)
+    trainer = build_trainer(cfg, callbacks)
+    if trainer.is_global_zero:
+        save_config(cfg)
+    try:
+        with warnings.catch_warnings():
+            # EpochSampler does resume mid-epoch (Lightning cannot tell from the loader)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLossError as err:
+        raise SmoosegError(f"non-finite training loss (NaN or inf) at step {err.step}; last good "
+                           f"checkpoint: {last_good_checkpoint(trainer) or 'none yet'}; lower the "
+                           "learning rates (optim.lr1 / optim.lr2) or check the data") from None
+    callback = trainer.checkpoint_callback
+    score = callback.best_model_score
+    result = {
+        "best": callback.best_model_path or None,
+        "last": last_good_checkpoint(trainer),
+        "best_mIoU": None if score is None else float(score),
+        "output_dir": str(cfg.output_dir),
+    }
+    if trainer.is_global_zero:
+        print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
+        print(f"last checkpoint: {result['last']}")
+    return result
