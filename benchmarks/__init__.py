@@ -51,16 +51,6 @@ def describe_machine(info):
             f"GPU: {gpu}; torch {info['torch']}{load}")
 
 
-def resolve_device(name):
-    """``cpu`` / ``cuda`` / ``auto`` -> torch.device; SmoosegError when CUDA is asked for but absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SmoosegError("--device cuda: no CUDA GPU is available on this machine; use --device cpu")
-    return device
-
-
 def sync(device):
     """Wait for queued GPU work so wall-clock timings are true."""
     if device.type == "cuda":

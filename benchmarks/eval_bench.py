@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import PeakMemory, bench_main, describe_machine, format_table, machine, resolve_device, sync
+from benchmarks import PeakMemory, bench_main, describe_machine, format_table, machine, sync
 from smooseg.eval.crf_backend import TorchCRF
 from smooseg.eval.crf_pool import CRFPool, resolve_workers
 from smooseg.data.datasets import DatasetInfo, build_dataset
@@ -42,6 +42,7 @@ from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import evaluate
 from smooseg.model.net import NetConfig, SmooSegNet
+from smooseg.runtime import resolve_device
 
 RUNS = ("no_crf", "crf_serial", "crf_pipelined", "crf_torch")
 

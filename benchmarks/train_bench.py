@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import (PeakMemory, Stopwatch, bench_main, describe_machine, format_table, machine,
-                        resolve_device)
+from benchmarks import PeakMemory, Stopwatch, bench_main, describe_machine, format_table, machine
 from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.model.net import NetConfig, SmooSegNet
-from smooseg.runtime import autocast_dtype
+from smooseg.runtime import autocast_dtype, resolve_device
 from smooseg.train.feature_cache import open_or_build
 from smooseg.train.module import SmooSegModule
 

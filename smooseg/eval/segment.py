@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.eval.crf_backend import open_crf
 from smooseg.data.datasets import DatasetInfo
@@ -92,11 +93,6 @@ def to_input(image, device):
     """ImageNet-normalised 1×3×H×W float tensor of an H×W×3 uint8 image."""
     img = torch.as_tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)
     return normalize(img.float().div_(255))[None]
-
-
-def patch_multiple(n, patch):
-    """The multiple of ``patch`` nearest to ``n`` (halves round up), at least one patch."""
-    return max(1, (2 * int(n) + patch) // (2 * patch)) * patch
 
 
 def resized_shape(height, width, size, patch):

@@ -26,6 +26,16 @@ FEAT_TYPES = ("feat", "KK")
 POS_EMBED_RESAMPLING = "official-bicubic-scale-factor-offset0.1"
 FITS = ("error", "resize", "pad")
 
+# What a DINOv2 checkpoint of the reference implies for inputs that are not a multiple of 14
+# (320 px -> 322); DINO inputs must be multiples of 8 / 16.
+DEFAULT_FIT = {"dino": "error", "dinov2": "resize"}
+
+
+def patch_multiple(n, patch):
+    """The multiple of ``patch`` nearest to ``n`` (halves round up), at least one patch."""
+    return max(1, (2 * int(n) + patch) // (2 * patch)) * patch
+
+
 def official_pos_embed_grid(pos_embed, grid, num_prefix_tokens=1):
     """Position embeddings 1 x (prefix + h*w) x C for a patch grid ``(h, w)``, resampled as the
     official DINO / DINOv2 code does.
@@ -135,7 +145,7 @@ class Backbone(nn.Module):
         if H % p == 0 and W % p == 0:
             return img
         if self.fit == "resize":
-            size = (max(1, (2 * H + p) // (2 * p)) * p, max(1, (2 * W + p) // (2 * p)) * p)
+            size = (patch_multiple(H, p), patch_multiple(W, p))
             return F.interpolate(img, size=size, mode="bilinear", align_corners=False)
         if self.fit == "pad":
             return F.pad(img, (0, -W % p, 0, -H % p))
