@@ -107,6 +107,28 @@ def test_resume_from_last(trained_run, tmp_path):
     assert ckpt["global_step"] == 64
 
 
+def test_resume_from_a_checkpoint_of_the_earlier_layout(trained_run, tmp_path):
+    """A last.ckpt written before the hyper-parameters were grouped (flat, keys without "net.")
+    still resumes: it is converted on load."""
+    ckpt = torch.load(trained_run["last"], map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    flat = {**{k: v for k, v in hp["net"].items() if k not in ("n_clusters", "linear_probe_classes")},
+            **hp["loss"], **hp["optim"], **hp["metrics"], **hp["diagnostics"],
+            "n_classes": hp["data"]["n_classes"], "dataset_name": hp["data"]["name"],
+            "eval_res": hp["data"]["eval_res"], "extra_clusters": 0}
+    ckpt["hyper_parameters"] = flat
+    ckpt["state_dict"] = {k[len("net."):]: v for k, v in ckpt["state_dict"].items()}
+    out = tmp_path / "old"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, out / "checkpoints" / "last.ckpt")
+    overrides = [o for o in trained_run["overrides"] if not o.startswith(("output_dir=", "max_steps="))]
+    run_script("train_segmentation.py", *overrides, f"output_dir={out}", "max_steps=62", "ckpt_path=last",
+               "logger=none")
+    resumed = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 62 and "net" in resumed["hyper_parameters"]
+    assert all(k.startswith("net.") for k in resumed["state_dict"])
+
+
 def test_user_errors_are_one_line(tmp_path):
     proc = run_script("train_segmentation.py", "experiment=demo", "model.pretrained=false",
                       f"data_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'out'}", check=False)
