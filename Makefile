@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_bench
 	$(PY) -m benchmarks.eval_bench
+	$(PY) -m benchmarks.crf_bench
+
+# The GPU check's dry run on this machine (tiny sizes on the CPU, no GPU number); on a GPU machine:
+# bash benchmarks/gpu_check.sh OUTPUT_DIR (benchmarks/README.md).
+gpu-check: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m benchmarks.gpu_check gpu_check_output --dry-run
 
 clean:
-	rm -rf outputs multirun lightning_logs demo_output
+	rm -rf outputs multirun lightning_logs demo_output gpu_check_output

@@ -2,7 +2,9 @@
 
 Flip averaging, optional dense CRF and Hungarian metrics on the checkpoint's data set (or
 dataset=...). Prints a per-class IoU table and writes <output_dir>/<checkpoint>/metrics.json
-plus coloured PNGs of the first n_images images. Config: configs/eval.yaml.
+plus coloured PNGs of the first n_images images, then the summary over the checkpoints (mean ±
+sample std, min, max of mIoU and Accuracy) in <output_dir>/summary.json. model_paths entries may
+be glob patterns: model_paths='runs/*/checkpoints/best-*.ckpt'. Config: configs/eval.yaml.
 """
 
 import hydra

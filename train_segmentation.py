@@ -2,7 +2,10 @@
 
 The config is configs/train.yaml composed with the groups dataset/, model/, trainer/, logger/
 and experiment/. Checkpoints (best by validation mIoU, and last.ckpt) go to
-<output_dir>/checkpoints, TensorBoard logs to <output_dir>/tensorboard.
+<output_dir>/checkpoints, TensorBoard logs to <output_dir>/tensorboard; the best checkpoint is
+then evaluated (final_eval.*: <output_dir>/final_eval/metrics.json). Several seeds:
+python train_segmentation.py -m experiment=... seed=0,1,2,3,4 trains job n in <output_dir>/<n>/
+and writes the summary over the jobs to <output_dir>/summary.json.
 """
 
 import hydra
@@ -13,9 +16,10 @@ from smooseg.cli import prepare_argv, report_errors
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @report_errors
 def main(cfg):
+    from smooseg.sweep import job_output_dir
     from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
-    train(cfg)
+    return train(job_output_dir(cfg))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ growth over the RSS before the row; ``torch.cuda.max_memory_allocated`` on CUDA)
 per-image lattice construction (the bilateral lattice and its normalisation; the Gaussian one
 depends on the image size alone and is built once, its cost shown separately) and its share of
 the wall clock, and the parity with pydensecrf (max |Δ marginal|, argmax agreement).
+
+``--no-pydensecrf`` leaves the reference row out (a machine without pydensecrf2: no speed-up and
+no parity columns then), ``--no-torch-cpu`` the torch CPU rows (a GPU check that wants the CUDA
+rows alone).
 """
 
 import argparse
@@ -28,10 +32,10 @@ import numpy as np
 import torch
 
 from benchmarks import PeakMemory, bench_main, describe_machine, format_table, machine, sync
-from smooseg.eval.crf import dense_crf
 from smooseg.data.synthetic import street_scene
 from smooseg.errors import SmoosegError
 from smooseg.eval import crf_torch
+from smooseg.eval.crf import dense_crf
 
 KINDS = ("scene", "noise")
 
@@ -49,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per call of the batched CUDA row")
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda: cuda (auto: when available) adds the CUDA rows")
+    p.add_argument("--no-pydensecrf", action="store_true",
+                   help="leave out the pydensecrf row (and with it the speed-up and parity columns)")
+    p.add_argument("--no-torch-cpu", action="store_true", help="leave out the torch CPU rows")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
 
@@ -125,6 +132,8 @@ def run(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SmoosegError("--device cuda: no CUDA GPU is available on this machine; use --device cpu")
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.no_pydensecrf and args.no_torch_cpu and not want_cuda:
+        raise SmoosegError("--no-pydensecrf and --no-torch-cpu without CUDA leave no row to measure")
     size = tuple(args.size)
     params = {"iters": args.iters, "gaussian_sxy": 1, "gaussian_compat": 3, "bilateral_sxy": 67,
               "bilateral_srgb": 3, "bilateral_compat": 4}
@@ -136,13 +145,15 @@ def run(args):
         cases = [make_case(kind, 1000 * KINDS.index(kind) + i, size, args.classes) for i in range(args.images)]
         memory = PeakMemory(cpu)
         try:
-            torch.set_num_threads(1)
-            ms, reference, rss_before = time_row(
-                "pydensecrf", lambda group: [dense_crf(img, lp, **params) for img, lp in group],
-                cases, 1, cpu, args.repeats, memory)
-            rows.append({"kind": kind, "run": "pydensecrf", "device": "cpu", "threads": 1, "batch": 1,
-                         "ms_per_image": ms, "peak_mem_mb": memory.peaks["pydensecrf"] / 2**20,
-                         "mem_growth_mb": (memory.peaks["pydensecrf"] - rss_before) / 2**20})
+            reference = None
+            if not args.no_pydensecrf:
+                torch.set_num_threads(1)
+                ms, reference, rss_before = time_row(
+                    "pydensecrf", lambda group: [dense_crf(img, lp, **params) for img, lp in group],
+                    cases, 1, cpu, args.repeats, memory)
+                rows.append({"kind": kind, "run": "pydensecrf", "device": "cpu", "threads": 1, "batch": 1,
+                             "ms_per_image": ms, "peak_mem_mb": memory.peaks["pydensecrf"] / 2**20,
+                             "mem_growth_mb": (memory.peaks["pydensecrf"] - rss_before) / 2**20})
 
             def torch_rows(device, label, n_threads, batch):
                 if device.type == "cpu":
@@ -156,21 +167,23 @@ def run(args):
                 mem = memory if device.type == "cpu" else PeakMemory(device)
                 ms, outs, rss_before = time_row(label, run_batch, cases, batch, device, args.repeats, mem)
                 lat, grid = lattice_ms(cases, device, params, args.repeats)
-                diff = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference))
-                agree = float(np.mean([(o.argmax(0) == r.argmax(0)).mean() for o, r in zip(outs, reference)]))
                 row = {"kind": kind, "run": label, "device": device.type, "threads": n_threads, "batch": batch,
                        "ms_per_image": ms, "lattice_ms": lat, "lattice_share": lat / ms,
-                       "grid_lattice_ms": grid, "max_abs_diff": diff, "argmax_agreement": agree,
-                       "peak_mem_mb": mem.peaks[label] / 2**20}
+                       "grid_lattice_ms": grid, "peak_mem_mb": mem.peaks[label] / 2**20}
+                if reference is not None:
+                    row["max_abs_diff"] = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference))
+                    row["argmax_agreement"] = float(np.mean([(o.argmax(0) == r.argmax(0)).mean()
+                                                             for o, r in zip(outs, reference)]))
                 if device.type == "cpu":
                     row["mem_growth_mb"] = (mem.peaks[label] - rss_before) / 2**20
                 else:
                     mem.close()
                 rows.append(row)
 
-            torch_rows(cpu, "torch cpu", 1, 1)
-            if threads > 1:
-                torch_rows(cpu, f"torch cpu {threads} threads", threads, 1)
+            if not args.no_torch_cpu:
+                torch_rows(cpu, "torch cpu", 1, 1)
+                if threads > 1:
+                    torch_rows(cpu, f"torch cpu {threads} threads", threads, 1)
             torch.set_num_threads(default_threads)
             if want_cuda:
                 cuda = torch.device("cuda")
@@ -182,14 +195,16 @@ def run(args):
             torch.set_num_threads(default_threads)
     base = {r["kind"]: r["ms_per_image"] for r in rows if r["run"] == "pydensecrf"}
     for r in rows:
-        r["speedup_vs_pydensecrf"] = base[r["kind"]] / r["ms_per_image"]
+        if r["kind"] in base:
+            r["speedup_vs_pydensecrf"] = base[r["kind"]] / r["ms_per_image"]
         for key, value in list(r.items()):
             if isinstance(value, float):
                 r[key] = round(value, 7 if key == "max_abs_diff" else 4)
     return {"benchmark": "crf", "machine": machine(torch.device("cuda") if want_cuda else cpu),
             "settings": {"size": list(size), "classes": args.classes, "kinds": list(args.kinds),
                          "images_per_kind": args.images, "iters": args.iters, "repeats": args.repeats,
-                         "threads": threads, "batch": args.batch, "cuda": want_cuda},
+                         "threads": threads, "batch": args.batch, "cuda": want_cuda,
+                         "pydensecrf": not args.no_pydensecrf, "torch_cpu": not args.no_torch_cpu},
             "rows": rows}
 
 
@@ -202,7 +217,8 @@ def report(results):
         mem = f"{r['peak_mem_mb']:.0f}"
         if "mem_growth_mb" in r:
             mem += f" (+{r['mem_growth_mb']:.0f})"
-        table.append([r["kind"], r["run"], f"{r['ms_per_image']:.1f}", f"{r['speedup_vs_pydensecrf']:.2f}x",
+        table.append([r["kind"], r["run"], f"{r['ms_per_image']:.1f}",
+                      f"{r['speedup_vs_pydensecrf']:.2f}x" if "speedup_vs_pydensecrf" in r else "-",
                       f"{r['lattice_ms']:.1f} ({r['lattice_share']:.0%})" if "lattice_ms" in r else "-",
                       f"{r['grid_lattice_ms']:.1f}" if "grid_lattice_ms" in r else "-", mem,
                       f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-",

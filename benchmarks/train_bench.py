@@ -132,11 +132,26 @@ def build_data(args, root, module, device):
                            device=device, precision=args.precision, progress=True)
     build_s = time.perf_counter() - start
     disk = sum(f.stat().st_size for f in cached.path.iterdir())
-    common = dict(batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-                  persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
     info = {"images": n_images, "build_s": round(build_s, 3), "disk_mb": round(disk / 2**20, 3),
-            "dtype": args.cache_dtype}
-    return DataLoader(images, **common), DataLoader(cached, **common), info
+            "dtype": args.cache_dtype, "build_images_per_s": round(n_images / build_s, 2)}
+    return loader(images, args, device), loader(cached, args, device), info
+
+
+def loader(dataset, args, device):
+    """The shuffled training loader of one stream."""
+    return DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                      persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+
+
+def stream(config, image_loader, cache_loader, args, device):
+    """Endless batches for one configuration.  With worker processes each uncached configuration
+    gets a loader of its own: a loader's persistent workers serve one iterator, so streams sharing
+    it would reset each other's prefetching at every epoch end."""
+    if config == "cached":
+        return endless(cache_loader)
+    if args.workers == 0 or config == "unoptimised":
+        return endless(image_loader)
+    return endless(loader(image_loader.dataset, args, device))
 
 
 def summarise(steps, batch, peak):
@@ -162,7 +177,7 @@ def run(args):
     with tempfile.TemporaryDirectory(prefix="smooseg_train_bench_") as root:
         image_loader, cache_loader, cache_info = build_data(args, root, module, device)
         names = configs(args)
-        streams = {c: endless(cache_loader if c == "cached" else image_loader) for c in names}
+        streams = {c: stream(c, image_loader, cache_loader, args, device) for c in names}
         timed = {c: [] for c in names}
         for step in range(args.warmup + args.steps):
             for config in names:

@@ -1,9 +1,12 @@
-"""Shared plumbing for the Hydra entry points: reference-style flags and one-line errors."""
+"""Shared plumbing for the Hydra entry points: reference-style flags and one-line errors (an
+unknown key answered with the key that was meant)."""
 
+import difflib
 import functools
 import re
 import sys
 
+from hydra.experimental.callback import Callback
 from omegaconf.errors import MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
@@ -58,7 +61,8 @@ def one_line(message):
 def report_errors(task):
     """Wrap a Hydra task so a user error prints one line on stderr and exits with status 2.
 
-    User errors are SmoosegError and a required config value left unset (``???``).
+    User errors are SmoosegError and a required config value left unset (``???``); Ctrl-C ends
+    with ``error: interrupted`` and status 130.
     """
 
     @functools.wraps(task)
@@ -72,13 +76,185 @@ def report_errors(task):
             key = err.full_key or "a config key"
             print(f"error: config key '{key}' is required but not set; pass {key}=...", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C: the CRF pool has already shut its workers down
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return wrapped
 
 
-def config_error_message(err):
-    """One line for a Hydra composition / override error (unknown key, group option or syntax)."""
+# The reference release's config keys (its training and evaluation configs) and the keys they
+# became here; of several, the first one the composed config has is suggested. The reference keys
+# that kept their names (res in training, seed, batch_size, max_steps, num_workers, data_dir,
+# extra_clusters, hist_freq, model_paths) need no entry.
+REFERENCE_RENAMED = {
+    "dataset_name": ("dataset",),  # the dataset group: dataset=<name>
+    "dino_patch_size": ("model.patch_size",),
+    "model_type": ("model.model_type",),
+    "arch": ("model.arch",),
+    "dino_feat_type": ("model.feat_type",),
+    "dim": ("model.dim",),
+    "projection_type": ("model.projection_type",),
+    "dropout": ("model.dropout",),
+    "val_freq": ("val_check_interval",),
+    "checkpoint_freq": ("val_check_interval",),
+    "crop_type": ("dataset.train_crop_source.crop_type",),
+    "crop_ratio": ("dataset.train_crop_source.ratio",),
+    "loader_crop_type": ("dataset.train_crop",),
+    "lr1": ("optim.lr1",),
+    "lr2": ("optim.lr2",),
+    "temperature": ("loss.temperature",),
+    "alpha": ("loss.ema_alpha",),
+    "pos_intra_shift": ("loss.pos_intra_shift",),
+    "neg_inter_shift": ("loss.neg_inter_shift",),
+    "pointwise": ("loss.pointwise",),
+    "n_images": ("n_log_images",),
+    "scalar_log_freq": ("trainer.log_every_n_steps",),
+    "output_root": ("output_dir",),
+    "res": ("eval_res",),  # evaluation (training keeps res)
+    "run_crf": ("crf", "final_eval.crf"),  # evaluation; training's final evaluation
+}
+REFERENCE_WITHOUT_COUNTERPART = {
+    "experiment_name": "a run is named by its folder, output_dir",
+    "full_name": "a run is named by its folder, output_dir",
+    "log_dir": "TensorBoard logs go to <output_dir>/tensorboard",
+    "azureml_logging": "only TensorBoard logging is built in: logger=tensorboard or logger=none",
+    "n_feats": "the feature size is derived from the backbone: model.arch and model.model_type",
+    "run_picie": "the PiCIE baseline is not part of this package",
+    "run_prediction": "predictions are always computed (n_images saves pictures of them)",
+    "dark_mode": "pictures use the data set's colour map only",
+    "use_ddp": "evaluation runs in one process on one device (device=cuda:N); training uses trainer=ddp",
+}
+# Sections that may be null in a config; setting one of their keys then means setting the whole
+# section, filled with these values (the published five-crop set).
+WHOLE_SECTIONS = {"dataset.train_crop_source": {"crop_type": "five", "ratio": 0.5}}
+_MISSING = object()
+
+
+def config_keys(tree, prefix=""):
+    """The dotted keys of a plain nested dict (sections and their keys, depth first)."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, dict):
+            yield from config_keys(value, f"{dotted}.")
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def nearest_key(key, valid, cutoff=0.65):
+    """The valid dotted key closest to ``key``, or None: by the last part within the same section,
+    else by the better of the last parts and the whole keys, less 0.1 (another section is a bigger
+    step); never a section that holds ``key``."""
+    parent, _, leaf = key.rpartition(".")
+
+    def score(candidate):
+        section, _, name = candidate.rpartition(".")
+        ratio = difflib.SequenceMatcher(None, leaf, name).ratio()
+        if section == parent:
+            return ratio
+        return max(ratio, difflib.SequenceMatcher(None, key, candidate).ratio()) - 0.1
+
+    candidates = [c for c in valid if not key.startswith(f"{c}.")]
+    best = max(candidates, key=score, default=None)
+    return best if best is not None and score(best) >= cutoff else None
+
+
+def _override(key, value):
+    """``key=value`` as a command-line word (single-quoted when the shell would mangle it)."""
+    word = f"{key}={value}"
+    return f"'{word}'" if any(char in str(value) for char in " []{}()*?$;&|<>'\"") else word
+
+
+def _format_value(value):
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _whole_section(section, leaf, value):
+    return _override(section, _format_value({**WHOLE_SECTIONS.get(section, {}), leaf: value}))
+
+
+def _null_section(tree, key):
+    """The section above ``key`` when the config holds it as null (or empty), else None."""
+    section = key.rpartition(".")[0]
+    return section if section and _lookup(tree, section) in (None, {}) else None
+
+
+def reference_key_message(key, value, tree):
+    """The hint for a key of the reference's configs, or None when ``key`` is not one."""
+    head = f"unknown config key '{key}'"
+    if key in REFERENCE_WITHOUT_COUNTERPART:
+        return (f"{head}: the reference's {key} has no counterpart here "
+                f"({REFERENCE_WITHOUT_COUNTERPART[key]}); remove it")
+    natives = REFERENCE_RENAMED.get(key)
+    if natives is None:
+        return None
+    if natives == ("dataset",):
+        return f"{head}: the reference's {key} is the dataset group here; pass {_override('dataset', value)}"
+    for native in natives:
+        if _lookup(tree, native) is not _MISSING:
+            return f"{head}: the reference's {key} is {native} here; pass {_override(native, value)}"
+    for native in natives:
+        section = _null_section(tree, native)
+        if section is not None:
+            return (f"{head}: the reference's {key} is {native} here, and {section} is null in this "
+                    f"config; pass {_whole_section(section, native.rpartition('.')[2], value)}")
+    return (f"{head}: the reference's {key} is {natives[0]} in train_segmentation.py, not a setting of "
+            "this script; remove it")
+
+
+def unknown_key_message(key, value, tree):
+    """One line for an override of a key the composed config (``tree``, a plain dict) lacks: the
+    reference's name of a setting, a null section, the nearest valid key, or a Lightning argument."""
+    head = f"unknown config key '{key}'"
+    if "." not in key:
+        hint = reference_key_message(key, value, tree)
+        if hint is not None:
+            return hint
+    section = _null_section(tree, key)
+    if section is not None:
+        return (f"{head}: {section} is null in this config; set it whole: "
+                f"{_whole_section(section, key.rpartition('.')[2], value)}")
+    valid = [k for k in config_keys(tree) if key.startswith("hydra.") or not k.startswith("hydra")]
+    near = nearest_key(key, valid)
+    trainer_arg = f"+{key}={value}" if key.startswith("trainer.") else None
+    if near is not None:
+        extra = f"; or add a Lightning Trainer argument: {trainer_arg}" if trainer_arg else ""
+        return f"{head}; did you mean {near}? (pass {_override(near, value)}{extra})"
+    if trainer_arg:
+        return (f"{head}; to add a Lightning Trainer argument that configs/trainer does not set, "
+                f"pass {trainer_arg}")
+    return f"{head}; no setting has a similar name (--cfg job prints the composed config)"
+
+
+def typed_value(key, argv, fallback):
+    """The value ``key`` was given on the command line ``argv`` (a multirun's whole sweep, where
+    Hydra reports one job's value), else ``fallback``."""
+    for word in argv or ():
+        name, sep, value = word.partition("=")
+        if sep and name.lstrip("+~") == key:
+            return value
+    return fallback
+
+
+def config_error_message(err, argv=None):
+    """One line for a Hydra composition / override error (unknown key, group option or syntax).
+
+    An unknown key is answered with what was meant: the native name of a reference config key
+    (``dino_patch_size`` -> ``model.patch_size``), or the nearest valid key of the config being
+    composed (``loss.temprature`` -> ``loss.temperature``), with the override to pass (its value
+    as typed in ``argv``, the command-line overrides).
+    """
     from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf import OmegaConf
 
     first = one_line(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
     if isinstance(err, OverrideParseException):
@@ -92,11 +268,53 @@ def config_error_message(err):
     if override:
         key = override.group(1)
         if "not in struct" in str(err.__cause__):
-            return (f"unknown config key '{key}'; check the spelling (--cfg job lists the valid keys) "
-                    f"or add a new key with +{key}=...")
+            line = re.search(r"To append to your config use \+(.*)", str(err))
+            value = typed_value(key, argv, line.group(1).split("=", 1)[1] if line and "=" in line.group(1)
+                                else "...")
+            node = getattr(err.__cause__, "parent_node", None)
+            tree = OmegaConf.to_container(node._get_root(), resolve=False) if node is not None else {}
+            return unknown_key_message(key, value, tree)
         cause = one_line(str(err.__cause__).splitlines()[0]) if err.__cause__ else first
         return f"cannot set config key '{key}': {cause}"
     return f"{first}; check the command-line overrides"
+
+
+def sweep_problem(config):
+    """Why the multirun ``config`` (Hydra's, before any job) cannot work, in one line, or None:
+    a swept key that does not exist, or DDP (Lightning starts each further process by running
+    the command line again, ``-m`` included, which would start the whole sweep in every process)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    choices = set(config.hydra.runtime.choices)
+    if any(o.is_sweep_override() and o.key_or_group in choices for o in overrides):
+        return None  # a swept group changes which keys exist and how each job trains
+    tree = OmegaConf.to_container(config, resolve=False)
+    for o in overrides:
+        if (o.is_sweep_override() and not (o.is_add() or o.is_force_add() or o.is_delete())
+                and o.key_or_group not in choices and _lookup(tree, o.key_or_group) is _MISSING):
+            return unknown_key_message(o.key_or_group, o.input_line.split("=", 1)[1], tree)
+    if "ddp" in str(OmegaConf.select(config, "trainer.strategy", default="")):
+        return ("a multirun (-m) cannot train with DDP (trainer.strategy=ddp): Lightning starts each further "
+                "process by running the command line again, -m included; train the seeds as separate runs "
+                "(seed=<s> output_dir=<folder>/<s>) and summarise them with eval_segmentation.py "
+                "model_paths='<folder>/*/checkpoints/best-*.ckpt'")
+    return None
+
+
+class CheckSweep(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): a multirun that cannot work
+    (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``) stops with one ``error:`` line
+    before the sweep folder is made (Hydra composes each job's config only when it launches it).
+    """
+
+    def on_multirun_start(self, config, **kwargs):
+        problem = sweep_problem(config)
+        if problem is not None:
+            # Hydra turns a callback's exceptions into warnings: stop here, as report_errors does
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _one_line_config_errors(run_and_report):
@@ -109,7 +327,7 @@ def _one_line_config_errors(run_and_report):
             try:
                 return func()
             except (ConfigCompositionException, OverrideParseException) as err:
-                print(f"error: {config_error_message(err)}", file=sys.stderr)
+                print(f"error: {config_error_message(err, sys.argv[1:])}", file=sys.stderr)
                 sys.exit(2)
 
         return run_and_report(guarded)

@@ -1,27 +1,66 @@
-"""Files: writing without leaving anything half-written, JSON, and reading images."""
+"""Files: writing without leaving anything half-written, JSON, and reading images.
+
+Every image any part of the package reads (training, evaluation, segmentation, cropping) goes
+through :func:`read_rgb`, so the same file gives the same pixels everywhere: fully decoded,
+EXIF orientation applied when the reader asks for it, and converted to 8-bit RGB by bit depth
+(16-bit and 32-bit greyscale, float images), see :func:`to_uint8`.
+"""
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from smooseg.errors import SmoosegError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+EXIF_ORIENTATION = 0x0112
+# EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse).
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def current_umask():
+    """The process's umask, read without changing it where Linux reports it (``/proc``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path):
+    """Permission bits a file written at ``path`` gets: those of the file it replaces, else what
+    ``open()`` would give a new file (0666 minus the umask); never mkstemp's private 0600."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 @contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The finished file has the permissions of the file it replaces, or those the user's umask
+    gives a new file (the temporary file is private while it is being written).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -35,16 +74,95 @@ def write_json(data, path):
     return Path(path)
 
 
+def to_uint8(array):
+    """An image array (H×W or H×W×C) as uint8, scaled by its bit depth.
+
+    uint8 as is; bool ×255; 16-bit integers ÷257 (65535 -> 255); wider integers (PIL mode ``I``,
+    what 16-bit PNGs and 32-bit TIFFs may open as) ÷257 while they fit 16 bits, else scaled by
+    their maximum (integers are rounded); floats: [0, 1] ×255, [0, 255] as is, [0, 65535] ÷257,
+    else scaled by their maximum, then truncated (NaN -> 0). Negative values become 0.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        values = array.astype(np.int64)
+        top = int(values.max()) if values.size else 0
+        scale = 257.0 if (array.dtype.itemsize == 2 or top <= 65535) else max(top, 1) / 255.0
+        return np.clip(np.round(np.clip(values, 0, None) / scale), 0, 255).astype(np.uint8)
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max()) if values.size else 0.0
+    if top <= 1.0:
+        values = values * 255.0
+    elif top > 255.0:
+        values = values / (257.0 if top <= 65535.0 else top / 255.0)
+    return np.clip(values, 0, 255).astype(np.uint8)  # truncated, as the Potsdam reader always did
+
+
+def to_rgb(img):
+    """A PIL image of any mode as 8-bit RGB. Modes PIL converts correctly (L, P, 1, RGBA, CMYK,
+    YCbCr, LA, ...) go through ``convert``; high-bit-depth modes (``I;16*``, ``I``, ``F``), which
+    ``convert`` clips to white, are scaled by bit depth with :func:`to_uint8`."""
+    if img.mode.startswith("I") or img.mode == "F":
+        grey = to_uint8(np.asarray(img))
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    return img.convert("RGB")
+
+
+def _reason(err):
+    return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def _unreadable(path, err, fix):
+    return SmoosegError(f"cannot read image {path} ({_reason(err)}); the file is corrupt or not an "
+                        f"image: {fix}")
+
+
+def exif_orientation(img):
+    """The EXIF orientation (1-8) of an opened image, from its header only (1 when it has none).
+
+    PNG keeps EXIF in an ``eXIf`` chunk; only one before the pixel data is seen here (PIL would
+    decode the whole image to look further), which is where writers put it.
+    """
+    try:
+        if img.format == "PNG":
+            data = img.info.get("exif")
+            if not data:
+                return 1
+            exif = Image.Exif()
+            exif.load(data)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block: PIL's exif_transpose ignores it too
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def image_size(path, exif=False, fix="re-download it or remove it from the data set"):
+    """(width, height) of an image file from its header, after its EXIF orientation with
+    ``exif`` (what :func:`read_rgb` will return), without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if exif and exif_orientation(img) in SWAPPING_ORIENTATIONS:
+                width, height = height, width
+            return width, height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _unreadable(path, err, fix) from None
+
+
 def read_rgb(path, exif=False, fix="re-download it or remove it from the data set"):
-    """A fully decoded RGB PIL image (so a corrupt file fails here, by name); ``exif`` applies the
-    file's EXIF orientation. The error names the file and ``fix``."""
+    """A fully decoded 8-bit RGB PIL image (so a corrupt file fails here, by name); ``exif``
+    applies the file's EXIF orientation; any bit depth is scaled to 8 bits (:func:`to_rgb`).
+    The error names the file and ``fix``."""
     try:
         with Image.open(path) as img:
             img.load()
             if exif:
                 img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
-        raise SmoosegError(f"cannot read image {path} ({reason}); the file is corrupt or not an image: "
-                           f"{fix}") from None
+        raise _unreadable(path, err, fix) from None

@@ -48,15 +48,15 @@ def synthetic_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data, tmp_path_factory):
-    """One training run: dict(data_dir, output_dir, overrides, best, last)."""
+    """One training run: dict(data_dir, output_dir, overrides, best, last, stdout)."""
     output_dir = tmp_path_factory.mktemp("train")
     overrides = TRAIN_OVERRIDES + [f"data_dir={synthetic_data}", f"output_dir={output_dir}"]
-    run_script("train_segmentation.py", *overrides, timeout=600)
+    proc = run_script("train_segmentation.py", *overrides, timeout=600)
     checkpoints = output_dir / "checkpoints"
     best = sorted(checkpoints.glob("best-*.ckpt"))
     return {
         "data_dir": Path(synthetic_data), "output_dir": output_dir, "overrides": overrides,
-        "best": best[0] if best else None, "last": checkpoints / "last.ckpt",
+        "best": best[0] if best else None, "last": checkpoints / "last.ckpt", "stdout": proc.stdout,
     }
 
 

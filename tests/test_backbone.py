@@ -10,11 +10,11 @@ import timm
 import torch
 from torch import nn
 
+from smooseg.errors import SmoosegError
 from smooseg.model import backbone as bb
 from smooseg.model import weights
 from smooseg.model.backbone import Backbone
 from smooseg.model.weights import ARCHS, load_official_state_dict, official_weights, timm_name
-from smooseg.errors import SmoosegError
 
 WIDTH = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant": 1536}
 

@@ -163,10 +163,53 @@ def valid_checkpoint(tmp, pristine):
     return {"data": pristine["data"], "ckpt": pristine["ckpt"]}
 
 
+def cut_short_crop_run(tmp, pristine):
+    """A five-crop set as a killed ``crop_datasets.py`` run leaves it: 12 of the 20 crops on disk,
+    no completion entry for the split."""
+    from smooseg.data.crops import begin_record, crop_dataset, crop_folder, record_settings
+    from smooseg.data.datasets import build_dataset
+
+    data = copy_data(tmp, pristine)
+    folder = crop_folder(data, "cityscapes", "five", 0.5)
+    crop_dataset(build_dataset("cityscapes", data, "train", res=None), folder, "train", "five", 0.5,
+                 progress=False)
+    begin_record(folder, "train", record_settings("five", 0.5, 0, 75))
+    for n in range(12, 20):
+        (folder / "img" / "train" / f"{n}.jpg").unlink()
+        (folder / "label" / "train" / f"{n}.png").unlink()
+    return {"data": data, "folder": folder}
+
+
+def directory_missing_label(tmp, pristine):
+    data = directory_set(tmp, pristine)
+    label = sorted((data / "mine" / "labels" / "train").iterdir())[2]
+    label.unlink()
+    return {"data": data, "bad": label.name}
+
+
+def directory_colour_label(tmp, pristine):
+    data = directory_set(tmp, pristine)
+    label = sorted((data / "mine" / "labels" / "train").iterdir())[1]
+    Image.fromarray(np.full((32, 32, 3), 2, dtype=np.uint8)).save(label)
+    return {"data": data, "bad": label.name}
+
+
+def large_photo(tmp, pristine):
+    photos = tmp / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((300, 400, 3), 90, dtype=np.uint8)).save(photos / "large.png")
+    return {"data": pristine["data"], "ckpt": pristine["ckpt"], "photos": photos}
+
+
 # ---- extra checks for rows that expect more than the common ones
 
 def payload_did_not_run(tmp, out, line):
     assert not (tmp / "pwned").exists()
+
+
+def nothing_at_all(tmp, out, line):
+    """Not even the output folder (a multirun makes it when its first job launches)."""
+    assert not out.exists()
 
 
 def last_good_checkpoint_kept(tmp, out, line):
@@ -227,7 +270,21 @@ CASES = [
          ["unknown config key 'learning_rate'"]),
     Case("train: unknown nested config key", valid, T, TRAIN + ["optim.lr3=0.1"],
          ["unknown config key 'optim.lr3'"]),
-    Case("eval: unknown config key", valid_checkpoint, E, EVAL + ["flipp=true"], ["unknown config key 'flipp'"]),
+    Case("eval: unknown config key", valid_checkpoint, E, EVAL + ["flipp=true"],
+         ["unknown config key 'flipp'", "did you mean flip?", "flip=true"]),
+    Case("train: misspelt config key", valid, T, TRAIN + ["loss.temprature=0.2"],
+         ["unknown config key 'loss.temprature'", "did you mean loss.temperature?", "loss.temperature=0.2"]),
+    Case("train: key of the reference's config", valid, T, TRAIN + ["--dino_patch_size", "16"],
+         ["unknown config key 'dino_patch_size'", "the reference's dino_patch_size is model.patch_size here",
+          "pass model.patch_size=16"]),
+    Case("train: reference key without a counterpart", valid, T, TRAIN + ["n_feats=384"],
+         ["unknown config key 'n_feats'", "no counterpart", "derived from the backbone"]),
+    Case("eval: key of the reference's config", valid_checkpoint, E, EVAL + ["res=320"],
+         ["unknown config key 'res'", "is eval_res here", "pass eval_res=320"]),
+    Case("train: swept unknown key", valid, T, ["-m"] + TRAIN + ["seed=0,1", "loss.temprature=0.1,0.2"],
+         ["did you mean loss.temperature?", "loss.temperature=0.1,0.2"], check=nothing_at_all),
+    Case("train: key added to a section that does not take it", valid, T, TRAIN + ["+loss.temprature=0.2"],
+         ["loss.temprature is not one of the loss settings", "temperature"]),
     Case("eval: bad CRF worker count", valid_checkpoint, E, EVAL[:4] + ["crf=true", "crf_workers=many"] + EVAL[5:],
          ["crf_workers must be an integer >= 0 or auto", "'many'"]),
     Case("train: unparsable override", valid, T, TRAIN + ["seed=["], ["cannot parse", "seed=["]),
@@ -236,6 +293,9 @@ CASES = [
     # checkpoints
     Case("eval: checkpoint missing", lambda t, p: {"data": p["data"], "ckpt": t / "absent.ckpt"}, E, EVAL,
          ["absent.ckpt", "not found"]),
+    Case("eval: checkpoint pattern that matches nothing", valid_checkpoint, E,
+         ["model_paths={tmp}/runs/*/checkpoints/best-*.ckpt"] + EVAL[1:],
+         ["model_paths pattern '{tmp}/runs/*/checkpoints/best-*.ckpt' matches no file"]),
     Case("eval: not a checkpoint", text_file_checkpoint, E, EVAL, ["notes.ckpt", "not a SmooSeg checkpoint"]),
     Case("eval: checkpoint of another architecture", other_architecture_checkpoint, E, EVAL,
          ["other.ckpt", "does not fit", "projector.linear.weight"]),
@@ -258,8 +318,10 @@ CASES = [
     Case("train: unlabelled tiles asked for outside Potsdam", valid, T,
          TRAIN + ["+dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
     # sizes and numerics
-    Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40", "eval_res=40"],
+    Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40"],
          ["40x40", "patch size 16", "model.fit"]),
+    Case("train: final evaluation size not a multiple of the patch", valid, T, TRAIN + ["eval_res=40"],
+         ["eval_res=40", "40x40", "patch size 16", "model.fit=resize", "final_eval.enabled=false"]),
     Case("eval: size not a multiple of the patch", valid_checkpoint, E, EVAL + ["eval_res=40"],
          ["40x40", "patch size 16"]),
     Case("train: batch larger than the training set", valid, T, TRAIN + ["batch_size=8"],
@@ -267,6 +329,23 @@ CASES = [
     Case("train: non-finite loss", valid, T, TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
          ["non-finite", "step 2", "last good checkpoint"], check=last_good_checkpoint_kept,
          keeps_checkpoint=True),
+    # part-written data and files that cannot be read right
+    Case("train: cropped set left incomplete by a killed crop run", cut_short_crop_run, T,
+         TRAIN + ["dataset=cityscapes"],
+         ["{folder} is incomplete", "no completion entry for split train",
+          "finish it with `python crop_datasets.py data_dir={data} datasets=[cityscapes] crop_types=[five] "
+          "crop_ratio=0.5`", "dataset.train_crop_source=null"]),
+    Case("train: directory image without its label", directory_missing_label, T,
+         TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
+         ["4 images", "3 labels", "do not pair up", "1 image(s) have no label ({bad})", "<stem>_gt.png"]),
+    Case("train: directory label that is a colour image", directory_colour_label, T,
+         TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
+         ["{bad}", "has mode RGB", "a label is a single-channel PNG", "class ids 0..5"]),
+    Case("segment: dense CRF too large for the memory allowed", large_photo, "segment_images.py",
+         ["model_path={ckpt}", "input_dir={photos}", "output_dir={out}", "crf=true", "crf_max_memory=1MB",
+          "device=cpu", "progress=false"],
+         ["the dense CRF of {photos}/large.png (400x300 px)", "needs about", "crf_max_memory=1MB allows",
+          "crf=false"], check=nothing_at_all),
 ]
 
 
@@ -316,9 +395,10 @@ def test_bad_input_gives_one_line_error(case, pristine, tmp_path, monkeypatch, c
     check_failure(case, values, tmp_path, out, status, stderr)
 
 
-@pytest.mark.parametrize("name", ["train: unknown config key", "train: corrupt image read by a DataLoader worker"])
+@pytest.mark.parametrize("name", ["train: unknown config key", "train: key of the reference's config",
+                                  "train: corrupt image read by a DataLoader worker"])
 def test_same_in_a_real_process(name, pristine, tmp_path):
-    """The in-process runner above behaves as ``python <script>``: checked on two rows."""
+    """The in-process runner above behaves as ``python <script>``: checked on three rows."""
     case = next(c for c in CASES if c.name == name)
     out = tmp_path / "out"
     values = {"out": out, "tmp": tmp_path, "ckpt": pristine["ckpt"], **case.setup(tmp_path, pristine)}

@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import run_script, train_config
+from smooseg.errors import SmoosegError
 from smooseg.model import backbone
 from smooseg.model.checkpoints import load_net, read_checkpoint
-from smooseg.errors import SmoosegError
 from smooseg.train.datamodule import build_datasets
 
 # Native module name -> reference release name (docs/method.md section 9).

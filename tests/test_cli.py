@@ -47,6 +47,17 @@ def test_report_errors_exits_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: data_dir 'x' not found: set data_dir=..."]
 
 
+def test_ctrl_c_ends_with_one_line_and_status_130(capsys):
+    @report_errors
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        interrupted()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines() == ["error: interrupted"]
+
+
 def test_report_errors_passes_other_results():
     assert report_errors(lambda x: x + 1)(1) == 2
 

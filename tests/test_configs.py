@@ -1,5 +1,7 @@
 """Hydra configs: every group option and preset composes, presets hold the published settings (docs/method.md §8), both override styles."""
 
+import re
+
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -7,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_script
-from smooseg.cli import translate_args
+from smooseg.cli import config_error_message, translate_args
 
 CONFIGS = ROOT / "configs"
 
@@ -127,3 +129,177 @@ def test_entry_points_accept_both_styles():
     assert (cfg["model_paths"], cfg["crf"], cfg["flip"]) == (["x.ckpt"], False, False)
     proc = run_script("train_segmentation.py", "--no_such_key", "3", "--cfg", "job", check=False)
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+# ---- unknown keys answered with what was meant
+
+def error_message(name, overrides):
+    """config_error_message of composing ``name`` with ``overrides`` (which must fail)."""
+    with pytest.raises(ConfigCompositionException) as failed:
+        compose_cfg(name, overrides)
+    return config_error_message(failed.value)
+
+
+def hinted_override(message):
+    """The override a message tells the user to pass."""
+    found = re.search(r"(?:pass|set it whole:) ('[^']*'|[^\s);]+)", message)
+    assert found, message
+    return found.group(1).strip("'")
+
+
+EVAL_BASE = ["model_paths=[a.ckpt]"]
+# (config, reference key=value, the override it means here, where the value lands, the value)
+REFERENCE_RENAMED = [
+    ("train", "dataset_name=potsdam", "dataset=potsdam", "dataset.name", "potsdam"),
+    ("train", "dino_patch_size=16", "model.patch_size=16", "model.patch_size", 16),
+    ("train", "model_type=vit_base", "model.model_type=vit_base", "model.model_type", "vit_base"),
+    ("train", "arch=dinov2", "model.arch=dinov2", "model.arch", "dinov2"),
+    ("train", "val_freq=200", "val_check_interval=200", "val_check_interval", 200),
+    ("train", "checkpoint_freq=300", "val_check_interval=300", "val_check_interval", 300),
+    ("train", "crop_type=random", "dataset.train_crop_source.crop_type=random",
+     "dataset.train_crop_source.crop_type", "random"),
+    ("train", "crop_ratio=0.25", "dataset.train_crop_source.ratio=0.25", "dataset.train_crop_source.ratio",
+     0.25),
+    ("train", "loader_crop_type=random", "dataset.train_crop=random", "dataset.train_crop", "random"),
+    ("train", "lr1=0.001", "optim.lr1=0.001", "optim.lr1", 0.001),
+    ("train", "lr2=0.002", "optim.lr2=0.002", "optim.lr2", 0.002),
+    ("train", "temperature=0.2", "loss.temperature=0.2", "loss.temperature", 0.2),
+    ("train", "alpha=0.99", "loss.ema_alpha=0.99", "loss.ema_alpha", 0.99),
+    ("train", "pos_intra_shift=0.1", "loss.pos_intra_shift=0.1", "loss.pos_intra_shift", 0.1),
+    ("train", "neg_inter_shift=0.4", "loss.neg_inter_shift=0.4", "loss.neg_inter_shift", 0.4),
+    ("train", "pointwise=false", "loss.pointwise=false", "loss.pointwise", False),
+    ("train", "dim=32", "model.dim=32", "model.dim", 32),
+    ("train", "projection_type=linear", "model.projection_type=linear", "model.projection_type", "linear"),
+    ("train", "dropout=false", "model.dropout=false", "model.dropout", False),
+    ("train", "dino_feat_type=KK", "model.feat_type=KK", "model.feat_type", "KK"),
+    ("train", "n_images=2", "n_log_images=2", "n_log_images", 2),
+    ("train", "scalar_log_freq=25", "trainer.log_every_n_steps=25", "trainer.log_every_n_steps", 25),
+    ("train", "output_root=runs/x", "output_dir=runs/x", "output_dir", "runs/x"),
+    ("train", "run_crf=true", "final_eval.crf=true", "final_eval.crf", True),
+    ("eval", "res=224", "eval_res=224", "eval_res", 224),
+    ("eval", "run_crf=false", "crf=false", "crf", False),
+]
+REFERENCE_WITHOUT_COUNTERPART = [
+    ("train", "experiment_name=exp1", "output_dir"),
+    ("train", "full_name=outputs/", "output_dir"),
+    ("train", "log_dir=logs", "<output_dir>/tensorboard"),
+    ("train", "azureml_logging=true", "logger=tensorboard"),
+    ("train", "n_feats=384", "derived from the backbone"),
+    ("eval", "run_picie=true", "PiCIE"),
+    ("eval", "run_prediction=true", "always computed"),
+    ("eval", "dark_mode=true", "colour map"),
+    ("eval", "use_ddp=true", "one process"),
+]
+REFERENCE_KEPT = [
+    ("train", "res=96", "res", 96), ("train", "extra_clusters=3", "extra_clusters", 3),
+    ("train", "hist_freq=100", "hist_freq", 100), ("train", "num_workers=8", "num_workers", 8),
+    ("train", "max_steps=8000", "max_steps", 8000), ("train", "batch_size=16", "batch_size", 16),
+    ("train", "seed=123456", "seed", 123456), ("train", "data_dir=/data", "data_dir", "/data"),
+    ("eval", "model_paths=[x.ckpt]", "model_paths", ["x.ckpt"]),
+    ("eval", "data_dir=/data", "data_dir", "/data"),
+    ("eval", "batch_size=4", "batch_size", 4), ("eval", "num_workers=1", "num_workers", 1),
+]
+
+
+def base(name):
+    return EVAL_BASE if name == "eval" else []
+
+
+@pytest.mark.parametrize("name, override, meant, key, value", REFERENCE_RENAMED,
+                         ids=[f"{c[0]}:{c[1].split('=')[0]}" for c in REFERENCE_RENAMED])
+def test_reference_key_names_the_native_one(name, override, meant, key, value):
+    reference_key = override.split("=")[0]
+    message = error_message(name, base(name) + [override])
+    assert message.startswith(f"unknown config key '{reference_key}': the reference's {reference_key} is ")
+    assert hinted_override(message) == meant, message
+    followed = compose_cfg(name, base(name) + [meant])  # following the hint works
+    assert OmegaConf.select(followed, key) == value
+
+
+@pytest.mark.parametrize("name, override, reason", REFERENCE_WITHOUT_COUNTERPART,
+                         ids=[f"{c[0]}:{c[1].split('=')[0]}" for c in REFERENCE_WITHOUT_COUNTERPART])
+def test_reference_key_without_counterpart_says_why(name, override, reason):
+    reference_key = override.split("=")[0]
+    message = error_message(name, base(name) + [override])
+    assert message.startswith(f"unknown config key '{reference_key}': the reference's {reference_key} has "
+                              "no counterpart here (")
+    assert reason in message and message.endswith("; remove it")
+
+
+@pytest.mark.parametrize("name, override, key, value", REFERENCE_KEPT,
+                         ids=[f"{c[0]}:{c[1].split('=')[0]}" for c in REFERENCE_KEPT])
+def test_reference_key_kept_its_name(name, override, key, value):
+    assert OmegaConf.select(compose_cfg(name, base(name) + [override]), key) == value
+
+
+def test_reference_crop_key_where_the_crop_source_is_null():
+    """experiment=demo trains on raw images (dataset.train_crop_source=null): the hint sets it whole."""
+    message = error_message("train", ["experiment=demo", "crop_type=five"])
+    assert "dataset.train_crop_source is null" in message
+    followed = compose_cfg("train", ["experiment=demo", hinted_override(message)])
+    assert OmegaConf.to_container(followed.dataset.train_crop_source) == {"crop_type": "five", "ratio": 0.5}
+    message = error_message("train", ["experiment=demo", "dataset.train_crop_source.ratio=0.25"])
+    followed = compose_cfg("train", ["experiment=demo", hinted_override(message)])
+    assert OmegaConf.to_container(followed.dataset.train_crop_source) == {"crop_type": "five", "ratio": 0.25}
+
+
+def test_training_key_in_the_eval_config():
+    message = error_message("eval", EVAL_BASE + ["lr1=0.001"])
+    assert "optim.lr1 in train_segmentation.py" in message and message.endswith("remove it")
+
+
+@pytest.mark.parametrize("name, override, meant", [
+    ("train", "loss.temprature=0.2", "loss.temperature=0.2"),
+    ("train", "temprature=0.2", "loss.temperature=0.2"),   # the section guessed too
+    ("train", "optimm.lr1=0.01", "optim.lr1=0.01"),
+    ("train", "max_step=10", "max_steps=10"),
+    ("train", "trainer.device=2", "trainer.devices=2"),
+    ("eval", "flipp=false", "flip=false"),
+])
+def test_typo_suggests_the_nearest_key(name, override, meant):
+    message = error_message(name, base(name) + [override])
+    typed, near = override.split("=")[0], meant.split("=")[0]
+    assert message.startswith(f"unknown config key '{typed}'; did you mean {near}?")
+    assert hinted_override(message) == meant
+    compose_cfg(name, base(name) + [meant])
+
+
+def test_unknown_key_without_a_near_one():
+    message = error_message("train", ["learning_rate=0.1"])
+    assert message == ("unknown config key 'learning_rate'; no setting has a similar name (--cfg job prints "
+                       "the composed config)")
+    message = error_message("train", ["trainer.gpus=2"])  # a Lightning argument the config does not set
+    assert hinted_override(message) == "+trainer.gpus=2"
+    assert compose_cfg("train", ["+trainer.gpus=2"]).trainer.gpus == 2
+
+
+def test_sweep_over_an_unknown_key_stops_before_anything_is_written(tmp_path):
+    """Hydra composes each job only when it launches it; the check runs first, with the whole sweep."""
+    proc = run_script("train_segmentation.py", "-m", "experiment=demo", f"output_dir={tmp_path / 'sweep'}",
+                      "seed=0,1", "loss.temprature=0.1,0.2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: unknown config key 'loss.temprature'; did you mean loss.temperature? (pass "
+        "loss.temperature=0.1,0.2)")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_with_ddp_is_refused(tmp_path):
+    proc = run_script("train_segmentation.py", "-m", "experiment=demo", "trainer=ddp",
+                      f"output_dir={tmp_path / 'sweep'}", "seed=0,1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: a multirun (-m) cannot train with DDP") and "seed=<s> output_dir=" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_final_eval_defaults():
+    cfg = compose_cfg("train")
+    assert OmegaConf.to_container(cfg.final_eval) == {
+        "enabled": True, "crf": False, "crf_backend": "auto", "crf_workers": "auto", "flip": True,
+        "n_images": 0, "batch_size": 8, "precision": "32"}
+    hydra = yaml.safe_load((CONFIGS / "train.yaml").read_text())["hydra"]
+    # -m: job n trains in <output_dir>/<n>
+    assert hydra["sweep"] == {"dir": "${output_dir}", "subdir": "${hydra.job.num}"}
+    assert {c["_target_"] for c in hydra["callbacks"].values()} == {"smooseg.cli.CheckSweep",
+                                                                    "smooseg.sweep.SweepSummary"}

@@ -1,10 +1,15 @@
 """Dense CRF (docs/method.md §5) and the CRF process pool."""
 
 import math
-import os
 import multiprocessing
+import os
 import signal
+import subprocess
+import sys
+import textwrap
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -13,9 +18,9 @@ import torch
 from pydensecrf.utils import unary_from_softmax
 
 from smooseg.data.transforms import to_uint8_image
+from smooseg.errors import SmoosegError
 from smooseg.eval.crf import dense_crf
 from smooseg.eval.crf_pool import CRFPool
-from smooseg.errors import SmoosegError
 
 
 def _random_case(seed, n_classes=4, size=(20, 30), lp_size=(10, 15)):
@@ -246,3 +251,154 @@ def test_workers_run_single_threaded_below_the_main_priority(worker_pool):
 
     assert worker_pool._run(os.nice, [(0,)]).result() == [min(19, os.nice(0) + WORKER_NICENESS)]
     assert worker_pool._run(torch.get_num_threads, [()]).result() == [1]
+
+
+# ---- the pool's processes: they never outlive the evaluation, and Ctrl-C never hangs it
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gone(pid):
+    """Whether process ``pid`` has exited (a zombie waiting to be reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def wait_gone(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(gone(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if not gone(p)]
+
+
+def start_script(code, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+POOL_SCRIPT = """
+    import sys, time
+    from smooseg.eval.crf_pool import CRFPool
+    pool = CRFPool(num_workers=2, timeout=600)
+    pool._run(time.sleep, [(0.5,), (0.5,)]).result()        # both workers started
+    print(" ".join(map(str, pool._executor._processes)), flush=True)
+    handle = pool._run(time.sleep, [(120,)])                  # one worker busy, one idle
+    {then}
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_workers_die_when_their_parent_is_killed():
+    proc = start_script(POOL_SCRIPT.format(then="time.sleep(120)"))
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and not any(gone(p) for p in workers), proc.stderr.read()
+        proc.kill()                                            # SIGKILL: no clean-up runs in the parent
+        proc.wait(10)
+        assert wait_gone(workers, 5) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_the_watchdog_alone_ends_a_worker_whose_parent_died():
+    """Where there is no PR_SET_PDEATHSIG (not Linux), the watchdog thread does it."""
+    proc = start_script("""
+        import multiprocessing, os, time
+        from smooseg.eval.crf_pool import die_with_parent
+
+        def child(parent_pid):
+            die_with_parent(parent_pid, poll_s=0.1, use_prctl=False)
+            time.sleep(120)
+
+        worker = multiprocessing.get_context("fork").Process(target=child, args=(os.getpid(),))
+        worker.start()
+        print(worker.pid, flush=True)
+        time.sleep(120)
+    """)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line, proc.stderr.read()
+        worker = int(line)
+        time.sleep(1.0)                                        # the child has set up its watchdog
+        assert not gone(worker)
+        proc.kill()
+        proc.wait(10)
+        assert wait_gone([worker], 5) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_keyboard_interrupt_while_waiting_kills_the_workers_promptly():
+    pool = CRFPool(num_workers=2, timeout=600)
+    handle = pool._run(time.sleep, [(60,), (60,), (60,)])
+    time.sleep(0.2)
+    workers = list(pool._executor._processes.values())
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            handle.result()
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 6
+    assert workers and not any(w.is_alive() for w in workers)
+    with pytest.raises(SmoosegError, match="closed \\(interrupted\\)"):
+        pool.submit(*_batches(1)[0])
+    pool.close()
+
+
+def test_closing_with_jobs_running_does_not_wait_for_them():
+    pool = CRFPool(num_workers=1, timeout=600)
+    pool._run(time.sleep, [(60,)])
+    time.sleep(0.5)
+    workers = list(pool._executor._processes.values())
+    start = time.monotonic()
+    pool.close()
+    assert time.monotonic() - start < 6 and not any(w.is_alive() for w in workers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["waiting", "computing", "waiting", "computing"])
+def test_ctrl_c_to_the_process_group_ends_in_one_line(where):
+    """Ctrl-C in a terminal signals every process of the group, workers included: the parent alone
+    handles it, its pool shuts down at once and nothing prints a traceback."""
+    then = {"waiting": "handle.result()", "computing": "while True: sum(range(1000))"}[where]
+    script = POOL_SCRIPT.format(then=f"""
+    try:
+        try:
+            {then}
+        finally:
+            pool.close()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)""")
+    proc = start_script(script, start_new_session=True)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read()
+        time.sleep(0.5)
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)                   # what the terminal does on Ctrl-C
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - start < 10
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines() == ["error: interrupted"], err
+        assert wait_gone(workers, 5) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

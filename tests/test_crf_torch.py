@@ -7,9 +7,9 @@ import torch
 from pydensecrf import eigen
 
 import smooseg.eval.crf_torch as crf_torch
-from smooseg.eval.crf import dense_crf
 from smooseg.data.synthetic import street_scene
 from smooseg.errors import SmoosegError
+from smooseg.eval.crf import dense_crf
 from smooseg.eval.crf_torch import PermutohedralLattice, dense_crf_torch
 
 MAX_ABS = 1e-3        # marginals: max |torch - pydensecrf|

@@ -1,7 +1,9 @@
 """Five/random crop writer: geometry, count, label + 1 round trip, resume after interruption."""
 
 import io
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,8 +15,7 @@ import pytest
 from PIL import Image
 
 from smooseg.data import crops
-from smooseg.data.crops import (crop_dataset, crop_folder, five_crops, random_crops,
-                                remove_stale_temps)
+from smooseg.data.crops import crop_dataset, crop_folder, five_crops, random_crops, remove_stale_temps
 from smooseg.data.datasets import build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
@@ -29,6 +30,10 @@ def finished(folder, split="train"):
 
 def contents(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def record(folder):
+    return json.loads((folder / "complete.json").read_text())
 
 
 def test_five_crops_by_hand():
@@ -126,9 +131,48 @@ def test_resume_after_interruption_leaves_no_partial_file(tmp_path, monkeypatch)
     result = crop_dataset(cut, folder, "train", "random", 0.5, seed=9, progress=False)
     assert result["written"] == 40 - 12
     assert not list(folder.rglob("*.tmp"))
-    assert contents(folder) == contents(clean_folder)     # same crops, byte for byte
+    assert contents(folder) == contents(clean_folder)     # same crops (and record), byte for byte
     assert crop_dataset(cut, folder, "train", "random", 0.5, seed=9,
                         progress=False)["written"] == 0
+
+
+def test_completion_record_is_written_last_and_checked(tmp_path, monkeypatch):
+    write_cityscapes_layout(tmp_path, n_train=3, n_val=1, size=(32, 48))
+    source = build_dataset("cityscapes", tmp_path, "train", res=None)
+    folder = crop_folder(tmp_path, "cityscapes", "random", 0.5)
+    order = []
+    real_write_json = crops.write_json
+
+    def spy(data, path):
+        order.append((len(os.listdir(folder / "img/train")) if (folder / "img/train").is_dir() else 0,
+                      sorted(data["splits"])))
+        return real_write_json(data, path)
+
+    monkeypatch.setattr(crops, "write_json", spy)
+    crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
+    assert order == [(0, []), (15, ["train"])]    # settings first, the split's counts after all crops
+    assert record(folder) == {"format": 1, "crop_type": "random", "ratio": 0.5, "jpeg_quality": 75,
+                              "seed": 4, "splits": {"train": {"source_images": 3, "crops": 15}}}
+    crop_source = {"crop_type": "random", "ratio": 0.5}
+    assert len(build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)) == 15
+    # a resume must use the settings the set was started with
+    with pytest.raises(SmoosegError, match=r"started with seed=4 \(complete.json\) but this run asks for "
+                                           r"seed=5; pass seed=4 to finish it, or delete"):
+        crop_dataset(source, folder, "train", "random", 0.5, seed=5, progress=False)
+    with pytest.raises(SmoosegError, match="jpeg_quality=75 .* asks for jpeg_quality=90"):
+        crop_dataset(source, folder, "train", "random", 0.5, seed=4, jpeg_quality=90, progress=False)
+    # a refused resume leaves the finished split readable
+    assert len(build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)) == 15
+    # crops of an earlier, larger data set are not silently mixed in
+    Image.new("RGB", (4, 4)).save(folder / "img/train/15.jpg")
+    with pytest.raises(SmoosegError, match=r"holds 1 crops beyond the 15 of the 3 source images \(e\.g\. "
+                                           r"15\.jpg"):
+        crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
+    with pytest.raises(SmoosegError, match="is incomplete: it has no completion entry for split train"):
+        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)
+    # the random set's seed is part of the command that finishes it
+    with pytest.raises(SmoosegError, match=r"crop_types=\[random\] crop_ratio=0.5 seed=4`"):
+        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)
 
 
 def test_remove_stale_temps_only_touches_temp_files(tmp_path):
@@ -197,8 +241,19 @@ def test_cli_killed_mid_way_then_resumed(tmp_path):
     proc.wait()
     done = len(os.listdir(folder / "img/train"))
     assert done < 300, "the run finished before it could be killed; grow the data set"
-    out = run_cli([f"data_dir={data}", "datasets=[cityscapes]", "progress=false"], tmp_path)
+    # the part-written set is refused, with the command that finishes it ...
+    with pytest.raises(SmoosegError) as err:
+        build_dataset("cityscapes", data, "train", res=None,
+                      crop_source={"crop_type": "five", "ratio": 0.5})
+    message = str(err.value)
+    assert f"the cropped training set {folder} is incomplete" in message
+    command = message.split("`")[1]
+    assert command == (f"python crop_datasets.py data_dir={data} datasets=[cityscapes] crop_types=[five] "
+                       "crop_ratio=0.5")
+    # ... and that command, as printed, finishes it
+    out = run_cli(shlex.split(command)[2:] + ["progress=false"], tmp_path)
     assert out.returncode == 0, out.stderr
+    assert record(folder)["splits"] == {"train": {"source_images": 60, "crops": 300}}
     assert not list(folder.rglob("*.tmp"))
     images, labels = finished(folder)
     assert len(images) == len(labels) == 300
@@ -207,3 +262,19 @@ def test_cli_killed_mid_way_then_resumed(tmp_path):
     for n in range(300):
         image, label = ds.load_raw(n)
         assert image.size == (64, 32) and label.shape == (32, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_cli_files_get_the_users_umask(tmp_path, mask):
+    """Crops and the completion record are readable as the user's umask says (a lab group can read
+    them), not mkstemp's private 0600."""
+    data = write_cityscapes_layout(tmp_path / "data", n_train=2, n_val=1, size=(32, 48))
+    out = run_cli([f"data_dir={data}", "datasets=[cityscapes]", "num_workers=0", "progress=false"],
+                  tmp_path, preexec_fn=lambda: os.umask(mask))
+    assert out.returncode == 0, out.stderr
+    folder = data / "cropped/cityscapes_five_crop_0.5"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) == 21 and (folder / "complete.json") in files
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_dir()} == {oct(0o777 & ~mask)}

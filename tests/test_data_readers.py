@@ -6,10 +6,10 @@ import scipy.io
 import torch
 from PIL import Image
 
-from smooseg.data.datasets import (CITYSCAPES_CLASSES, CLASS_NAMES, COCO_FINE, N_CLASSES,
-                                   build_dataset)
+from smooseg.data.datasets import CITYSCAPES_CLASSES, CLASS_NAMES, COCO_FINE, N_CLASSES, build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
+from smooseg.io import write_json
 
 # The standard 182 -> 27 table written independently of the reader's name table:
 # things as contiguous (first, last, coarse) runs, stuff ids 91..181 one by one.
@@ -223,12 +223,12 @@ def test_directory_errors(tmp_path):
     write_directory_layout(tmp_path, name="mine", n_train=3, n_val=1, size=(16, 16))
     with pytest.raises(SmoosegError, match="needs n_classes"):
         build_dataset("directory", tmp_path, "train", res=8, dir_name="mine")
-    ds = build_dataset("directory", tmp_path, "train", res=8, n_classes=4, dir_name="mine")
-    with pytest.raises(SmoosegError, match=r"scene_000\d\.png holds class id [45] but n_classes=4"):
-        for i in range(len(ds)):
-            ds.load_raw(i)
+    with pytest.raises(SmoosegError, match=r"scene_000\d\.png holds class id [45] but n_classes=4; "
+                                           r"a label is a single-channel PNG .* ids 0\.\.3"):
+        build_dataset("directory", tmp_path, "train", res=8, n_classes=4, dir_name="mine")  # at build
     (tmp_path / "mine/labels/train/scene_0001.png").unlink()
-    with pytest.raises(SmoosegError, match="3 images .* but 2 labels"):
+    with pytest.raises(SmoosegError, match=r"3 images .* and 2 labels .* do not pair up: 1 image\(s\) "
+                                           r"have no label \(scene_0001\.png\)"):
         build_dataset("directory", tmp_path, "train", res=8, n_classes=6, dir_name="mine")
     with pytest.raises(SmoosegError, match=r"imgs/test not found.*expected layout"):
         build_dataset("directory", tmp_path, "test", res=8, n_classes=6, dir_name="mine")
@@ -236,8 +236,124 @@ def test_directory_errors(tmp_path):
     with pytest.raises(SmoosegError, match="no images"):
         build_dataset("directory", tmp_path, "empty", res=8, n_classes=6, dir_name="mine")
     save_png(np.zeros((5, 5), np.uint8), tmp_path / "mine/labels/val/scene_0000.png")
-    with pytest.raises(SmoosegError, match="is 5x5 but image"):
-        build_dataset("directory", tmp_path, "val", res=8, n_classes=6, dir_name="mine")[0]
+    with pytest.raises(SmoosegError, match="is 5x5 but image .* is 16x16 .*the size of its image"):
+        build_dataset("directory", tmp_path, "val", res=8, n_classes=6, dir_name="mine")
+
+
+def directory_images(root, names, size=(12, 16)):
+    for k, name in enumerate(names):
+        save_png(rgb(*size, k), root / "imgs/train" / name)
+
+
+def test_directory_labels_pair_by_stem_not_by_sorted_order(tmp_path):
+    root = tmp_path / "own"
+    directory_images(root, ["a.jpg", "a0.png", "b.png"])
+    # sorted, the labels run a0, a_gt, b: pairing by position would give image a the label of a0
+    for value, name in ((1, "a_gt.png"), (2, "a0.png"), (3, "b.png")):
+        save_png(np.full((12, 16), value, np.uint8), root / "labels/train" / name)
+    ds = build_dataset("directory", root, "train", res=None, n_classes=4)
+    assert [ds.item_name(i) for i in range(3)] == ["a", "a0", "b"]
+    assert [int(ds.load_raw(i)[1][0, 0]) for i in range(3)] == [1, 2, 3]
+
+
+def test_directory_unmatched_and_ambiguous_files_are_named(tmp_path):
+    root = tmp_path / "own"
+    directory_images(root, ["a.png", "b.png", "c.png"])
+    labels = root / "labels/train"
+    for name in ("a.png", "b_gt.png", "zebra.png", "c.jpg"):
+        save_png(np.zeros((12, 16), np.uint8), labels / name)
+    with pytest.raises(SmoosegError) as err:
+        build_dataset("directory", root, "train", res=None, n_classes=2)
+    message = str(err.value)
+    assert "3 images" in message and "4 labels" in message and "do not pair up" in message
+    assert "2 label(s) match no image (c.jpg, zebra.png)" in message   # a JPEG label is not read
+    assert "1 image(s) have no label (c.png)" in message
+    assert "<stem>.png or <stem>_gt.png" in message and "\n" not in message
+    (labels / "c.jpg").unlink()
+    (labels / "zebra.png").unlink()
+    save_png(np.zeros((12, 16), np.uint8), labels / "c.png")
+    save_png(np.zeros((12, 16), np.uint8), labels / "c_gt.png")
+    with pytest.raises(SmoosegError, match="labels c.png and c_gt.png .* both belong to image c.png"):
+        build_dataset("directory", root, "train", res=None, n_classes=2)
+    (labels / "c_gt.png").unlink()
+    assert len(build_dataset("directory", root, "train", res=None, n_classes=2)) == 3
+    save_png(rgb(12, 16), root / "imgs/train/c.jpg")
+    with pytest.raises(SmoosegError, match="images c.jpg and c.png .* share the stem 'c'"):
+        build_dataset("directory", root, "train", res=None, n_classes=2)
+
+
+def test_bad_label_files_stop_the_build_not_the_batch(tmp_path):
+    write_directory_layout(tmp_path, name="mine", n_train=3, n_val=1, size=(16, 16))
+    label = tmp_path / "mine/labels/train/scene_0002.png"
+    save_png(rgb(16, 16), label)                                       # a colour picture
+    with pytest.raises(SmoosegError, match=r"label .*scene_0002\.png has mode RGB, not a single-channel "
+                                           r"id map; a label is a single-channel PNG"):
+        build_dataset("directory", tmp_path, "train", res=8, n_classes=6, dir_name="mine")
+    label.write_bytes(b"\x89PNG but cut")
+    with pytest.raises(SmoosegError, match=r"cannot read label .*scene_0002\.png"):
+        build_dataset("directory", tmp_path, "train", res=8, n_classes=6, dir_name="mine")
+    # the official layouts: checked from the headers (mode and size) when the set is built
+    write_cityscapes_layout(tmp_path / "cs", n_train=2, n_val=1, size=(16, 32))
+    label = sorted((tmp_path / "cs/cityscapes/gtFine/train").glob("*/*_labelIds.png"))[1]
+    save_png(np.zeros((16, 30), np.uint8), label)
+    with pytest.raises(SmoosegError, match=f"label {label} is 16x30 but image .* is 16x32; a Cityscapes "
+                                           "label is the single-channel"):
+        build_dataset("cityscapes", tmp_path / "cs", "train", res=8)
+    save_png(rgb(16, 32), label)
+    with pytest.raises(SmoosegError, match="has mode RGB"):
+        build_dataset("cityscapes", tmp_path / "cs", "train", res=8)
+
+
+def test_potsdam_labels_checked_from_mat_headers(tmp_path):
+    base = make_potsdam(tmp_path, {"labelled_train": ["a"], "unlabelled_train": ["b"],
+                                   "labelled_test": ["c"]})
+    scipy.io.savemat(base / "gt/c.mat", {"gt": np.zeros((8, 7), np.uint8)})
+    with pytest.raises(SmoosegError, match=r"label .*c\.mat is 8x7 but image .*c\.mat is 8x8"):
+        build_dataset("potsdam", tmp_path, "val", res=None)
+
+
+def save_exif(array, path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_as_segmentation_applies_it(tmp_path, suffix):
+    from smooseg.eval.segment import read_image
+
+    root = tmp_path / "own"
+    stored = np.zeros((10, 20, 3), np.uint8)
+    stored[:, :10] = 250                                   # left half bright, as stored
+    save_exif(stored, root / "imgs/train" / f"photo{suffix}", orientation=6)   # rotate 90 CW
+    save_png(np.zeros((20, 10), np.uint8), root / "labels/train/photo.png")   # drawn as displayed
+    ds = build_dataset("directory", root, "train", res=None, n_classes=2)
+    image, label = ds.load_raw(0)
+    assert image.size == (10, 20) and label.shape == (20, 10)
+    assert np.array_equal(np.asarray(image), read_image(root / "imgs/train" / f"photo{suffix}"))
+    assert np.asarray(image)[:10].mean() > 200 > np.asarray(image)[10:].mean()  # top half bright
+    save_png(np.zeros((10, 20), np.uint8), root / "labels/train/photo.png")   # the stored size
+    with pytest.raises(SmoosegError, match=r"is 10x20 but image .* is 20x10 \(after its EXIF orientation\)"):
+        build_dataset("directory", root, "train", res=None, n_classes=2)
+
+
+@pytest.mark.parametrize("dtype,mode,value,expected", [
+    (np.uint16, "I;16", 65535, 255), (np.uint16, "I;16", 32896, 128), (np.int32, "I", 65535, 255),
+    (np.float32, "F", 0.5, 127), (np.float32, "F", 200.0, 200),
+])
+def test_high_bit_depth_images_read_as_8_bit(tmp_path, dtype, mode, value, expected):
+    root = tmp_path / "own"
+    array = np.zeros((8, 8), dtype)
+    array[:, 4:] = value
+    path = root / "imgs/train" / ("deep.png" if dtype == np.uint16 else "deep.tif")
+    path.parent.mkdir(parents=True)
+    Image.fromarray(array).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    image, _ = build_dataset("directory", root, "train", res=None, n_classes=2).load_raw(0)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and (pixels[:, :4] == 0).all() and (pixels[:, 4:] == expected).all()
 
 
 # ---------------------------------------------------------------- cropped sets
@@ -248,16 +364,25 @@ def test_cropped_reader_subtracts_one(tmp_path):
     for n in range(5):
         save_png(rgb(5, 5, n), folder / "img/train" / f"{n}.jpg")
         save_png(stored, folder / "label/train" / f"{n}.png")
-    ds = build_dataset("cityscapes", tmp_path, "train", res=None,
-                       crop_source={"crop_type": "five", "ratio": 0.5})
+    source = {"crop_type": "five", "ratio": 0.5}
+    command = (f"`python crop_datasets.py data_dir={tmp_path} datasets=[cityscapes] crop_types=[five] "
+               "crop_ratio=0.5`")
+    with pytest.raises(SmoosegError) as err:                         # no completion record
+        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
+    assert f"cropped training set {folder} is incomplete: it has no completion record" in str(err.value)
+    assert command in str(err.value) and "dataset.train_crop_source=null" in str(err.value)
+    write_json({"crop_type": "five", "ratio": 0.5, "seed": 0, "jpeg_quality": 75,
+                "splits": {"train": {"source_images": 1, "crops": 5}}}, folder / "complete.json")
+    ds = build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
     assert len(ds) == 5 and ds.n_classes == 27 and ds.item_name(3) == "3"
     assert np.array_equal(ds.load_raw(0)[1], stored.astype(np.int64) - 1)
     (folder / "label/train/2.png").unlink()
     (folder / "img/train/.2.png.x1.tmp").write_bytes(b"partial")
-    with pytest.raises(SmoosegError, match=r"incomplete \(crop 2 missing\); re-run crop_datasets"):
-        build_dataset("cityscapes", tmp_path, "train", res=None,
-                      crop_source={"crop_type": "five", "ratio": 0.5})
-    with pytest.raises(SmoosegError, match="run crop_datasets.py"):
+    with pytest.raises(SmoosegError, match=r"does not match its completion record: img/train holds 5 "
+                                           r"crops and label/train 4 but complete.json says 5; finish it"):
+        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
+    with pytest.raises(SmoosegError, match=r"cityscapes_random_crop_0.5 does not exist; write it with "
+                                           r"`python crop_datasets.py .*crop_types=\[random\]"):
         build_dataset("cityscapes", tmp_path, "train", res=None,
                       crop_source={"crop_type": "random", "ratio": 0.5})
 

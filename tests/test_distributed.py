@@ -5,9 +5,11 @@ that makes every process save what it ends with; Lightning's DDP launcher starts
 by re-running the script. Checked: both processes end with identical projector, student and
 teacher prototypes; the training loss log is the mean over processes; validation counts every one
 of the 5 validation images exactly once (no padding duplicates) and its metrics equal a
-single-process validation of the saved checkpoint on the same data.
+single-process validation of the saved checkpoint on the same data; the final evaluation runs once,
+on rank zero.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, train_config
-from smooseg.model.checkpoints import load_net
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.eval.metrics import ClusterMetrics
+from smooseg.model.checkpoints import load_net
 from smooseg.train.datamodule import build_datasets
 
 pytestmark = pytest.mark.slow
@@ -90,7 +92,16 @@ def ddp_run(tmp_path_factory):
     if proc.returncode != 0:
         pytest.fail(f"DDP run exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    return {"ranks": ranks, "overrides": overrides, "last": root / "out" / "checkpoints" / "last.ckpt"}
+    return {"ranks": ranks, "overrides": overrides, "last": root / "out" / "checkpoints" / "last.ckpt",
+            "out": root / "out", "stdout": proc.stdout}
+
+
+def test_final_evaluation_runs_once_on_rank_zero(ddp_run):
+    """Both processes' output is captured (the second inherits the first's stdout): one final
+    evaluation, of every validation image, after both finished training."""
+    assert ddp_run["stdout"].count("final evaluation: the val split at 32x32") == 1, ddp_run["stdout"][-3000:]
+    metrics = json.loads((ddp_run["out"] / "final_eval" / "metrics.json").read_text())
+    assert metrics["n_evaluated"] == 5 and metrics["checkpoint"].startswith(str(ddp_run["out"] / "checkpoints"))
 
 
 def test_processes_end_identical(ddp_run):

@@ -1,21 +1,26 @@
-"""End to end on CPU through the entry points: train -> checkpoints -> eval with / without CRF."""
+"""End to end on CPU through the entry points: train -> checkpoints -> final evaluation -> eval with /
+without CRF; several seeds (multirun) and the summaries over jobs and checkpoints."""
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import run_script, train_config
+from conftest import TRAIN_OVERRIDES, run_script, train_config
 from smooseg.data.datasets import DatasetInfo
-from smooseg.model.checkpoints import load_net
+from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.eval.evaluate import evaluate
+from smooseg.eval.results import spread
+from smooseg.model.checkpoints import load_net
 from smooseg.train.datamodule import build_datasets
-from smooseg.train.train import build_module
+from smooseg.train.train import build_module, train
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +143,154 @@ def test_user_errors_are_one_line(tmp_path):
     proc = run_script("eval_segmentation.py", f"model_paths=[{tmp_path / 'missing.ckpt'}]", "crf=false",
                       f"output_dir={tmp_path / 'eval'}", check=False)
     assert proc.returncode == 2 and "missing.ckpt" in proc.stderr and "not found" in proc.stderr
+
+
+# ---- the final evaluation after training, several seeds, summaries over checkpoints
+
+HEADLINE_KEYS = ("mIoU", "Accuracy", "per_class_iou", "assignment", "confusion", "n_evaluated", "flip", "crf")
+
+
+def by_hand(values):
+    """mean, sample standard deviation (n - 1 in the denominator), min, max."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return {"n": len(values), "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def assert_spread(block, values):
+    expected = by_hand(values)
+    assert block["n"] == expected["n"]
+    for key in ("mean", "std", "min", "max"):
+        assert block[key] == (None if expected[key] is None else pytest.approx(expected[key], abs=1e-9)), key
+
+
+def test_final_evaluation_equals_eval_script(trained_run, tmp_path):
+    """train_segmentation.py ends with the best checkpoint evaluated as eval_segmentation.py would
+    (val split, eval_res, flip, no CRF): the same numbers, the table printed."""
+    final = json.loads((trained_run["output_dir"] / "final_eval" / "metrics.json").read_text())
+    assert final["checkpoint"] == str(trained_run["best"])
+    assert (final["flip"], final["crf"], final["n_evaluated"]) == (True, False, 8) and "nocrf" not in final
+    run_script("eval_segmentation.py", f"model_paths=[{trained_run['best']}]",
+               f"data_dir={trained_run['data_dir']}", "eval_res=64", "crf=false", "flip=true", "n_images=0", "num_workers=0",
+               f"output_dir={tmp_path}")
+    separate = json.loads((tmp_path / trained_run["best"].stem / "metrics.json").read_text())
+    for key in HEADLINE_KEYS:
+        assert final[key] == separate[key], key
+    stdout = trained_run["stdout"]
+    assert "final evaluation: the val split at 64x64, flip on, CRF off" in stdout
+    assert f"mIoU: {final['mIoU']:.2f}   Accuracy: {final['Accuracy']:.2f}" in stdout  # the table's last line
+    assert not list((trained_run["output_dir"] / "final_eval").glob("*.png"))  # final_eval.n_images=0
+
+
+def tiny_train_cfg(data_dir, output_dir, *extra):
+    return train_config(["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=32",
+                         "eval_res=32", "batch_size=2", "num_workers=0", "logger=none", "max_steps=2",
+                         "val_check_interval=2", "trainer.enable_progress_bar=false",
+                         "+trainer.enable_model_summary=false", f"data_dir={data_dir}",
+                         f"output_dir={output_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    return write_cityscapes_layout(root / "data", n_train=4, n_val=2, size=(32, 64), seed=0)
+
+
+def test_final_evaluation_with_crf_is_train_result(small_data, tmp_path, capsys):
+    """One override turns the CRF on; train() returns the headline of the JSON it wrote."""
+    result = train(tiny_train_cfg(small_data, tmp_path, "final_eval.crf=true", "final_eval.crf_workers=0",
+                                  "final_eval.n_images=1"))
+    metrics = json.loads((tmp_path / "final_eval" / "metrics.json").read_text())
+    assert result["final_eval"] == {"checkpoint": result["best"],
+                                    "metrics": str(tmp_path / "final_eval" / "metrics.json"),
+                                    "crf": True, "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}
+    assert metrics["crf"] is True and "nocrf" in metrics and metrics["n_evaluated"] == 2
+    assert (tmp_path / "final_eval" / "0_pred.png").is_file()
+    assert not (tmp_path / "final_eval" / "1_pred.png").exists()
+    assert "IoU+CRF" in capsys.readouterr().out
+
+
+def test_final_evaluation_skipped_when_disabled_or_unlabelled(small_data, tmp_path, capsys):
+    off = train(tiny_train_cfg(small_data, tmp_path / "off", "final_eval.enabled=false"))
+    assert off["final_eval"] is None and off["last"] is not None
+    assert not (tmp_path / "off" / "final_eval").exists()
+    data = write_directory_layout(tmp_path / "mine", name="mine", n_train=4, n_val=2, size=(32, 32),
+                                  with_labels=False)
+    capsys.readouterr()
+    unlabelled = train(tiny_train_cfg(data, tmp_path / "unlabelled", "dataset=directory",
+                                      "dataset.dir_name=mine", "dataset.n_classes=6"))
+    assert unlabelled["final_eval"] is None and unlabelled["last"] is not None
+    assert not (tmp_path / "unlabelled" / "final_eval").exists()
+    assert "final evaluation skipped: the validation images have no labels" in capsys.readouterr().out
+
+
+def test_multirun_over_seeds(synthetic_data, tmp_path):
+    """-m seed=0,1: each job in its own folder with its own final evaluation, then the summary over
+    the jobs (mean ± sample std, min, max) in the sweep folder; a later sweep into the same folder
+    counts only its own jobs."""
+    overrides = [o for o in TRAIN_OVERRIDES if not o.startswith(("seed=", "max_steps=", "val_check_interval="))]
+    overrides += ["max_steps=2", "val_check_interval=2", "logger=none", f"data_dir={synthetic_data}",
+                  f"output_dir={tmp_path}"]
+    proc = run_script("train_segmentation.py", "-m", *overrides, "seed=0,1")
+    jobs = [json.loads((tmp_path / job / "final_eval" / "metrics.json").read_text()) for job in ("0", "1")]
+    for job, metrics in zip(("0", "1"), jobs):
+        assert OmegaConf.load(tmp_path / job / "config.yaml").seed == int(job)
+        assert OmegaConf.load(tmp_path / job / "config.yaml").output_dir == str(tmp_path / job)
+        assert metrics["checkpoint"].startswith(str(tmp_path / job / "checkpoints" / "best-"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n"] == 2 and "ddof=1" in summary["std"]
+    assert [(r["job"], r["seed"], r["checkpoint"]) for r in summary["runs"]] == [
+        ("0", 0, jobs[0]["checkpoint"]), ("1", 1, jobs[1]["checkpoint"])]
+    for key in ("mIoU", "Accuracy"):
+        assert [r[key] for r in summary["runs"]] == [m[key] for m in jobs]
+        assert_spread(summary[key], [m[key] for m in jobs])
+        assert summary[key]["std"] == pytest.approx(abs(jobs[0][key] - jobs[1][key]) / 2 ** 0.5)
+    assert "summary over 2 jobs" in proc.stdout and f"summary: {tmp_path / 'summary.json'}" in proc.stdout
+
+    run_script("train_segmentation.py", "-m", *overrides, "seed=5")  # rewrites job 0 only
+    again = json.loads((tmp_path / "summary.json").read_text())
+    fresh = json.loads((tmp_path / "0" / "final_eval" / "metrics.json").read_text())
+    assert [(r["job"], r["seed"]) for r in again["runs"]] == [("0", 5)]
+    value = fresh["mIoU"]
+    assert again["mIoU"] == {"n": 1, "mean": value, "std": None, "min": value, "max": value}
+
+
+def test_eval_summary_over_checkpoints_and_a_glob(trained_run, tmp_path):
+    """Two checkpoints that predict differently (the trained one and a copy with a perturbed
+    projector), named as a list and as a glob pattern: the same summary, computed by hand."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    trained = shutil.copy(trained_run["best"], folder / "a_trained.ckpt")
+    ckpt = torch.load(trained_run["best"], map_location="cpu", weights_only=True)
+    weight = ckpt["state_dict"]["net.projector.linear.weight"]
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    ckpt["state_dict"]["net.projector.linear.weight"] = weight + noise
+    torch.save(ckpt, folder / "b_perturbed.ckpt")
+    paths = [str(trained), str(folder / "b_perturbed.ckpt")]
+    common = [f"data_dir={trained_run['data_dir']}", "crf=false", "n_images=0", "num_workers=0"]
+    proc = run_script("eval_segmentation.py", f"model_paths=[{','.join(paths)}]", *common,
+                      f"output_dir={tmp_path / 'list'}")
+    listed = json.loads((tmp_path / "list" / "summary.json").read_text())
+    each = [json.loads((tmp_path / "list" / name / "metrics.json").read_text())
+            for name in ("a_trained", "b_perturbed")]
+    assert [r["checkpoint"] for r in listed["runs"]] == paths and listed["n"] == 2
+    assert each[0]["mIoU"] != each[1]["mIoU"]
+    for key in ("mIoU", "Accuracy"):
+        assert [r[key] for r in listed["runs"]] == [m[key] for m in each]
+        assert_spread(listed[key], [m[key] for m in each])
+    assert "summary over 2 checkpoints (mean ± sample std, ddof=1)" in proc.stdout
+    mean, std = listed["mIoU"]["mean"], listed["mIoU"]["std"]
+    assert re.search(rf"^mIoU +{mean:.2f} ± {std:.2f} ", proc.stdout, re.M), proc.stdout[-800:]
+
+    run_script("eval_segmentation.py", f"model_paths={folder}/*.ckpt", *common,
+               f"output_dir={tmp_path / 'glob'}")
+    globbed = json.loads((tmp_path / "glob" / "summary.json").read_text())
+    assert [r["checkpoint"] for r in globbed["runs"]] == paths  # sorted matches
+    assert {k: globbed[k] for k in ("mIoU", "Accuracy")} == {k: listed[k] for k in ("mIoU", "Accuracy")}
+
+
+def test_spread_is_the_sample_standard_deviation():
+    block = spread([10.0, 12.0, None, 17.0])  # nulls (undefined metrics) are left out
+    assert block == {"n": 3, "mean": 13.0, "std": pytest.approx(13 ** 0.5), "min": 10.0, "max": 17.0}
+    assert spread([4.0]) == {"n": 1, "mean": 4.0, "std": None, "min": 4.0, "max": 4.0}
+    assert spread([]) == {"n": 0, "mean": None, "std": None, "min": None, "max": None}

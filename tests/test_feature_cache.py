@@ -1,5 +1,7 @@
 """Feature cache: exact training from cached features, reuse, keys, interrupted builds, refusals."""
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,11 +14,11 @@ from torch.utils.data import DataLoader
 
 import smooseg.train.feature_cache as fc
 from conftest import ROOT
-from smooseg.model.backbone import Backbone, frozen_features
-from smooseg.runtime import autocast_dtype
 from smooseg.data.datasets import build_dataset
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
+from smooseg.model.backbone import Backbone, frozen_features
+from smooseg.runtime import autocast_dtype
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.train import build_module, train
 
@@ -163,6 +165,38 @@ def test_changed_meta_or_image_list_rebuilds(data_dir, backbone, tmp_path):
     assert fc.is_complete(cached.path, fields, names)
     assert not fc.is_complete(cached.path, fields, names[:-1])
     assert not fc.is_complete(cached.path, dict(fields, res=64), names)
+
+
+def test_replaced_or_touched_image_rebuilds_the_cache(data_dir, backbone, tmp_path, capsys):
+    import shutil
+
+    own = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    cached = build(own, backbone, tmp_path / "cache")
+    images = train_set(own)
+    _, target, _ = images.entries[3]
+    _, donor, _ = images.entries[5]
+    before = np.array(cached.feats[3])
+    stamp = target.stat().st_mtime_ns
+    capsys.readouterr()
+    assert build(own, backbone, tmp_path / "cache").path == cached.path
+    assert "reusing" in capsys.readouterr().out
+
+    shutil.copyfile(donor, target)                    # a replaced image under the same name
+    os.utime(target, ns=(stamp + 10**9, stamp + 10**9))  # (a coarse file system may keep the stamp)
+    rebuilt = build(own, backbone, tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "computed from other files or settings; rebuilding it" in out and "reusing" not in out
+    assert rebuilt.path == cached.path and len(list((tmp_path / "cache").iterdir())) == 1  # in place
+    expected = backbone(train_set(own)[3]["img"][None])[0]
+    torch.testing.assert_close(torch.from_numpy(np.array(rebuilt.feats[3])), expected, rtol=0, atol=1e-5)
+    assert not np.allclose(np.array(rebuilt.feats[3]), before)
+
+    later = target.stat().st_mtime_ns + 10**9        # touched: same bytes, newer time
+    os.utime(target, ns=(later, later))
+    build(own, backbone, tmp_path / "cache")
+    assert "rebuilding it" in capsys.readouterr().out
+    build(own, backbone, tmp_path / "cache")
+    assert "reusing" in capsys.readouterr().out
 
 
 def test_random_crops_are_refused(data_dir, backbone, tmp_path):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from smooseg.errors import SmoosegError
-from smooseg.model.heads import PrototypePredictor, Projector
+from smooseg.model.heads import Projector, PrototypePredictor
 from smooseg.model.losses import total_loss
 
 

@@ -11,14 +11,13 @@ from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from conftest import ROOT
+from conftest import ROOT, make_module
 from smooseg.data.datasets import DatasetInfo
-from smooseg.model.checkpoints import load_net, read_checkpoint
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import evaluate, run_eval
 from smooseg.eval.metrics import ClusterMetrics
-from conftest import make_module
+from smooseg.model.checkpoints import load_net, read_checkpoint
 from smooseg.train.datamodule import build_datamodule, build_datasets
 from smooseg.train.train import build_module, train
 

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.model.losses import (
-    assignment_distance,
-    data_loss,
-    feature_correlation,
-    pointwise_centre,
-    random_pairing,
-    smoothness_loss,
-    smoothness_term,
-    total_loss,
-)
+from smooseg.model.losses import (assignment_distance, data_loss, feature_correlation, pointwise_centre,
+                                  random_pairing, smoothness_loss, smoothness_term, total_loss)
 
 # ---- plain-python references: maps are nested lists [b][c][pixel] -------------------------------
 

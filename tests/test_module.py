@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 import conftest
 from smooseg.eval.crf_pool import CRFPool
 from smooseg.eval.evaluate import evaluate
-from smooseg.model.losses import total_loss
 from smooseg.eval.metrics import ClusterMetrics
+from smooseg.model.losses import total_loss
 
 N_CLASSES = 3
 

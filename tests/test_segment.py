@@ -10,15 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from smooseg.data.datasets import DatasetInfo
-from smooseg.model.checkpoints import load_net
-from smooseg.errors import SmoosegError
 from conftest import make_module
-from smooseg.eval.segment import (
-    bilinear_matrix, class_map_from_metrics, list_images, log_prob_stripes,
-    output_stems, patch_multiple, predict_resize, predict_window, read_image, resized_shape,
-    segment_folder, window_starts,
-)
+from smooseg.data.datasets import DatasetInfo
+from smooseg.errors import SmoosegError
+from smooseg.eval.segment import (bilinear_matrix, class_map_from_metrics, crf_bytes_per_pixel, crf_shape,
+                                  host_available_memory, list_images, log_prob_stripes, output_stems,
+                                  parse_bytes, patch_multiple, predict_resize, predict_window, read_image,
+                                  resized_shape, segment_folder, upsampled_argmax, window_starts)
+from smooseg.model.checkpoints import load_net
 from smooseg.viz import class_colors, colormap, legend_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,3 +338,97 @@ def test_entry_point_crf_backends_agree(folder, tmp_path, checkpoint):
     bad = _run(f"model_path={checkpoint}", f"input_dir={folder}", "crf=true", "crf_backend=opencl",
                "progress=false", cwd=tmp_path)
     assert bad.returncode == 2 and "crf_backend=opencl is unknown" in bad.stderr
+
+
+# ---- the CRF's memory: bounded resolution, estimated and refused before starting
+
+def test_crf_shape_keeps_the_aspect_within_the_bound():
+    assert crf_shape(30, 40, 2000) == (30, 40)
+    h, w = crf_shape(3000, 4000, 4_000_000)
+    assert h * w <= 4_000_000 and (h, w) == (1732, 2309)
+    h, w = crf_shape(90, 120, 2000)
+    assert h * w <= 2000 and abs(w / h - 120 / 90) < 0.05
+    assert crf_shape(1, 10_000, 10) == (1, 10)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 24, 3 * 40])
+def test_upsampled_argmax_is_the_argmax_of_the_bilinear_upsampling(max_elements):
+    probs = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(probs[None], size=(40, 50), mode="bilinear", align_corners=False)[0].argmax(0)
+    got = upsampled_argmax(probs.numpy(), (40, 50), max_elements=max_elements)
+    assert got.shape == (40, 50) and (got == expected.numpy()).mean() > 0.999   # ties aside
+
+
+def test_parse_bytes_and_host_memory():
+    assert parse_bytes("auto") is None and parse_bytes(None) is None
+    assert parse_bytes(1000) == 1000 and parse_bytes("8GB") == 8 * 2**30 and parse_bytes("512mb") == 512 * 2**20
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30) and parse_bytes("2G") == 2 * 2**30
+    for bad in ("lots", "-1GB", "0", True):
+        with pytest.raises(SmoosegError, match="crf_max_memory=.* is not a memory size"):
+            parse_bytes(bad)
+    if Path("/proc/meminfo").is_file():
+        assert host_available_memory() > 0
+
+
+class RecordingCRF:
+    """The in-process pydensecrf pool, recording what it is asked to refine."""
+
+    def __init__(self):
+        from smooseg.eval.crf_pool import CRFPool
+
+        self.pool, self.shapes = CRFPool(0), []
+        self.num_workers, self.max_in_flight = 0, 4
+
+    def submit(self, images, log_probs, labels=False):
+        self.shapes += [(np.asarray(i).shape[:2], np.asarray(lp).shape) for i, lp in zip(images, log_probs)]
+        return self.pool.submit(images, log_probs, labels)
+
+    def close(self):
+        self.pool.close()
+
+
+def test_crf_of_a_large_image_runs_at_crf_max_pixels(tmp_path, module, data):
+    from smooseg.eval.crf import dense_crf
+    from smooseg.eval.segment import to_input
+
+    _write(tmp_path / "in" / "big.png", 90, 120, 5)
+    crf = RecordingCRF()
+    segment_folder(module, data, tmp_path / "in", tmp_path / "out", size=32, crf=True, crf_pool=crf,
+                   save_ids=True, device="cpu", show_progress=False, crf_max_pixels=2000)
+    (image_shape, lp_shape), = crf.shapes
+    assert image_shape == crf_shape(90, 120, 2000) and lp_shape == (K, *image_shape)
+    assert image_shape[0] * image_shape[1] <= 2000
+    ids = _read(tmp_path / "out" / "big_ids.png")
+    assert ids.shape == (90, 120)
+    # by hand: log-probs and image at the CRF size, the CRF, the upsampled argmax
+    image = read_image(tmp_path / "in" / "big.png")
+    _, log_probs = predict_resize(module, to_input(image, "cpu"), 32, keep_log_probs=True,
+                                  log_size=image_shape)
+    small = np.asarray(Image.fromarray(image).resize(image_shape[::-1], Image.BILINEAR))
+    expected = upsampled_argmax(dense_crf(small, log_probs), (90, 120))
+    assert (ids == expected).all()
+
+
+def test_entry_point_refuses_a_crf_that_cannot_fit_and_names_the_fix(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    _write(photos / "small.png", 40, 60, 0)
+    _write(photos / "large.png", 300, 400, 1)
+    args = [f"model_path={checkpoint}", f"input_dir={photos}", "output_dir=out", "size=32", "crf=true",
+            "save_ids=true", "progress=false", "device=cpu"]
+    proc = _run(*args, "crf_max_memory=50MB", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    need = crf_bytes_per_pixel("pydensecrf", K) * 300 * 400
+    assert lines[0] == (
+        f"error: the dense CRF of {photos / 'large.png'} (400x300 px) needs about {need / 2**20:.0f} MB with "
+        f"the pydensecrf CRF at {K} clusters, but crf_max_memory=50MB allows 50 MB; lower crf_max_pixels "
+        "(e.g. crf_max_pixels=40000), or set crf=false")
+    assert not (tmp_path / "out").exists()                 # refused before anything was written
+    proc = _run(*args, "crf_max_memory=50MB", "crf_max_pixels=40000", cwd=tmp_path)   # the fix it names
+    assert proc.returncode == 0, proc.stderr
+    assert _read(tmp_path / "out" / "large_ids.png").shape == (300, 400)
+    for bad, message in (("crf_max_pixels=0", "crf_max_pixels=0 must be a positive number of pixels"),
+                         ("crf_max_memory=lots", "crf_max_memory='lots' is not a memory size")):
+        proc = _run(*args, bad, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

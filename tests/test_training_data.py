@@ -2,13 +2,13 @@
 precision the frozen backbone runs in."""
 
 import pytest
+from test_data_readers import make_potsdam
 
 from conftest import train_config
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.train.datamodule import build_datasets
 from smooseg.train.train import backbone_precision
-from test_data_readers import make_potsdam
 
 
 def test_potsdam_trains_on_labelled_train_only_unless_asked(tmp_path):

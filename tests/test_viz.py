@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from smooseg.viz import CITYSCAPES_COLORS, colormap, colorize, overlay, pascal_colors, save_png
+from smooseg.viz import CITYSCAPES_COLORS, colorize, colormap, overlay, pascal_colors, save_png
 
 
 def test_pascal_palette_first_entries():

@@ -10,6 +10,12 @@ Resumable and crash-safe: every file is written under a temporary name and renam
 complete; finished files are skipped on a re-run; temporary files left by a killed run are
 deleted when the next run starts. Random crops of item ``i`` depend only on ``(seed, i)``,
 so a resumed run reproduces them exactly.
+
+Complete only when recorded: ``<folder>/complete.json`` holds the settings (crop type, ratio,
+seed, JPEG quality; written when a run starts, so a resume with other settings is refused) and,
+per split, the source image and crop counts, added LAST, after every crop of the split is on
+disk and checked. The reader (:class:`smooseg.data.datasets.CroppedDataset`) refuses a split
+without its entry, or whose files disagree with it, naming the command that finishes it.
 """
 
 import multiprocessing
@@ -19,9 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smooseg.data.datasets import build_dataset, crop_dir_name, dataset_key, n_classes_of
+from smooseg.data.datasets import (CROP_RECORD, CROP_RECORD_FORMAT, _numbered, build_dataset, crop_dir_name,
+                                   dataset_key, n_classes_of, read_crop_record)
 from smooseg.errors import SmoosegError
-from smooseg.io import atomic_write
+from smooseg.io import atomic_write, write_json
 
 CROP_TYPES = ("five", "random")
 CROPS_PER_IMAGE = 5
@@ -103,6 +110,56 @@ def remove_stale_temps(folder):
     return removed
 
 
+# Settings a cropped set is written with; a resumed run must use the same (seed: random crops only).
+RECORD_SETTINGS = ("crop_type", "ratio", "jpeg_quality", "seed")
+
+
+def record_settings(crop_type, ratio, seed, jpeg_quality):
+    """The settings part of a cropped set's completion record."""
+    return {"format": CROP_RECORD_FORMAT, "crop_type": crop_type, "ratio": float(ratio),
+            "jpeg_quality": int(jpeg_quality), "seed": int(seed)}
+
+
+def begin_record(folder, split, settings):
+    """Before the first crop of ``split`` is written: check a resumed set was started with the same
+    settings, and record ``split`` as not complete (its entry is added back by :func:`finish_record`)."""
+    record = read_crop_record(folder)
+    splits = {}
+    if record is not None:
+        for key in RECORD_SETTINGS:
+            if key == "seed" and settings["crop_type"] != "random":
+                continue
+            if key in record and record[key] != settings[key]:
+                raise SmoosegError(
+                    f"cropped set {folder} was started with {key}={record[key]} ({CROP_RECORD}) but this "
+                    f"run asks for {key}={settings[key]}; pass {key}={record[key]} to finish it, or delete "
+                    f"{folder} to write it anew")
+        splits = {name: entry for name, entry in record["splits"].items() if name != split}
+    write_json({**settings, "splits": splits}, Path(folder) / CROP_RECORD)
+
+
+def finish_record(folder, split, n_images, settings):
+    """After every crop of ``split`` is written: check the files are exactly the ``5·n_images``
+    crops, then add the split's counts to the completion record (the last file written)."""
+    folder = Path(folder)
+    expected = CROPS_PER_IMAGE * n_images
+    for sub, suffix in (("img", ".jpg"), ("label", ".png")):
+        found = _numbered(folder / sub / split, suffix)
+        extra = sorted(found - set(range(expected)))
+        if extra:
+            raise SmoosegError(
+                f"cropped set {folder / sub / split} holds {len(extra)} crops beyond the {expected} of "
+                f"the {n_images} source images (e.g. {extra[0]}{suffix}, left by a run on a larger data "
+                f"set); delete {folder} and run crop_datasets.py again")
+        missing = sorted(set(range(expected)) - found)
+        if missing:
+            raise SmoosegError(f"cropped set {folder / sub / split} lacks crop {missing[0]}{suffix} after "
+                               "writing; is another crop_datasets.py run deleting files? run it again")
+    record = read_crop_record(folder) or {**settings, "splits": {}}
+    record["splits"][split] = {"source_images": int(n_images), "crops": expected}
+    write_json(record, folder / CROP_RECORD)
+
+
 _JOB = {}
 
 
@@ -122,7 +179,8 @@ def _pool_context():
 
 def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0,
                  jpeg_quality=JPEG_QUALITY, progress=True):
-    """Write all crops of ``dataset`` under ``folder``; returns ``dict(written=, images=)``."""
+    """Write all crops of ``dataset`` under ``folder``, then its completion record; returns
+    ``dict(written=, images=)``."""
     if crop_type not in CROP_TYPES:
         raise SmoosegError(f"unknown crop type '{crop_type}'; use one of {', '.join(CROP_TYPES)}")
     if not 0 < float(ratio) <= 1:
@@ -130,6 +188,8 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
     folder = Path(folder)
     if folder.exists():
         remove_stale_temps(folder)
+    settings = record_settings(crop_type, ratio, seed, jpeg_quality)
+    begin_record(folder, split, settings)
     job = dict(dataset=dataset, folder=folder, split=split, crop_type=crop_type,
                ratio=float(ratio), seed=int(seed), jpeg_quality=int(jpeg_quality))
     bar = tqdm(total=len(dataset), desc=f"{folder.name}/{split}", unit="img", disable=not progress)
@@ -145,6 +205,7 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
             for index in range(len(dataset)):
                 written += _work(index)
                 bar.update()
+    finish_record(folder, split, len(dataset), settings)
     return {"written": written, "images": len(dataset)}
 
 

@@ -12,17 +12,29 @@ resolution (used by the crop writer). On-disk layouts, relative to ``data_dir``:
     cityscapes/gtFine/<split>/<city>/<name>_gtFine_labelIds.png
     potsdam/imgs/<id>.mat  (key img)    potsdam/gt/<id>.mat  (key gt)
     potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt
-    <dir_name>/imgs/<split>/<image>     <dir_name>/labels/<split>/<png of class ids, 255 void>
+    <dir_name>/imgs/<split>/<stem>.<ext>  <dir_name>/labels/<split>/<stem>.png or <stem>_gt.png
+                                          (class ids, 255 void; paired by stem)
     cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<n>.jpg
     cropped/<dataset>_<crop_type>_crop_<ratio>/label/<split>/<n>.png   (label + 1, 0 = ignore)
+    cropped/<dataset>_<crop_type>_crop_<ratio>/complete.json           (written last by crop_datasets.py)
+
+Labels are checked when a reader is built, not when their batch is drawn: directory sets fully
+(every label decoded: single channel, ids in range, the size of its image), the official layouts
+from the file headers (single channel, the size of its image; their ids all map to a class or
+to ignore), Potsdam from the ``.mat`` headers; a cropped set by its completion record.
+Images are read with EXIF orientation applied for own data (directory sets, as segmentation
+reads them) and as stored for the official layouts, whose annotations are drawn on the stored
+pixels (the reference reads them so too).
 
 Splits: ``train``/``val`` map to each data set's own names (cocostuff train2017/val2017;
 potsdam train = labelled_train as in the reference, ``train+unlabelled`` = unlabelled_train +
 labelled_train, val = labelled_test); the native names are accepted too.
 """
 
+import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,8 +46,7 @@ from PIL import Image
 
 from smooseg.data.transforms import JointTransform
 from smooseg.errors import SmoosegError
-from smooseg.io import IMAGE_EXTENSIONS, read_rgb
-
+from smooseg.io import IMAGE_EXTENSIONS, image_size, read_rgb, to_uint8
 
 COCO_COARSE = (
     "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory",
@@ -155,12 +166,22 @@ EXPECTED_LAYOUT = {
     "potsdam": "<data_dir>/potsdam/imgs/<id>.mat (key img), <data_dir>/potsdam/gt/<id>.mat "
                "(key gt) and the lists <data_dir>/potsdam/"
                "{labelled_train,unlabelled_train,labelled_test,all}.txt",
-    "directory": "<data_dir>/<dir_name>/imgs/<split>/<image files> and optionally "
-                 "<data_dir>/<dir_name>/labels/<split>/<single-channel PNGs of class ids, "
-                 "255 = ignore> in the same sorted order",
-    "cropped": "<data_dir>/cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<n>.jpg and "
-               ".../label/<split>/<n>.png, written by crop_datasets.py",
+    "directory": "<data_dir>/<dir_name>/imgs/<split>/<stem>.<ext> and optionally "
+                 "<data_dir>/<dir_name>/labels/<split>/<stem>.png or <stem>_gt.png (single-channel "
+                 "class ids, 255 = ignore), paired by file stem",
+    "cropped": "<data_dir>/cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<n>.jpg, "
+               ".../label/<split>/<n>.png and .../complete.json, written by crop_datasets.py",
 }
+
+# Directory sets: the label of image <stem>.<ext> is labels/<split>/<stem><suffix><label ext>.
+LABEL_SUFFIXES = ("", "_gt")
+LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".pgm")   # lossless: ids survive
+# Threads that check label files when a reader is built (file opening is I/O bound).
+CHECK_THREADS = 8
+CHECK_CHUNK = 256
+# Written last by crop_datasets.py in every cropped set folder: settings and per-split counts.
+CROP_RECORD = "complete.json"
+CROP_RECORD_FORMAT = 1
 
 COCO_LISTS = {"train2017": "Coco164kFull_Stuff_Coarse.txt",
               "val2017": "Coco164kFull_Stuff_Coarse_7.txt"}
@@ -251,56 +272,188 @@ def crop_dir_name(dataset, crop_type, ratio):
     return f"{dataset}_{crop_type}_crop_{float(ratio)}"
 
 
+def crop_command(data_dir, name, crop_type, ratio, split="train", dir_name=None, n_classes=None,
+                 seed=None):
+    """The ``crop_datasets.py`` command that writes (or finishes) the cropped set of data set
+    ``name``: the one command every message about a missing or incomplete cropped set names."""
+    words = ["python crop_datasets.py", f"data_dir={data_dir}", f"datasets=[{name}]",
+             f"crop_types=[{crop_type}]", f"crop_ratio={ratio}"]
+    if split != "train":
+        words.append(f"splits=[{split}]")
+    if seed not in (None, 0):
+        words.append(f"seed={seed}")
+    if name == "directory":
+        words += [f"dir_dataset_name={dir_name}", f"dir_dataset_n_classes={n_classes}"]
+    return " ".join(words)
+
+
+def read_crop_record(folder):
+    """The completion record of a cropped set folder (dict), or None when absent or unreadable."""
+    try:
+        record = json.loads((Path(folder) / CROP_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("splits"), dict) else None
+
+
 def _missing(name, what, path):
     return SmoosegError(
         f"{name}: {what} {path} not found; download the data (download_datasets.py) or fix "
         f"data_dir; expected layout: {EXPECTED_LAYOUT[name]}")
 
 
-def read_label_png(path):
+LABEL_RULE = "a label file is a single-channel image of class ids (mode L, P or I;16), the size of its image"
+
+
+def single_channel(mode):
+    """Whether a PIL mode holds one integer channel (a label map), not colours."""
+    return mode in ("L", "P", "1", "I") or mode.startswith("I;16")
+
+
+def _bad_mode(path, mode, rule):
+    return SmoosegError(f"label {path} has mode {mode}, not a single-channel id map; {rule}; save "
+                        "the class ids as a greyscale (mode L) PNG")
+
+
+def _unreadable_label(path, err):
+    reason = " ".join(str(err).split())[:160] or type(err).__name__
+    return SmoosegError(f"cannot read label {path} ({reason}); the file is corrupt: "
+                        "re-download it or remove it from the data set")
+
+
+def label_header(path, rule=LABEL_RULE):
+    """(width, height) of a label file from its header; SmoosegError unless it is single-channel."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _unreadable_label(path, err) from None
+    if not single_channel(mode):
+        raise _bad_mode(path, mode, rule)
+    return size
+
+
+def read_label_png(path, rule=LABEL_RULE):
     """Read a single-channel label image as an int64 array of its raw ids."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
-                raise SmoosegError(f"label {path} has mode {im.mode}; labels must be "
-                                   f"single-channel PNGs of class ids, not colour images")
+            if not single_channel(im.mode):
+                raise _bad_mode(path, im.mode, rule)
             return np.asarray(im).astype(np.int64)
-    except (OSError, ValueError) as err:
-        raise SmoosegError(f"cannot read label {path} ({err}); the file is corrupt: "
-                           f"re-download it or remove it from the data set") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _unreadable_label(path, err) from None
 
 
-def read_mat(path, key):
-    """Read array ``key`` from a MATLAB ``.mat`` file."""
+def _mat_contents(path, key, read):
+    """``read(path)`` as a dict of arrays (or shapes) holding ``key``; one-line errors naming the file."""
     try:
-        content = scipy.io.loadmat(path)
+        contents = read(path)
     except Exception as err:  # scipy raises several unrelated types for broken files
         raise SmoosegError(f"cannot read {path} ({type(err).__name__}: {err}); the file is "
                            f"corrupt: re-download it or remove its id from the split list"
                            ) from None
-    if key not in content:
+    if key not in contents:
         raise SmoosegError(f"{path} has no '{key}' array; Potsdam .mat files hold 'img' "
                            f"(images) or 'gt' (labels)")
-    return np.asarray(content[key])
+    return contents[key]
+
+
+def mat_shape(path, key):
+    """Shape of array ``key`` in a MATLAB ``.mat`` file, from its header (the data is not read)."""
+    return _mat_contents(path, key, lambda p: {name: tuple(shape) for name, shape, _ in scipy.io.whosmat(p)})
+
+
+def read_mat(path, key):
+    """Read array ``key`` from a MATLAB ``.mat`` file."""
+    return np.asarray(_mat_contents(path, key, scipy.io.loadmat))
 
 
 def potsdam_image(array, path):
-    """First three channels of a Potsdam ``img`` array as uint8 RGB (floats in [0,1] x255)."""
+    """First three channels of a Potsdam ``img`` array as uint8 RGB, scaled by bit depth
+    (:func:`smooseg.io.to_uint8`: floats in [0, 1] x255, 16-bit integers /257)."""
     if array.ndim != 3 or array.shape[2] < 3:
         raise SmoosegError(f"{path}: 'img' has shape {array.shape}; expected H x W x >=3 (RGB)")
-    rgb = array[..., :3]
-    if np.issubdtype(rgb.dtype, np.floating):
-        if rgb.size and float(np.nanmax(rgb)) <= 1.0:
-            rgb = rgb * 255.0
-        rgb = np.nan_to_num(rgb)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    return to_uint8(array[..., :3])
 
 
 def _image_files(folder):
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _few(paths, limit=3):
+    names = [Path(p).name for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def pair_labels(images, labels, image_dir, label_dir):
+    """The label of each image (same order), paired by file stem: image ``<stem>.<ext>`` takes
+    ``<stem>.png`` or ``<stem>_gt.png`` (:data:`LABEL_SUFFIXES`, :data:`LABEL_EXTENSIONS`), never
+    by sorted position. Images sharing a stem, an image with two labels, a label matching no
+    image and an image without a label are SmoosegErrors naming the files."""
+    by_stem = {}
+    for image in images:
+        if image.stem in by_stem:
+            raise SmoosegError(
+                f"directory: images {by_stem[image.stem].name} and {image.name} in {image_dir} share "
+                f"the stem '{image.stem}', so their labels cannot be told apart; rename one")
+        by_stem[image.stem] = image
+    label_of, unmatched = {}, []
+    for label in labels:
+        stem = label.stem
+        owner = None
+        if label.suffix.lower() in LABEL_EXTENSIONS:
+            for suffix in LABEL_SUFFIXES:
+                base = stem[: len(stem) - len(suffix)] if suffix else stem
+                if (not suffix or stem.endswith(suffix)) and base in by_stem:
+                    owner = by_stem[base]
+                    break
+        if owner is None:
+            unmatched.append(label)
+        elif owner in label_of:
+            raise SmoosegError(
+                f"directory: labels {label_of[owner].name} and {label.name} in {label_dir} both belong "
+                f"to image {owner.name}; keep one")
+        else:
+            label_of[owner] = label
+    unlabelled = [image for image in images if image not in label_of]
+    if unmatched or unlabelled:
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} label(s) match no image ({_few(unmatched)})")
+        if unlabelled:
+            problems.append(f"{len(unlabelled)} image(s) have no label ({_few(unlabelled)})")
+        raise SmoosegError(
+            f"directory: {len(images)} images in {image_dir} and {len(labels)} labels in {label_dir} "
+            f"do not pair up: {' and '.join(problems)}; the label of image <stem>.<ext> is "
+            f"<stem>.png or <stem>_gt.png ({'/'.join(LABEL_EXTENSIONS)}, lossless); add or rename "
+            f"the labels, remove the extra files, or remove {label_dir} to use the images unlabelled")
+    return [label_of[image] for image in images]
+
+
+def run_checks(check, items):
+    """``check(*item)`` for every item, in threads; the first failure (in item order) is raised
+    and the remaining checks are cancelled."""
+    items = list(items)
+    if not items:
+        return
+    chunks = [items[i:i + CHECK_CHUNK] for i in range(0, len(items), CHECK_CHUNK)]
+
+    def check_chunk(chunk):
+        for item in chunk:
+            check(*item)
+
+    if len(chunks) == 1:
+        check_chunk(chunks[0])
+        return
+    executor = ThreadPoolExecutor(min(CHECK_THREADS, len(chunks)))
+    try:
+        for _ in executor.map(check_chunk, chunks):
+            pass
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _numbered(folder, suffix):
@@ -336,6 +489,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     key = "dataset"
+    # Images are read with their EXIF orientation (own photos; segmentation reads them so too);
+    # the official layouts set False: their annotations are drawn on the stored pixels.
+    exif = True
+    # What is checked of every label file when the reader is built: "header" (single channel,
+    # the size of its image, from the file headers), "full" (also every id) or None.
+    label_check = "header"
 
     def __init__(self, entries, n_classes, names_of_classes, transform, split, seed=0):
         self.entries = list(entries)
@@ -345,6 +504,40 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.split = split
         self.seed = int(seed)
         self.epoch = 0
+        self.check_labels()
+
+    def label_rule(self):
+        """What a label file of this data set must be (for messages)."""
+        return LABEL_RULE
+
+    def check_labels(self):
+        """Check every label file against its image now (see :attr:`label_check`), so a bad one
+        stops the run when the data set is built rather than when its batch is drawn."""
+        if self.label_check is None:
+            return
+        pairs = [(image, label) for _, image, label in self.entries if label is not None]
+        check = self.check_pair_full if self.label_check == "full" else self.check_pair_header
+        run_checks(check, pairs)
+
+    def image_size(self, path):
+        """(width, height) of image ``path`` as :meth:`read_image` returns it, from its header."""
+        return image_size(path, exif=self.exif)
+
+    def check_pair_header(self, image_path, label_path):
+        width, height = label_header(label_path, self.label_rule())
+        self.check_size(image_path, label_path, self.image_size(image_path), (height, width))
+
+    def check_pair_full(self, image_path, label_path):
+        label = self.read_label(label_path)
+        self.check_size(image_path, label_path, self.image_size(image_path), label.shape)
+
+    def check_size(self, image_path, label_path, image_wh, label_shape):
+        width, height = image_wh
+        if tuple(label_shape) != (height, width):
+            after = " (after its EXIF orientation)" if self.exif else ""
+            raise SmoosegError(
+                f"label {label_path} is {label_shape[0]}x{label_shape[1]} but image {image_path} "
+                f"is {height}x{width}{after}; {self.label_rule()}")
 
     def __len__(self):
         return len(self.entries)
@@ -362,7 +555,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.entries[index][0]
 
     def read_image(self, path):
-        return read_rgb(path)
+        return read_rgb(path, exif=self.exif)
 
     def read_label(self, path):
         raise NotImplementedError
@@ -374,10 +567,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if label_path is None:
             return image, None
         label = self.read_label(label_path)
-        if label.shape != (image.height, image.width):
-            raise SmoosegError(
-                f"label {label_path} is {label.shape[0]}x{label.shape[1]} but image {image_path} "
-                f"is {image.height}x{image.width}; image and label must have the same size")
+        self.check_size(image_path, label_path, image.size, label.shape)
         return image, label
 
     def item_generator(self, index, epoch=None):
@@ -399,6 +589,7 @@ class CocoStuff27(SegmentationDataset):
     """COCO-Stuff 164k curated lists, 182 fine ids mapped to 27 coarse classes."""
 
     key = "cocostuff27"
+    exif = False  # COCO-Stuff's annotations are drawn on the stored pixels
 
     def __init__(self, data_dir, split, transform, seed=0):
         if split not in COCO_SPLITS:
@@ -414,14 +605,19 @@ class CocoStuff27(SegmentationDataset):
         _check_exist(self.key, list_path, images + labels)
         super().__init__(zip(ids, images, labels), 27, COCO_COARSE, transform, split, seed)
 
+    def label_rule(self):
+        return ("a COCO-Stuff label is the single-channel annotations/<split>/<id>.png of fine ids "
+                "(0-181, 255 = void), the size of its image")
+
     def read_label(self, path):
-        return map_ids(read_label_png(path), COCO_TABLE)
+        return map_ids(read_label_png(path, self.label_rule()), COCO_TABLE)
 
 
 class Cityscapes(SegmentationDataset):
     """Official Cityscapes fine annotations; class = labelId - 7, labelIds < 7 ignored."""
 
     key = "cityscapes"
+    exif = False  # the official annotations are drawn on the stored pixels
 
     def __init__(self, data_dir, split, transform, seed=0):
         if split not in CITYSCAPES_SPLITS:
@@ -451,14 +647,19 @@ class Cityscapes(SegmentationDataset):
                 f"in {label_root}; remove the extra label maps or restore the images")
         super().__init__(entries, 27, CITYSCAPES_CLASSES, transform, split, seed)
 
+    def label_rule(self):
+        return ("a Cityscapes label is the single-channel *_gtFine_labelIds.png of its image, the "
+                "same size")
+
     def read_label(self, path):
-        return map_ids(read_label_png(path), CITYSCAPES_TABLE)
+        return map_ids(read_label_png(path, self.label_rule()), CITYSCAPES_TABLE)
 
 
 class Potsdam(SegmentationDataset):
     """Potsdam-3: ``.mat`` tiles, six ISPRS ids merged into three classes."""
 
     key = "potsdam"
+    exif = False
 
     def __init__(self, data_dir, split, transform, seed=0):
         if split not in POTSDAM_SPLITS:
@@ -477,6 +678,20 @@ class Potsdam(SegmentationDataset):
             entries.extend(zip(ids, images, labels))
         super().__init__(entries, 3, POTSDAM_CLASSES, transform, split, seed)
 
+    def label_rule(self):
+        return "a Potsdam label is gt/<id>.mat holding an H x W id array 'gt', the size of its 'img'"
+
+    def check_pair_header(self, image_path, label_path):
+        image_shape = mat_shape(image_path, "img")
+        label_shape = mat_shape(label_path, "gt")
+        if len(image_shape) != 3 or image_shape[2] < 3:
+            raise SmoosegError(f"{image_path}: 'img' has shape {image_shape}; expected H x W x >=3 (RGB)")
+        if len(label_shape) == 3 and label_shape[2] == 1:
+            label_shape = label_shape[:2]
+        if len(label_shape) != 2:
+            raise SmoosegError(f"{label_path}: 'gt' has shape {label_shape}; expected an H x W id map")
+        self.check_size(image_path, label_path, (image_shape[1], image_shape[0]), label_shape)
+
     def read_image(self, path):
         return Image.fromarray(potsdam_image(read_mat(path, "img"), path))
 
@@ -493,6 +708,7 @@ class DirectoryDataset(SegmentationDataset):
     """A user's own images, optionally with label PNGs (ids 0..n_classes-1, 255 = ignore)."""
 
     key = "directory"
+    label_check = "full"  # own data: every label decoded and its ids checked when the set is built
 
     def __init__(self, root, split, n_classes, transform, seed=0):
         root = Path(root)
@@ -503,53 +719,68 @@ class DirectoryDataset(SegmentationDataset):
         if not images:
             raise SmoosegError(f"directory: no images in {image_dir}; put .jpg/.png files there")
         if label_dir.is_dir():
-            labels = _image_files(label_dir)
-            if len(labels) != len(images):
-                raise SmoosegError(
-                    f"directory: {len(images)} images in {image_dir} but {len(labels)} labels in "
-                    f"{label_dir}; every image needs one label (same sorted order) or remove "
-                    f"{label_dir}")
+            labels = pair_labels(images, _image_files(label_dir), image_dir, label_dir)
         else:
             labels = [None] * len(images)
         entries = [(image.stem, image, label) for image, label in zip(images, labels)]
         super().__init__(entries, n_classes, class_names("directory", n_classes), transform,
                          split, seed)
 
+    def label_rule(self):
+        return (f"a label is a single-channel PNG (mode L, P or I;16) of class ids 0..{self.n_classes - 1} "
+                "(255 = ignore), the size of its image after EXIF orientation, named <image stem>.png "
+                "or <image stem>_gt.png")
+
     def read_label(self, path):
-        ids = read_label_png(path)
+        ids = read_label_png(path, self.label_rule())
         bad = np.setdiff1d(np.unique(ids), np.r_[np.arange(self.n_classes), 255])
         if bad.size:
             raise SmoosegError(
-                f"label {path} holds class id {int(bad[0])} but n_classes={self.n_classes}; use "
-                f"ids 0..{self.n_classes - 1} (255 = ignore) or raise n_classes")
+                f"label {path} holds class id {int(bad[0])} but n_classes={self.n_classes}; "
+                f"{self.label_rule()}: fix the file or raise n_classes")
         return np.where(ids == 255, -1, ids)
 
 
+def crop_set_error(folder, problem, command, verb="finish"):
+    """The one message about a cropped training set that cannot be read: the folder, what is wrong
+    with it, the ``crop_datasets.py`` command that writes or finishes it, and the raw-image option."""
+    return SmoosegError(f"the cropped training set {folder} {problem}; {verb} it with `{command}`, or "
+                        "train on the raw images with dataset.train_crop_source=null")
+
+
 class CroppedDataset(SegmentationDataset):
-    """Pre-cropped training set written by ``crop_datasets.py`` (labels stored + 1)."""
+    """Pre-cropped training set written by ``crop_datasets.py`` (labels stored + 1).
+
+    Read only when complete: its completion record (:data:`CROP_RECORD`, written last by the crop
+    writer) must list ``split`` with exactly the crops found on disk; otherwise the error names
+    ``command``, the ``crop_datasets.py`` command that finishes it (a re-run resumes).
+    """
 
     key = "cropped"
+    label_check = None  # written by crop_datasets.py from checked labels; the record vouches for it
 
     def __init__(self, data_dir, dataset, crop_type, ratio, split, n_classes, names,
-                 transform, seed=0):
+                 transform, seed=0, command=None):
         root = Path(data_dir) / "cropped" / crop_dir_name(dataset, crop_type, ratio)
+        command = command or crop_command(data_dir, dataset, crop_type, ratio, split)
         image_dir, label_dir = root / "img" / split, root / "label" / split
-        for folder in (image_dir, label_dir):
+        for folder in (root, image_dir, label_dir):
             if not folder.is_dir():
-                raise SmoosegError(
-                    f"cropped set folder {folder} not found; run crop_datasets.py "
-                    f"datasets=[{dataset}] crop_types=[{crop_type}] crop_ratio={ratio} first; "
-                    f"expected layout: {EXPECTED_LAYOUT['cropped']}")
+                raise crop_set_error(folder, "does not exist", command, verb="write")
+        record = read_crop_record(root)
+        entry = (record or {}).get("splits", {}).get(split)
+        if entry is None:
+            why = (f"has no completion record {CROP_RECORD}" if record is None
+                   else f"has no completion entry for split {split} in {CROP_RECORD}")
+            raise crop_set_error(root, f"is incomplete: it {why} (a crop run was interrupted or is "
+                                       "still running)", command)
         images, labels = _numbered(image_dir, ".jpg"), _numbered(label_dir, ".png")
-        if not images:
-            raise SmoosegError(f"cropped set {image_dir} is empty; run crop_datasets.py first")
-        numbers = list(range(max(images | labels) + 1))
-        absent = [n for n in numbers if n not in images or n not in labels]
-        if absent or len(numbers) % 5:
-            first = absent[0] if absent else len(numbers)
-            raise SmoosegError(
-                f"cropped set {root} is incomplete (crop {first} missing); re-run "
-                f"crop_datasets.py with the same settings, it resumes where it stopped")
+        expected = int(entry.get("crops", -1))
+        numbers = list(range(max(expected, 0)))
+        if images != set(numbers) or labels != set(numbers):
+            raise crop_set_error(root, f"does not match its completion record: img/{split} holds "
+                                       f"{len(images)} crops and label/{split} {len(labels)} but "
+                                       f"{CROP_RECORD} says {expected}", command)
         entries = [(str(n), image_dir / f"{n}.jpg", label_dir / f"{n}.png") for n in numbers]
         super().__init__(entries, n_classes, names, transform, split, seed)
 
@@ -592,9 +823,14 @@ def build_dataset(name, data_dir, split, res, crop="center", image_interp="neare
     if crop_source is not None and crop_source.get("crop_type") not in (None, "none"):
         if crop_source.get("ratio") is None:
             raise SmoosegError("crop_source needs a ratio, e.g. {crop_type: five, ratio: 0.5}")
-        return CroppedDataset(root, dataset_key(name, dir_name), crop_source["crop_type"],
-                              crop_source["ratio"], split, n, class_names(name, n), transform,
-                              seed)
+        key = dataset_key(name, dir_name)
+        record = read_crop_record(Path(root) / "cropped" / crop_dir_name(
+            key, crop_source["crop_type"], crop_source["ratio"])) or {}
+        command = crop_command(data_dir, name, crop_source["crop_type"], crop_source["ratio"], split,
+                               dir_name=dir_name, n_classes=n_classes, seed=record.get("seed")
+                               if crop_source["crop_type"] == "random" else None)
+        return CroppedDataset(root, key, crop_source["crop_type"], crop_source["ratio"], split, n,
+                              class_names(name, n), transform, seed, command=command)
     if name == "cocostuff27":
         return CocoStuff27(root, split, transform, seed)
     if name == "cityscapes":

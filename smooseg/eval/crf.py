@@ -1,14 +1,13 @@
 """Dense CRF refinement with pydensecrf (docs/method.md §5), one image at a time on the CPU.
 
 :mod:`smooseg.eval.crf_pool` runs it over batches in a process pool; :mod:`smooseg.eval.crf_torch`
-computes the same model in PyTorch (CPU or GPU).
+computes the same model in PyTorch (CPU or GPU).  pydensecrf is imported when a CRF first runs,
+so evaluation without CRF and with ``crf_backend=torch`` works where it is not installed.
 """
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
-from pydensecrf.utils import unary_from_softmax
 
 from smooseg.data.transforms import to_uint8_image
 from smooseg.errors import SmoosegError
@@ -37,6 +36,19 @@ def _as_float32_numpy(log_probs):
     return log_probs
 
 
+def _pydensecrf():
+    """(pydensecrf.densecrf, pydensecrf.utils.unary_from_softmax); a SmoosegError naming the way
+    out when pydensecrf2 is not installed."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as err:
+        raise SmoosegError(f"crf_backend=pydensecrf needs the pydensecrf2 package, which cannot be "
+                           f"imported here ({err}); pip install pydensecrf2, or use crf_backend=torch "
+                           "or crf=false") from None
+    return dcrf, unary_from_softmax
+
+
 def dense_crf(image, log_probs, iters=10, gaussian_sxy=1, gaussian_compat=3,
               bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4):
     """Fully connected CRF on one image; returns K×H×W float32 per-pixel marginals.
@@ -44,6 +56,7 @@ def dense_crf(image, log_probs, iters=10, gaussian_sxy=1, gaussian_compat=3,
     ``image`` is H×W×3 uint8 RGB; ``log_probs`` is K×h×w and is resized bilinearly to H×W.
     The bilateral term sees the image in BGR order, as the reference implementation feeds it.
     """
+    dcrf, unary_from_softmax = _pydensecrf()
     image = _as_uint8_hwc(image)
     log_probs = _as_float32_numpy(log_probs)
     height, width = image.shape[:2]

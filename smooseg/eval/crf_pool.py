@@ -2,12 +2,25 @@
 
 Evaluation submits batch n's CRF jobs and goes on with batch n+1 through the network while the
 workers (nice +10, one torch thread each) run them; results come back in order.
+
+Workers never outlive the process that started them: on Linux the kernel kills each one when
+its parent dies (``PR_SET_PDEATHSIG``, set in the worker initializer; the pool must be used from
+one thread that outlives it, which it has to be anyway: it is not thread-safe), and on every OS
+a watchdog thread in the worker exits when its parent process is gone. Workers ignore SIGINT
+(Ctrl-C in a terminal reaches the whole process group): the parent alone handles the interrupt,
+and a KeyboardInterrupt while it waits for the pool, or closing the pool while jobs still run,
+kills the workers at once instead of waiting for their jobs.
 """
 
 import collections
+import ctypes
 import multiprocessing
 import os
-from concurrent.futures import CancelledError, FIRST_COMPLETED, ProcessPoolExecutor, wait
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -15,13 +28,41 @@ import torch
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf import _as_float32_numpy, _as_uint8_hwc, dense_crf, dense_crf_labels
 
-
 WORKER_NICENESS = 10
+PARENT_POLL_S = 0.5     # how often a worker's watchdog checks that its parent is alive
+PR_SET_PDEATHSIG = 1    # linux/prctl.h
+JOIN_TIMEOUT_S = 5.0    # closing never waits longer than this for killed workers to be reaped
 
 
-def _init_worker():
-    """Keep each worker single-threaded so N workers do not oversubscribe the CPU, and below the
-    main process's priority (nice +10) so the network that feeds the pool is not starved by it."""
+def die_with_parent(parent_pid, poll_s=PARENT_POLL_S, use_prctl=True):
+    """Make this process exit when process ``parent_pid`` (its parent) dies: at once on Linux (the
+    kernel sends SIGKILL, ``PR_SET_PDEATHSIG``), and within ``poll_s`` seconds everywhere (a
+    daemon thread polling ``os.getppid()``, which changes when the parent is gone)."""
+    if use_prctl and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the above took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="crf-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(parent_pid=None):
+    """Tie the worker's life to its parent's (:func:`die_with_parent`), leave Ctrl-C to the parent
+    (SIGINT ignored), keep each worker single-threaded so N workers do not oversubscribe the CPU,
+    and below the main process's priority (nice +10) so the network that feeds the pool is not
+    starved by it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     torch.set_num_threads(1)
     if hasattr(os, "nice"):
         os.nice(WORKER_NICENESS)
@@ -75,7 +116,9 @@ class CRFPool:
     ``submit`` returns at once (at most ``max_in_flight`` batches outstanding; beyond that it waits
     on the oldest), so the caller can compute the next batch while workers run the CRF.
     A dead worker, or no CRF job finishing for ``timeout`` seconds, raises SmoosegError and closes
-    the pool. Not thread-safe: use one pool from one thread.
+    the pool; a KeyboardInterrupt while waiting kills the workers and propagates. Not thread-safe:
+    use one pool from one thread (which outlives it: on Linux the workers die with the thread that
+    started them).
     """
 
     def __init__(self, num_workers=0, timeout=120.0, max_in_flight=4):
@@ -94,7 +137,7 @@ class CRFPool:
         if num_workers > 0:
             self._executor = ProcessPoolExecutor(
                 max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker)
+                initializer=_init_worker, initargs=(os.getpid(),))
 
     def submit(self, images, log_probs, labels=False):
         """Start the CRF for a batch of images (uint8 H×W×3 or float 3×H×W) and K×h×w log-probs.
@@ -142,7 +185,16 @@ class CRFPool:
             self._wait(busy[0]._futures)
 
     def _wait(self, futures):
-        """Block until ``futures`` are done; SmoosegError if no pool job finishes within timeout."""
+        """Block until ``futures`` are done; SmoosegError if no pool job finishes within timeout.
+        An interrupt (Ctrl-C) while waiting kills the workers, closes the pool and propagates."""
+        try:
+            self._wait_done(futures)
+        except KeyboardInterrupt:
+            self._terminate()
+            self._closed_reason = "interrupted"
+            raise
+
+    def _wait_done(self, futures):
         while not all(f.done() for f in futures):
             self._live = {f for f in self._live.union(futures) if not f.done()}
             if not self._live:
@@ -179,25 +231,45 @@ class CRFPool:
         raise SmoosegError(message)
 
     def _terminate(self):
-        """Kill the workers at once (a hung or dead worker cannot be shut down politely)."""
-        executor, self._executor = self._executor, None
+        """Kill the workers at once (a hung, dead or interrupted worker cannot be shut down
+        politely) and reap them; waits at most about JOIN_TIMEOUT_S, never on a CRF job."""
+        executor, self._executor = getattr(self, "_executor", None), None
         if executor is None:
             return
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        manager = getattr(executor, "_executor_manager_thread", None)  # shutdown() forgets it
+        for process in processes:
             if process.is_alive():
                 process.kill()
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        if manager is not None and manager is not threading.current_thread():
+            manager.join(max(0.0, deadline - time.monotonic()))
         self._live.clear()
         self._in_flight.clear()
 
+    def _running(self):
+        """Whether any submitted CRF job has not finished yet."""
+        return any(not f.done() for f in self._live) or any(not h.done() for h in self._in_flight)
+
     def close(self, wait=True):
-        """Stop the workers (queued batches are cancelled); the pool cannot be used afterwards."""
-        executor = getattr(self, "_executor", None)
-        self._executor = None
+        """Stop the workers (queued batches are cancelled); the pool cannot be used afterwards.
+
+        Idle workers are shut down politely; when jobs are still running (the caller stopped early:
+        an error, Ctrl-C) the workers are killed at once, since nobody can collect their results.
+        """
         if getattr(self, "_closed_reason", None) is None:
             self._closed_reason = "closed"
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+        executor = getattr(self, "_executor", None)
+        if executor is None:
+            return
+        if self._running():
+            self._terminate()
+            return
+        self._executor = None
+        executor.shutdown(wait=wait, cancel_futures=True)
 
     def __enter__(self):
         return self

@@ -14,11 +14,18 @@ in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
   * ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for the first ``n_images`` images,
     label and prediction coloured with the data set's colour map (prediction through the
     Hungarian cluster -> class map).
+
+and, over the checkpoints of ``model_paths`` (glob patterns expanded), ``<output_dir>/summary.json``:
+each checkpoint's headline and the mean, sample standard deviation (ddof=1), min and max of
+mIoU and Accuracy. Training's final evaluation (``final_eval``) runs through ``evaluate_jobs`` too.
 """
 
 import contextlib
+import glob
+import os
 from collections import deque
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,22 +33,27 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from smooseg.eval.crf_backend import open_crf
-from smooseg.eval.crf_pool import available_cores
 from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
+from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.eval.results import print_summary, summarize, write_outputs
+from smooseg.eval.results import print_summary, summarize, write_outputs, write_summary
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
 
 
 class _Collector:
-    """Accumulates predictions into a ClusterMetrics and keeps the first ``n_images`` pictures."""
+    """Accumulates predictions into a ClusterMetrics and keeps the first ``n_images`` pictures.
+
+    An evaluation runs in one process: the counts are never synchronised, also when it runs inside
+    a distributed training's rank zero (the final evaluation) after the other ranks have left.
+    """
 
     def __init__(self, n_classes, n_clusters, mask_extra_clusters, n_images, device):
-        self.metric = ClusterMetrics(n_classes, n_clusters, mask_extra_clusters).to(device)
+        self.metric = ClusterMetrics(n_classes, n_clusters, mask_extra_clusters,
+                                     sync_on_compute=False).to(device)
         self.n_images = n_images
         self.preds = []
 
@@ -93,7 +105,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     args = (data.n_classes, net.n_clusters, mask_extra_clusters, int(n_images))
     plain = _Collector(*args, device)
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
-    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity").to(device)
+    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity", sync_on_compute=False).to(device)
               if net.linear_probe is not None else None)
     images, labels, pending = [], [], deque()
 
@@ -165,28 +177,53 @@ def output_names(paths):
     return names
 
 
-def _checkpoints(cfg):
-    """``(name, path, loader)`` of each checkpoint of ``cfg.model_paths``: the net is loaded only
-    when its turn comes."""
-    paths = list(cfg.model_paths) if OmegaConf.is_list(cfg.model_paths) or isinstance(
-        cfg.model_paths, (list, tuple)) else [cfg.model_paths]
-    if not paths:
+def checkpoint_paths(model_paths):
+    """The checkpoint files ``model_paths`` names: one path or a list, each entry a path or a glob
+    pattern (``*``, ``?``, ``[...]``, ``**``) expanded in sorted order; a file named twice counts once.
+
+    A pattern that matches nothing is an error, so a mistyped pattern is not an empty evaluation.
+    """
+    entries = list(model_paths) if OmegaConf.is_list(model_paths) or isinstance(
+        model_paths, (list, tuple)) else [model_paths]
+    if not entries:
         raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
-    return [(name, path, lambda device, path=path: load_net(path, map_location=device))
-            for path, name in zip(paths, output_names(paths))]
+    paths = []
+    for entry in map(str, entries):
+        if any(char in entry for char in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+            if not matches:
+                raise SmoosegError(f"model_paths pattern '{entry}' matches no file; check the pattern "
+                                   "(e.g. model_paths='runs/*/checkpoints/best-*.ckpt', quoted)")
+            paths.extend(matches)
+        else:
+            paths.append(entry)
+    return list(dict.fromkeys(paths))
 
 
-def run_eval(cfg, models=None):
-    """Evaluate every checkpoint of ``cfg.model_paths``, or the ``models`` given as
-    ``(name, net, hparams)`` triples; returns a list of metrics dicts.
+class EvalJob(NamedTuple):
+    """One evaluation: its output folder name, the checkpoint path (None for a net handed over)
+    and ``load(device) -> (net, hparams)``."""
+
+    name: str
+    path: Optional[str]
+    load: Callable
+
+
+def checkpoint_jobs(paths, names=None):
+    """An :class:`EvalJob` per checkpoint path (named by :func:`output_names` unless ``names``
+    are given); each net is loaded only when its turn comes."""
+    names = output_names(paths) if names is None else list(names)
+    return [EvalJob(name, str(path), lambda device, path=path: load_net(path, map_location=device))
+            for path, name in zip(paths, names)]
+
+
+def evaluate_jobs(cfg, jobs):
+    """Evaluate each :class:`EvalJob` with the settings of ``cfg`` (the keys of ``configs/eval.yaml``)
+    and one CRF runner; returns ``(metrics, metrics.json path)`` per job.
 
     For each: the per-class table is printed, ``metrics.json`` and the pictures are written to
     ``<output_dir>/<name>/`` and, with ``report``, the report pictures next to them.
     """
-    if models is None:
-        jobs = _checkpoints(cfg)
-    else:
-        jobs = [(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
     device = resolve_device(cfg.device)
     pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
     results = []
@@ -203,14 +240,40 @@ def run_eval(cfg, models=None):
                 crf_pool=pool, flip=bool(cfg.flip), n_images=int(cfg.n_images), device=device,
                 precision=cfg.precision, checkpoint=path)
             print_summary(metrics, data.class_names)
-            print(f"results: {write_outputs(metrics, examples, data, net.n_clusters, out)}")
-            results.append(metrics)
+            written = write_outputs(metrics, examples, data, net.n_clusters, out)
+            print(f"results: {written}")
+            results.append((metrics, written))
             if cfg.get("report"):
                 from smooseg.eval.report import write_report
 
-                for part, picture in write_report(out / "metrics.json").items():
+                for part, picture in write_report(written).items():
                     print(f"report {part}: {picture}")
     finally:
         if pool is not None:
             pool.close()
     return results
+
+
+def run_eval(cfg, models=None):
+    """Evaluate every checkpoint of ``cfg.model_paths`` (globs expanded), or the ``models`` given
+    as ``(name, net, hparams)`` triples; returns a list of metrics dicts.
+
+    Each is evaluated by :func:`evaluate_jobs`. For ``model_paths`` the summary over the
+    checkpoints follows (each headline, mean ± sample standard deviation, min and max of mIoU
+    and Accuracy), printed and written to ``<output_dir>/summary.json``.
+    """
+    if models is None:
+        jobs = checkpoint_jobs(checkpoint_paths(cfg.model_paths))
+    else:
+        jobs = [EvalJob(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
+    results = evaluate_jobs(cfg, jobs)
+    if models is None:
+        write_summary([run_headline(metrics, written) for metrics, written in results],
+                      Path(cfg.output_dir) / "summary.json", label="checkpoint")
+    return [metrics for metrics, _ in results]
+
+
+def run_headline(metrics, written):
+    """The summary entry of one evaluation: checkpoint, its metrics.json, CRF or not, mIoU, Accuracy."""
+    return {"checkpoint": metrics["checkpoint"], "metrics": str(written), "crf": metrics["crf"],
+            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}

@@ -1,7 +1,9 @@
-"""What an evaluation leaves behind: the JSON-ready metrics, the printed per-class table and
-the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``)."""
+"""What an evaluation leaves behind: the JSON-ready metrics, the printed per-class table,
+the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the summary over
+several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``)."""
 
 import math
+import statistics
 from pathlib import Path
 
 from smooseg.eval.metrics import cluster_to_class_map
@@ -86,3 +88,56 @@ def print_summary(metrics, class_names):
     print(format_table(metrics["nocrf"] if crf else metrics, class_names, metrics if crf else None))
     if metrics.get("linear") is not None:
         print(format_linear(metrics["linear"]))
+
+
+HEADLINE = ("mIoU", "Accuracy")
+STD_NOTE = "sample standard deviation (ddof=1); null with fewer than two values"
+
+
+def spread(values):
+    """``{n, mean, std, min, max}`` of the non-null ``values``; ``std`` is the sample standard
+    deviation (ddof=1), null with fewer than two values; all null with none."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def summarize_runs(runs):
+    """The summary over several evaluations (checkpoints, or the jobs of a sweep over seeds).
+
+    ``runs`` are dicts holding at least the headline ``mIoU`` and ``Accuracy``; the result keeps
+    them under ``runs`` and adds the :func:`spread` of each headline number.
+    """
+    runs = list(runs)
+    return {"n": len(runs), "std": STD_NOTE, **{key: spread(run.get(key) for run in runs) for key in HEADLINE},
+            "runs": runs}
+
+
+def format_runs(summary, label):
+    """The printed summary: one headline line per run (named by its ``label`` key: ``checkpoint``,
+    ``job``, and its ``seed`` when it has one), then mean ± std (min, max) of mIoU and Accuracy."""
+    def cell(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    names = [str(run.get(label)) + (f" (seed {run['seed']})" if run.get("seed") is not None else "")
+             for run in summary["runs"]]
+    width = max([len(n) for n in names] + [len("Accuracy")])
+    lines = [f"== summary over {summary['n']} {label}s (mean ± sample std, ddof=1)"]
+    lines += [f"{name:<{width}}  mIoU {cell(run.get('mIoU')):>6}   Accuracy {cell(run.get('Accuracy')):>6}"
+              for name, run in zip(names, summary["runs"])]
+    for key in HEADLINE:
+        s = summary[key]
+        lines.append(f"{key:<{width}}  {cell(s['mean'])} ± {cell(s['std'])}   "
+                     f"(min {cell(s['min'])}, max {cell(s['max'])}, n={s['n']})")
+    return "\n".join(lines)
+
+
+def write_summary(runs, path, label):
+    """Print the summary of ``runs`` and write it as JSON at ``path``; returns the summary."""
+    summary = summarize_runs(runs)
+    print(format_runs(summary, label))
+    print(f"summary: {write_json(summary, path)}")
+    return summary

@@ -15,7 +15,9 @@ from omegaconf import OmegaConf
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from smooseg.data.datasets import CroppedDataset, build_dataset, crop_dir_name, dataset_key
+from smooseg.data.datasets import CroppedDataset, build_dataset
+from smooseg.data.datasets import crop_command as data_crop_command
+from smooseg.data.datasets import crop_dir_name, crop_set_error, dataset_key
 from smooseg.errors import SmoosegError
 from smooseg.runtime import uses_cuda
 from smooseg.train.feature_cache import check_deterministic, open_or_build
@@ -23,19 +25,16 @@ from smooseg.train.feature_cache import check_deterministic, open_or_build
 
 def crop_command(cfg, source):
     """The ``crop_datasets.py`` command that writes the cropped training set ``source`` of ``cfg``."""
-    words = ["python crop_datasets.py", f"data_dir={cfg.data_dir}", f"datasets=[{cfg.dataset.name}]",
-             f"crop_types=[{source['crop_type']}]", f"crop_ratio={source['ratio']}"]
-    if cfg.dataset.name == "directory":
-        words += [f"dir_dataset_name={cfg.dataset.get('dir_name')}",
-                  f"dir_dataset_n_classes={cfg.dataset.get('n_classes')}"]
-    return " ".join(words)
+    return data_crop_command(cfg.data_dir, cfg.dataset.name, source["crop_type"], source["ratio"],
+                             dir_name=cfg.dataset.get("dir_name"), n_classes=cfg.dataset.get("n_classes"))
 
 
 def train_crop_source(cfg):
     """The pre-cropped training set to read, or None when ``dataset.train_crop_source`` is null.
 
     The published Cityscapes / COCO-Stuff runs train on the five-crop sets; a missing set stops
-    training with the command that writes it, rather than training on other data.
+    training with the command that writes it, rather than training on other data (an incomplete
+    one stops when it is read, :class:`CroppedDataset`, with the same message).
     """
     source = cfg.dataset.get("train_crop_source")
     if source is None:
@@ -44,9 +43,7 @@ def train_crop_source(cfg):
     folder = Path(cfg.data_dir) / "cropped" / crop_dir_name(
         dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")), source["crop_type"], source["ratio"])
     if not folder.is_dir():
-        raise SmoosegError(f"the cropped training set {folder} does not exist; write it with "
-                           f"`{crop_command(cfg, source)}`, or train on the raw images with "
-                           "dataset.train_crop_source=null")
+        raise crop_set_error(folder, "does not exist", crop_command(cfg, source), verb="write")
     return source
 
 

@@ -10,6 +10,11 @@ its features are the same every epoch.  :func:`open_or_build` stores them once u
 * ``meta.json``  — written last and atomically: the cache is complete only when it exists and
   its fields match.  An interrupted build (no ``meta.json``) is rebuilt.
 
+A cache is valid for the very files it was computed from: ``meta.json`` holds the digest of
+every image's and label's path, size and modification time (:func:`files_digest`), so a
+replaced, edited or touched file rebuilds the cache in place on the next run (the folder of a
+given configuration stays one, rather than stale copies piling up on disk).
+
 ``key`` is the sha256 of everything that changes the features: data set, split, resolution,
 crop, image interpolation, pre-cropped source, backbone arch / type / patch / feature type /
 fit policy / position-embedding resampling, a digest of the backbone weights and the storage dtype.  Random crops make a cache
@@ -19,6 +24,7 @@ data set's order, so a shuffled DataLoader with the same seed yields the same ba
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write
 from smooseg.model.backbone import POS_EMBED_RESAMPLING, frozen_features
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: meta.json holds the files digest
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DETERMINISTIC_CROPS = ("center", "none")
 FEATS_FILE, LABELS_FILE, META_FILE = "feats.npy", "labels.npy", "meta.json"
@@ -81,6 +87,26 @@ def names_digest(names):
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
+def files_digest(dataset):
+    """sha256 over the path, size and modification time (ns) of every image and label file of
+    ``dataset`` (its ``entries``), in order; None for a data set without file entries."""
+    entries = getattr(dataset, "entries", None)
+    if entries is None:
+        return None
+    digest = hashlib.sha256()
+    for entry in entries:
+        for path in entry[1:]:
+            if path is None:
+                digest.update(b"-|")
+                continue
+            try:
+                info = os.stat(path)
+                digest.update(f"{path}|{info.st_size}|{info.st_mtime_ns}|".encode())
+            except OSError:
+                digest.update(f"{path}|missing|".encode())
+    return digest.hexdigest()
+
+
 def label_storage(n_classes):
     """(numpy dtype, stored ignore value) for labels of a data set with ``n_classes`` classes."""
     return (np.uint8, 255) if n_classes < 255 else (np.int16, -1)
@@ -94,11 +120,13 @@ def read_meta(path):
         return None
 
 
-def is_complete(path, fields, names):
-    """Whether ``path`` holds a finished cache for ``fields`` and the item list ``names``."""
+def is_complete(path, fields, names, files=None):
+    """Whether ``path`` holds a finished cache for ``fields``, the item list ``names`` and (when
+    given) the files of :func:`files_digest` ``files``."""
     meta = read_meta(path)
     return (meta is not None and meta.get("fields") == fields and meta.get("n") == len(names)
             and meta.get("names_sha256") == names_digest(names)
+            and (files is None or meta.get("files_sha256") == files)
             and all((Path(path) / f).is_file() for f in (FEATS_FILE, LABELS_FILE)))
 
 
@@ -188,11 +216,13 @@ def _fill(loader, backbone, feats, labels, ignore, precision, device, progress):
 
 
 def build_feature_cache(dataset, backbone, path, fields, batch_size=32, num_workers=0, device="cpu",
-                        precision="auto", progress=True):
+                        precision="auto", progress=True, files=None):
     """Run ``backbone`` over every item of ``dataset`` and store the cache in ``path``.
 
     Prints the expected disk size first.  ``meta.json`` is written last, so an interrupted
-    build leaves an incomplete cache that the next call rebuilds.  Returns the dataset view.
+    build leaves an incomplete cache that the next call rebuilds.  ``files`` (default: the
+    :func:`files_digest` of ``dataset``, taken before reading) is recorded for :func:`is_complete`.
+    Returns the dataset view.
     """
     check_deterministic(getattr(dataset.transform, "crop", "center"))
     n = len(dataset)
@@ -200,6 +230,7 @@ def build_feature_cache(dataset, backbone, path, fields, batch_size=32, num_work
         raise SmoosegError(f"feature cache: the {dataset.split} set is empty; check data_dir")
     path, device = Path(path), torch.device(device)
     names = [dataset.item_name(i) for i in range(n)]
+    files = files_digest(dataset) if files is None else files
     dtype = CACHE_DTYPES[fields["dtype"]]
     label_dtype, ignore = label_storage(dataset.n_classes)
     (H, W), feat_shape = _item_shapes(dataset, backbone)
@@ -224,7 +255,8 @@ def build_feature_cache(dataset, backbone, path, fields, batch_size=32, num_work
     del feats, labels
     meta = {"fields": fields, "n": n, "feat_shape": list(feat_shape), "label_shape": [H, W],
             "label_dtype": np.dtype(label_dtype).name, "label_ignore": ignore,
-            "n_classes": int(dataset.n_classes), "names_sha256": names_digest(names), "names": names}
+            "n_classes": int(dataset.n_classes), "names_sha256": names_digest(names),
+            "files_sha256": files, "names": names}
     with atomic_write(path / META_FILE) as tmp:
         Path(tmp).write_text(json.dumps(meta))
     return CachedFeatureDataset(path)
@@ -242,9 +274,12 @@ def open_or_build(dataset, backbone, cache_dir, dataset_name, split, res, crop, 
                           data_dir)
     path = Path(cache_dir).expanduser() / cache_key(fields)
     names = [dataset.item_name(i) for i in range(len(dataset))]
-    if is_complete(path, fields, names):
+    files = files_digest(dataset)
+    if is_complete(path, fields, names, files):
         print(f"feature cache: reusing {path}", flush=True)
         return CachedFeatureDataset(path)
+    if read_meta(path) is not None:
+        print(f"feature cache: {path} was computed from other files or settings; rebuilding it", flush=True)
     return build_feature_cache(dataset, backbone, path, fields, batch_size=batch_size,
                                num_workers=num_workers, device=device, precision=precision,
-                               progress=progress)
+                               progress=progress, files=files)

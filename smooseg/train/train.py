@@ -1,8 +1,11 @@
 """From a composed training config to a trained model: ``train(cfg)`` is what
 ``train_segmentation.py`` runs; ``build_net`` / ``build_module`` / ``build_trainer`` build one
 piece each (the demo and the tests reuse them). The config layout is ``configs/train.yaml``.
+A run ends, as the reference's does, with the final evaluation of its best checkpoint
+(``final_evaluation``, through :func:`smooseg.eval.evaluate.evaluate_jobs`).
 """
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -12,8 +15,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
+from smooseg.eval.evaluate import checkpoint_jobs, evaluate_jobs
 from smooseg.io import atomic_write
-from smooseg.model.checkpoints import check_state_dict, is_reference_layout, read_checkpoint, upgrade_checkpoint
+from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, read_checkpoint,
+                                       upgrade_checkpoint)
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.runtime import resolve_precision
@@ -50,10 +55,21 @@ def build_module(cfg):
     diagnostics = diagnostic_options(cfg)
     return SmooSegModule(
         build_net(cfg, data.n_classes), data,
-        loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
-        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        loss=config_section(LossConfig, cfg, "loss"), optim=config_section(OptimConfig, cfg, "optim"),
         mask_extra_clusters=bool(cfg.mask_extra_clusters), n_log_images=int(cfg.n_log_images),
         hist_freq=diagnostics["hist_freq"], compile=bool((cfg.get("perf") or {}).get("compile", False)))
+
+
+def config_section(cls, cfg, name):
+    """The dataclass ``cls`` from the config section ``name``; a key it does not know (added with
+    ``+name.key=...``) is a one-line error naming it."""
+    values = OmegaConf.to_container(cfg[name], resolve=True)
+    fields = [field.name for field in dataclasses.fields(cls)]
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        raise SmoosegError(f"{name}.{unknown[0]} is not one of the {name} settings ({', '.join(fields)}); "
+                           "remove it")
+    return cls(**values)
 
 
 def diagnostic_options(cfg):
@@ -138,13 +154,73 @@ def save_config(cfg):
     return path
 
 
+def final_eval_options(cfg):
+    """The ``final_eval`` section of ``configs/train.yaml`` as a dict."""
+    return OmegaConf.to_container(cfg.final_eval, resolve=True)
+
+
+def check_final_eval(cfg, net):
+    """Before training: the final evaluation's ``eval_res`` crops must fit the backbone's patch grid
+    (or ``model.fit`` adapt them), so a long run does not fail at its very end."""
+    patch, fit = net.backbone.patch_size, net.backbone.fit
+    res = int(cfg.eval_res)
+    if final_eval_options(cfg)["enabled"] and fit == "error" and res % patch:
+        raise SmoosegError(f"eval_res={res}: the final evaluation's {res}x{res} crops are not a multiple of "
+                           f"the backbone patch size {patch}; use a multiple of {patch}, set model.fit=resize "
+                           "or model.fit=pad, or final_eval.enabled=false")
+
+
+def final_eval_config(cfg, checkpoint, device):
+    """The evaluation settings (the keys of ``configs/eval.yaml``) of the final evaluation of
+    ``checkpoint``: the validation split of the training data set at ``eval_res``, centre crops, the
+    ``final_eval`` options, results in ``<output_dir>/final_eval/``."""
+    options = final_eval_options(cfg)
+    return OmegaConf.create({
+        "model_paths": [str(checkpoint)], "data_dir": cfg.data_dir, "dataset": None, "split": "val",
+        "eval_res": int(cfg.eval_res), "image_interp": None, "batch_size": int(options["batch_size"]),
+        "num_workers": int(cfg.num_workers), "crf": bool(options["crf"]), "crf_backend": options["crf_backend"],
+        "crf_workers": options["crf_workers"], "crf_timeout": 120, "flip": bool(options["flip"]),
+        "n_images": int(options["n_images"]), "report": False, "output_dir": str(cfg.output_dir),
+        "device": str(device), "precision": str(options["precision"])})
+
+
+def has_labels(dataset):
+    """Whether any image of ``dataset`` has a label map (a directory set may have none)."""
+    entries = getattr(dataset, "entries", None)
+    return entries is None or any(entry[2] is not None for entry in entries)
+
+
+def final_evaluation(cfg, checkpoint, device, val_set):
+    """Evaluate ``checkpoint`` as ``eval_segmentation.py`` would (:func:`final_eval_config`), print
+    the per-class table and write ``<output_dir>/final_eval/metrics.json``; returns the headline
+    ``{checkpoint, metrics, crf, mIoU, Accuracy}``, or None when skipped (``final_eval.enabled=false``,
+    no checkpoint, or no labelled validation image)."""
+    if not final_eval_options(cfg)["enabled"]:
+        return None
+    if checkpoint is None:
+        print("final evaluation skipped: training wrote no checkpoint")
+        return None
+    if not has_labels(val_set):
+        print("final evaluation skipped: the validation images have no labels")
+        return None
+    eval_cfg = final_eval_config(cfg, checkpoint, device)
+    print(f"final evaluation: the val split at {eval_cfg.eval_res}x{eval_cfg.eval_res}, flip "
+          f"{'on' if eval_cfg.flip else 'off'}, CRF {'on' if eval_cfg.crf else 'off'} (final_eval.*)")
+    ((metrics, written),) = evaluate_jobs(eval_cfg, checkpoint_jobs([checkpoint], names=["final_eval"]))
+    return {"checkpoint": str(checkpoint), "metrics": str(written), "crf": metrics["crf"],
+            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}
+
+
 def train(cfg, callbacks=()):
-    """Seed, build everything and fit; returns dict(best, last, best_mIoU, output_dir).
+    """Seed, build everything, fit and evaluate the best checkpoint (else ``last.ckpt``); returns
+    dict(best, last, best_mIoU, output_dir, final_eval), ``final_eval`` being
+    :func:`final_evaluation`'s headline (None when skipped, and on every process but rank zero).
 
     ``callbacks`` are extra Lightning callbacks added to the trainer's own.
     """
     pl.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg)
+    check_final_eval(cfg, module.net)
     ckpt_path = resume_path(cfg, module)
     datamodule = build_datamodule(cfg, module.net)
     trainer = build_trainer(cfg, callbacks)
@@ -166,8 +242,12 @@ def train(cfg, callbacks=()):
         "last": last_good_checkpoint(trainer),
         "best_mIoU": None if score is None else float(score),
         "output_dir": str(cfg.output_dir),
+        "final_eval": None,
     }
+    trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
         print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
         print(f"last checkpoint: {result['last']}")
+        result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
+                                                trainer.strategy.root_device, datamodule.val_set)
     return result

@@ -1,0 +1,91 @@
+"""Files the package writes (atomic, with the user's permissions) and the one image reader."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smooseg.errors import SmoosegError
+from smooseg.io import atomic_write, current_umask, image_size, read_rgb, to_uint8, write_json
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restoring it afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask,expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_gives_new_files_the_umask_mode(tmp_path, umask, mask, expected):
+    umask(mask)
+    assert current_umask() == mask
+    write_json({"a": 1}, tmp_path / "sub" / "metrics.json")
+    with atomic_write(tmp_path / "picture.png") as tmp:
+        assert mode(tmp) == 0o600                # private while half-written
+        Image.new("L", (2, 2)).save(tmp, format="PNG")
+    assert mode(tmp_path / "sub" / "metrics.json") == expected
+    assert mode(tmp_path / "picture.png") == expected
+    assert mode(tmp_path / "sub") == 0o777 & ~mask
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "shared.json"
+    target.write_text("{}")
+    os.chmod(target, 0o660)
+    write_json({"b": 2}, target)
+    assert mode(target) == 0o660 and '"b": 2' in target.read_text()
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "x.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_to_uint8_scales_by_bit_depth():
+    assert to_uint8(np.array([0, 255], np.uint8)).tolist() == [0, 255]
+    assert to_uint8(np.array([0, 257, 32896, 65535], np.uint16)).tolist() == [0, 1, 128, 255]
+    assert to_uint8(np.array([0, 200, 65535], np.int32)).tolist() == [0, 1, 255]  # 16-bit data as I
+    assert to_uint8(np.array([0, 2**20], np.int32)).tolist() == [0, 255]          # wider: by maximum
+    assert to_uint8(np.array([0.0, 0.5, 1.0], np.float32)).tolist() == [0, 127, 255]
+    assert to_uint8(np.array([-3.0, 100.0, np.nan], np.float32)).tolist() == [0, 100, 0]
+    assert to_uint8(np.array([True, False])).tolist() == [255, 0]
+
+
+@pytest.mark.parametrize("name,array,mode", [
+    ("deep.png", np.full((4, 6), 40000, np.uint16), "I;16"),
+    ("deep.tif", np.full((4, 6), 40000, np.int32), "I"),
+    ("float.tif", np.full((4, 6), 0.6, np.float32), "F"),
+    ("grey.png", np.full((4, 6), 156, np.uint8), "L"),
+])
+def test_read_rgb_of_every_bit_depth(tmp_path, name, array, mode):
+    Image.fromarray(array).save(tmp_path / name)
+    with Image.open(tmp_path / name) as img:
+        assert img.mode == mode
+    rgb = np.asarray(read_rgb(tmp_path / name))
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    assert (rgb == {"I;16": 156, "I": 156, "F": 153, "L": 156}[mode]).all()   # 40000/257 = 155.6
+
+
+def test_image_size_follows_exif_orientation_from_the_header(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8                                        # rotate 90 counter-clockwise
+    Image.new("RGB", (30, 10)).save(tmp_path / "p.jpg", exif=exif.tobytes())
+    assert image_size(tmp_path / "p.jpg") == (30, 10)
+    assert image_size(tmp_path / "p.jpg", exif=True) == (10, 30) == read_rgb(tmp_path / "p.jpg", exif=True).size
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(SmoosegError, match=r"cannot read image .*bad\.jpg"):
+        image_size(tmp_path / "bad.jpg")
