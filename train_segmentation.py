@@ -6,6 +6,10 @@ and experiment/. Checkpoints (best by validation mIoU, and last.ckpt) go to
 then evaluated (final_eval.*: <output_dir>/final_eval/metrics.json). Several seeds:
 python train_segmentation.py -m experiment=... seed=0,1,2,3,4 trains job n in <output_dir>/<n>/
 and writes the summary over the jobs to <output_dir>/summary.json.
+
+An output_dir that holds a run is refused unless resumed (ckpt_path=last); one that a running
+training holds (<output_dir>/.lock) is refused. SIGTERM saves checkpoints/last.ckpt at the step
+reached and exits with status 143.
 """
 
 import hydra

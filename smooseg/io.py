@@ -166,3 +166,62 @@ def read_rgb(path, exif=False, fix="re-download it or remove it from the data se
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise _unreadable(path, err, fix) from None
+
+
+# ---- paths the user names: checked before anything is read or written, one line each
+
+def check_output_dir(path, key="output_dir"):
+    """Check that ``path`` (the value of config key ``key``) can be a folder this run writes into,
+    without creating it; returns it as a Path.
+
+    A SmoosegError names ``key`` when ``path`` is an existing file, when a part of it is a file
+    (so it cannot be created) or when the folder (or its nearest existing parent, where it would
+    be created) does not take a new file: a probe file is created there and removed, so a
+    read-only file system or mount counts too (mode bits alone do not stop root).
+    """
+    path = Path(path).expanduser()
+    fix = f"pass {key}=<a folder you can write to>"
+    if path.exists() and not path.is_dir():
+        raise SmoosegError(f"{key}={path} is an existing file, not a folder; {fix}")
+    parent = path
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SmoosegError(f"{key}={path} cannot be created: {parent} is a file, not a folder; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".smooseg-write-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if parent == path else f" (it would be created in {parent})"
+        raise SmoosegError(f"{key}={path} is not writable{where}: {_reason(err)}; {fix}") from None
+    return path
+
+
+def check_input_file(path, key, fix="pass the path of an existing file", missing="does not exist",
+                     label=None):
+    """Check that ``path`` (named by config key ``key``) is an existing, readable file (not a
+    folder); returns it as a Path. The error starts with ``label`` (default ``<key>=<path>``),
+    then says what is wrong and ``fix``."""
+    path = Path(path).expanduser()
+    label = f"{key}={path}" if label is None else label
+    if not path.exists():
+        raise SmoosegError(f"{label} {missing}; {fix}")
+    if path.is_dir():
+        raise SmoosegError(f"{label} is a folder, not a file; {fix}")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise SmoosegError(f"{label} cannot be read ({_reason(err)}); {fix}") from None
+    return path
+
+
+def check_input_dir(path, key, fix="pass an existing folder"):
+    """Check that ``path`` (named by config key ``key``) is an existing folder; returns it as a Path."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SmoosegError(f"{key}={path} does not exist; {fix}")
+    if not path.is_dir():
+        raise SmoosegError(f"{key}={path} is a file, not a folder; {fix}")
+    return path

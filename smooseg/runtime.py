@@ -67,6 +67,16 @@ def uses_cuda(accelerator):
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def check_accelerator(accelerator, key="trainer.accelerator"):
+    """Refuse a CUDA ``trainer.accelerator`` (``gpu``, ``cuda``) on a machine without CUDA, with
+    one line that says so (Lightning's own error is a multi-line MisconfigurationException);
+    returns ``accelerator``. Other values (``auto``, ``cpu``, ``mps``, ...) are left to Lightning."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SmoosegError(f"{key}={accelerator} (trainer=gpu / trainer=ddp): this machine has no CUDA GPU; "
+                           "use trainer=cpu or trainer.accelerator=auto")
+    return accelerator
+
+
 def resolve_precision(precision, accelerator="auto"):
     """Lightning precision string: ``auto`` -> bf16-mixed on a GPU with bf16 support, 16-mixed on
     other GPUs, 32-true on CPU."""

@@ -221,6 +221,41 @@ def last_good_checkpoint_kept(tmp, out, line):
     assert steps and max(steps.values()) == 1, steps
 
 
+# ---- a run folder that is taken (tests/test_run_folder.py has the live-process story)
+
+HELD_LOCKS = {}
+
+
+def folder_with_a_run(tmp, pristine):
+    """``out`` as a finished run leaves it: ``checkpoints/last.ckpt``."""
+    last = tmp / "out" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(pristine["ckpt"], last)
+    return {"data": pristine["data"]}
+
+
+def folder_of_a_running_training(tmp, pristine):
+    """``out/.lock`` held (``flock``) as a running training holds it, until the row's check."""
+    import fcntl
+    import os
+
+    (tmp / "out").mkdir()
+    fd = os.open(tmp / "out" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    HELD_LOCKS[tmp] = fd
+    return {"data": pristine["data"]}
+
+
+def no_config_written(tmp, out, line):
+    """Refused before anything was written: no config.yaml; a held lock is let go."""
+    import os
+
+    if tmp in HELD_LOCKS:
+        os.close(HELD_LOCKS.pop(tmp))
+    assert not (out / "config.yaml").exists()
+
+
 @dataclass
 class Case:
     name: str
@@ -230,6 +265,32 @@ class Case:
     expect: list  # substrings of the error line
     check: Optional[Callable] = None  # (tmp_path, output_dir, error line) -> asserts more
     keeps_checkpoint: bool = False
+
+
+# ---- filesystem setups (output_dir / data_dir / checkpoints / cache that are files or folders)
+
+def a_file(tmp, pristine):
+    """A regular file at {tmp}/afile (a path under it cannot be created, even by root)."""
+    (tmp / "afile").write_text("not a folder\n")
+    return {"data": pristine["data"], "ckpt": pristine["ckpt"], "file": tmp / "afile"}
+
+
+def a_file_and_photos(tmp, pristine):
+    return {**a_file(tmp, pristine), "photos": large_photo(tmp, pristine)["photos"]}
+
+
+def checkpoint_folder(tmp, pristine):
+    """A run folder where a checkpoint was meant: runs/a/ (a folder) next to runs/b.ckpt."""
+    (tmp / "runs" / "a").mkdir(parents=True)
+    shutil.copy(pristine["ckpt"], tmp / "runs" / "b.ckpt")
+    return {"data": pristine["data"], "ckpt": pristine["ckpt"]}
+
+
+def directory_set_and_checkpoint(tmp, pristine):
+    return {"data": directory_set(tmp, pristine), "ckpt": pristine["ckpt"]}
+
+
+EVAL_NO_OUT = [arg for arg in EVAL if not arg.startswith("output_dir=")]
 
 
 T, E = "train_segmentation.py", "eval_segmentation.py"
@@ -346,6 +407,52 @@ CASES = [
           "device=cpu", "progress=false"],
          ["the dense CRF of {photos}/large.png (400x300 px)", "needs about", "crf_max_memory=1MB allows",
           "crf=false"], check=nothing_at_all),
+    *([] if torch.cuda.is_available() else [
+        Case("train: trainer=gpu on a machine without CUDA", valid, T, TRAIN + ["trainer=gpu"],
+             ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"])]),
+    # filesystem: output folders that are files, inputs that are folders, checks before any work
+    Case("eval: output_dir an existing file", a_file, E, EVAL_NO_OUT + ["output_dir={file}"],
+         ["output_dir={file} is an existing file, not a folder", "pass output_dir="]),
+    Case("eval: output_dir under a file", a_file, E, EVAL_NO_OUT + ["output_dir={file}/eval"],
+         ["output_dir={file}/eval cannot be created", "{file} is a file", "pass output_dir="]),
+    Case("train: output_dir an existing file", a_file, T,
+         [arg for arg in TRAIN if not arg.startswith("output_dir=")] + ["output_dir={file}"],
+         ["{file}", "output_dir"]),
+    Case("train: output_dir under a file", a_file, T,
+         [arg for arg in TRAIN if not arg.startswith("output_dir=")] + ["output_dir={file}/run"],
+         ["{file}/run", "output_dir"]),
+    Case("segment: output_dir under a file", a_file_and_photos, "segment_images.py",
+         ["model_path={ckpt}", "input_dir={photos}", "output_dir={file}/seg", "device=cpu", "progress=false"],
+         ["output_dir={file}/seg cannot be created", "{file} is a file"]),
+    Case("segment: model_path a folder", large_photo, "segment_images.py",
+         ["model_path={tmp}", "input_dir={photos}", "output_dir={out}", "device=cpu", "progress=false"],
+         ["model_path={tmp} is a folder, not a file", ".ckpt"], check=nothing_at_all),
+    Case("eval: data_dir a file", a_file, E,
+         ["model_paths=[{ckpt}]", "data_dir={file}"] + EVAL[2:], ["data_dir {file} is a file, not a folder"]),
+    Case("eval: checkpoint pattern that matches a folder", checkpoint_folder, E,
+         ["model_paths={tmp}/runs/*"] + EVAL[1:], ["checkpoint {tmp}/runs/a is a folder, not a file"]),
+    Case("eval: every checkpoint checked before the first is evaluated", valid_checkpoint, E,
+         ["model_paths=[{ckpt},{tmp}/absent.ckpt]"] + EVAL[1:],
+         ["checkpoint {tmp}/absent.ckpt not found", "'model_paths=[\"a=b.ckpt\"]'"]),
+    Case("eval: checkpoint path with an unquoted =", valid_checkpoint, E,
+         ["model_paths=[{tmp}/a=b.ckpt]"] + EVAL[1:], ["cannot parse", "a=b.ckpt", "quote a path that contains '='"]),
+    Case("eval: dataset.n_classes contradicting the checkpoint", directory_set_and_checkpoint, E,
+         EVAL + ["dataset=directory", "dataset.n_classes=5", "dataset.dir_name=mine"],
+         ["dataset.n_classes=5 contradicts the checkpoint", "27 classes", "dataset.n_classes=27"]),
+    Case("eval: data set contradicting the checkpoint", valid_checkpoint, E, EVAL + ["dataset=cocostuff27"],
+         ["dataset=cocostuff27 contradicts the checkpoint", "trained on cityscapes"]),
+    Case("train: model.weights_path a folder", valid, T, TRAIN + ["model.pretrained=true", "model.weights_path={tmp}"],
+         ["model.weights_path={tmp} is a folder, not a file"]),
+    Case("train: feature cache folder cannot be created", a_file, T,
+         TRAIN + ["cache.enabled=true", "cache.dir={file}/cache"],
+         ["cache.dir={file}/cache cannot be created", "{file} is a file"]),
+    # a run folder is never overwritten
+    Case("train: output_dir holds a run", folder_with_a_run, T, TRAIN,
+         ["output_dir={out} already holds a run", "resume it with ckpt_path=last", "choose another output_dir"],
+         check=no_config_written, keeps_checkpoint=True),
+    Case("train: output_dir of a running training", folder_of_a_running_training, T, TRAIN + ["ckpt_path=null"],
+         ["output_dir={out} is being written by a running training (process 4242", "choose another output_dir"],
+         check=no_config_written),
 ]
 
 

@@ -227,7 +227,7 @@ def test_final_evaluation_skipped_when_disabled_or_unlabelled(small_data, tmp_pa
 def test_multirun_over_seeds(synthetic_data, tmp_path):
     """-m seed=0,1: each job in its own folder with its own final evaluation, then the summary over
     the jobs (mean ± sample std, min, max) in the sweep folder; a later sweep into the same folder
-    counts only its own jobs."""
+    is refused (it would overwrite job 0); a one-job sweep has no standard deviation."""
     overrides = [o for o in TRAIN_OVERRIDES if not o.startswith(("seed=", "max_steps=", "val_check_interval="))]
     overrides += ["max_steps=2", "val_check_interval=2", "logger=none", f"data_dir={synthetic_data}",
                   f"output_dir={tmp_path}"]
@@ -247,9 +247,16 @@ def test_multirun_over_seeds(synthetic_data, tmp_path):
         assert summary[key]["std"] == pytest.approx(abs(jobs[0][key] - jobs[1][key]) / 2 ** 0.5)
     assert "summary over 2 jobs" in proc.stdout and f"summary: {tmp_path / 'summary.json'}" in proc.stdout
 
-    run_script("train_segmentation.py", "-m", *overrides, "seed=5")  # rewrites job 0 only
-    again = json.loads((tmp_path / "summary.json").read_text())
-    fresh = json.loads((tmp_path / "0" / "final_eval" / "metrics.json").read_text())
+    before = (tmp_path / "summary.json").read_text()
+    refused = run_script("train_segmentation.py", "-m", *overrides, "seed=5", check=False)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr  # job 0 is not overwritten
+    assert (tmp_path / "summary.json").read_text() == before
+
+    single = tmp_path / "single"
+    one = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={single}"]
+    run_script("train_segmentation.py", "-m", *one, "seed=5")
+    again = json.loads((single / "summary.json").read_text())
+    fresh = json.loads((single / "0" / "final_eval" / "metrics.json").read_text())
     assert [(r["job"], r["seed"]) for r in again["runs"]] == [("0", 5)]
     value = fresh["mIoU"]
     assert again["mIoU"] == {"n": 1, "mean": value, "std": None, "min": value, "max": value}

@@ -800,6 +800,9 @@ def dataset_key(name, dir_name=None):
 
 def _data_dir(data_dir, name):
     path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SmoosegError(f"data_dir {path} is a file, not a folder; pass data_dir=<folder holding the "
+                           f"data sets>; expected layout: {EXPECTED_LAYOUT[name]}")
     if not path.is_dir():
         raise SmoosegError(
             f"data_dir {path} does not exist; pass data_dir=<folder holding the data sets> "

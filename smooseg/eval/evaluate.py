@@ -18,6 +18,12 @@ in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
 and, over the checkpoints of ``model_paths`` (glob patterns expanded), ``<output_dir>/summary.json``:
 each checkpoint's headline and the mean, sample standard deviation (ddof=1), min and max of
 mIoU and Accuracy. Training's final evaluation (``final_eval``) runs through ``evaluate_jobs`` too.
+
+Before any work: ``output_dir`` must be a folder that can be written (or created), every
+checkpoint path an existing, readable file, and a ``dataset`` chosen on the command line must
+agree with the checkpoint (its ``n_classes``, and for named sets the set itself). Each
+``<output_dir>/<name>/`` holds one evaluation: what an earlier one wrote there (metrics.json,
+``<n>_*.png``, report pictures) is removed before the new one is written.
 """
 
 import contextlib
@@ -40,6 +46,7 @@ from smooseg.eval.crf_backend import open_crf
 from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
 from smooseg.eval.results import print_summary, summarize, write_outputs, write_summary
+from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
 
@@ -154,6 +161,7 @@ def eval_dataset(cfg, data: DatasetInfo):
     """
     if cfg.get("dataset") is not None:
         name, dir_name = cfg.dataset.name, cfg.dataset.get("dir_name")
+        check_dataset_matches(cfg.dataset, data)
     else:
         name, dir_name = data.name, data.dir_name
     res = cfg.eval_res or data.eval_res or (224 if name == "potsdam" else 320)
@@ -165,6 +173,23 @@ def eval_dataset(cfg, data: DatasetInfo):
         raise SmoosegError(f"dataset={name} has {dataset.n_classes} classes but the checkpoint was "
                            f"trained for {data.n_classes}; evaluate on a data set with the same classes")
     return dataset
+
+
+def check_dataset_matches(dataset, data: DatasetInfo):
+    """Refuse a ``dataset`` group (the config chosen with ``dataset=...``) that contradicts the
+    checkpoint's :class:`DatasetInfo` ``data``: a ``dataset.n_classes`` other than the
+    checkpoint's class count, or another named data set (its classes are other classes; directory
+    sets have no class names of their own, so only their count must agree)."""
+    n_classes = None if OmegaConf.is_missing(dataset, "n_classes") else dataset.get("n_classes")
+    if n_classes is not None and int(n_classes) != data.n_classes:
+        raise SmoosegError(f"dataset.n_classes={n_classes} contradicts the checkpoint, trained for "
+                           f"{data.n_classes} classes ({data.name}); pass dataset.n_classes={data.n_classes} "
+                           "or evaluate a checkpoint trained for these classes")
+    name = dataset.name
+    if "directory" not in (name, data.name) and name != data.name:
+        raise SmoosegError(f"dataset={name} contradicts the checkpoint, trained on {data.name} (other "
+                           f"classes); pass dataset={data.name}, or leave dataset unset to use the "
+                           "checkpoint's data set")
 
 
 def output_names(paths):
@@ -196,8 +221,21 @@ def checkpoint_paths(model_paths):
                                    "(e.g. model_paths='runs/*/checkpoints/best-*.ckpt', quoted)")
             paths.extend(matches)
         else:
-            paths.append(entry)
+            paths.append(os.path.expanduser(entry))
     return list(dict.fromkeys(paths))
+
+
+def check_checkpoints(paths):
+    """Check every checkpoint path (exists, is a file, can be read) before the first is
+    evaluated, so a typo in the last of several is not found an evaluation later."""
+    for path in paths:
+        if "{" in path and "}" in path and not Path(path).exists():
+            raise SmoosegError(f"checkpoint {path} not found; braces are not expanded in model_paths: "
+                               "list the files (model_paths=[a.ckpt,b.ckpt]) or use a glob pattern")
+        check_input_file(path, "model_paths", missing="not found", label=f"checkpoint {path}",
+                         fix="pass the path of a .ckpt file (a path with '=' quoted: "
+                             "'model_paths=[\"a=b.ckpt\"]'), or a glob pattern that matches files, "
+                             "e.g. model_paths='runs/*/checkpoints/best-*.ckpt'")
 
 
 class EvalJob(NamedTuple):
@@ -224,6 +262,7 @@ def evaluate_jobs(cfg, jobs):
     For each: the per-class table is printed, ``metrics.json`` and the pictures are written to
     ``<output_dir>/<name>/`` and, with ``report``, the report pictures next to them.
     """
+    check_output_dir(cfg.output_dir, "output_dir")
     device = resolve_device(cfg.device)
     pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
     results = []
@@ -262,8 +301,11 @@ def run_eval(cfg, models=None):
     checkpoints follows (each headline, mean ± sample standard deviation, min and max of mIoU
     and Accuracy), printed and written to ``<output_dir>/summary.json``.
     """
+    check_output_dir(cfg.output_dir, "output_dir")
     if models is None:
-        jobs = checkpoint_jobs(checkpoint_paths(cfg.model_paths))
+        paths = checkpoint_paths(cfg.model_paths)
+        check_checkpoints(paths)
+        jobs = checkpoint_jobs(paths)
     else:
         jobs = [EvalJob(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
     results = evaluate_jobs(cfg, jobs)

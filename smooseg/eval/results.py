@@ -3,6 +3,7 @@ the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and 
 several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``)."""
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -69,15 +70,41 @@ def save_examples(examples, to_class, palette, output_dir):
     return paths
 
 
+# What an evaluation writes into its folder (the report pictures: smooseg.eval.report.REPORT_FILES)
+EXAMPLE_PICTURE = re.compile(r"\d+_(img|label|pred)\.png")
+REPORT_PICTURES = ("per_class_iou.png", "confusion.png", "examples.png")
+
+
+def clear_outputs(output_dir):
+    """Remove what an earlier evaluation left in ``output_dir``: ``metrics.json``, the example
+    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the report pictures, so
+    that nothing stale (another checkpoint's, or more examples than this run keeps) survives
+    into the new evaluation's folder or report. Other files are left alone; returns the removed."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(output_dir.iterdir()):
+        if path.is_file() and (path.name == "metrics.json" or path.name in REPORT_PICTURES
+                               or EXAMPLE_PICTURE.fullmatch(path.name)):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def write_outputs(metrics, examples, data, n_clusters, output_dir):
     """Write ``metrics.json`` and the example pictures of one evaluation into ``output_dir``.
 
     ``examples`` are (H×W×3 uint8 image, label, cluster prediction) triples; the prediction is
-    coloured through the Hungarian cluster -> class map of the headline metrics.
+    coloured through the Hungarian cluster -> class map of the headline metrics. What an earlier
+    evaluation wrote there is removed first (:func:`clear_outputs`) and ``metrics.json`` is
+    written last, so the folder holds this evaluation only and is complete once it has
+    ``metrics.json``.
     """
     output_dir = Path(output_dir)
     assignment = [metrics["assignment"][name] for name in data.class_names]
     to_class = cluster_to_class_map(assignment, n_clusters)
+    clear_outputs(output_dir)
     save_examples(examples, to_class, colormap(data.name, data.n_classes), output_dir)
     return write_json(metrics, output_dir / "metrics.json")
 

@@ -48,7 +48,7 @@ from smooseg.data.transforms import normalize
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import TorchCRF, open_crf
 from smooseg.eval.metrics import cluster_to_class_map
-from smooseg.io import IMAGE_EXTENSIONS, image_size, read_rgb
+from smooseg.io import IMAGE_EXTENSIONS, check_input_file, check_output_dir, image_size, read_rgb
 from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
@@ -440,9 +440,7 @@ def segment_folder(net, data, input_dir, output_dir, recursive=False, mode="resi
     warning under ``skip_bad``.
     """
     _check_options(mode, size, stride, batch_size, alpha)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SmoosegError(f"output_dir {output_dir} is a file; pass a folder path")
+    output_dir = check_output_dir(output_dir, "output_dir")
     if output_dir.resolve() == Path(input_dir).resolve():
         raise SmoosegError(f"output_dir {output_dir} is the input folder; pass another output_dir")
     paths = list_images(input_dir, recursive, exclude=output_dir)
@@ -540,6 +538,9 @@ def run_segment(cfg):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise SmoosegError(f"{key} is required; pass {key}=<path>")
     list_images(cfg.input_dir, bool(cfg.recursive), exclude=cfg.output_dir)
+    check_output_dir(cfg.output_dir, "output_dir")
+    check_input_file(cfg.model_path, "model_path", missing="not found",
+                     fix="pass the path of a .ckpt file (a path with '=' quoted: 'model_path=\"a=b.ckpt\"')")
     device = resolve_device(cfg.device)
     net, hparams = load_net(cfg.model_path, map_location=device)
     data = DatasetInfo(**hparams["data"])

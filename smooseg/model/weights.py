@@ -15,6 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from smooseg.errors import SmoosegError
+from smooseg.io import check_input_file
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com"
 
@@ -81,12 +82,9 @@ def resolve_weights(arch, model_type, patch_size, weights_path=None, weights_url
     """
     filename, url = official_weights(arch, model_type, patch_size)
     if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise SmoosegError(
-                f"model.weights_path={path} does not exist: point it at the official file "
-                f"{filename}, or leave it unset to use the torch hub cache")
-        return path
+        return check_input_file(weights_path, "model.weights_path",
+                                fix=f"point it at the official file {filename}, or leave it unset "
+                                    "to use the torch hub cache")
     cache = weights_cache_path(filename)
     if cache.is_file():
         return cache

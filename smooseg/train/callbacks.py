@@ -1,12 +1,14 @@
 """Lightning callbacks of a training run: the best and last checkpoints, the random streams
-saved in them, and a validation at ``max_steps``."""
+saved in them, a validation at ``max_steps`` and a checkpoint when the run is preempted."""
 
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 # No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
 BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
@@ -84,18 +86,52 @@ class RandomStateCheckpoint(Callback):
             self._to_restore = None
 
 
-def build_callbacks(output_dir):
-    """Best-by-validation-mIoU checkpoint plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
+class SaveOnSigterm(Callback):
+    """Preemption (SIGTERM, what SLURM and most schedulers send): ``last.ckpt`` at the step reached.
+
+    Lightning's signal connector notes the SIGTERM (``trainer.received_sigterm``) and ends the fit
+    with ``SIGTERMException`` once the current batch is done, on every process together; this
+    callback then writes a full training checkpoint (``trainer.save_checkpoint``, so it resumes
+    with ``ckpt_path=last`` like any other) beside the others, through a temporary file renamed
+    onto ``last.ckpt`` so a second signal never leaves half a file. ``saved`` / ``step`` say what
+    was written (None when nothing was).
+    """
+
+    def __init__(self, dirpath):
+        self.dirpath = Path(dirpath)
+        self.saved, self.step = None, None
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
+            return
+        path, tmp = self.dirpath / "last.ckpt", self.dirpath / ".last.ckpt.sigterm.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)  # every process takes part; rank zero writes
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        self.saved, self.step = path, trainer.global_step
+
+
+def build_callbacks(output_dir, best=True):
+    """Best-by-validation-mIoU checkpoint (unless not ``best``: a validation set without labels
+    has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
 
     Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
     The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`).
     """
     folder = str(Path(output_dir) / "checkpoints")
-    checkpoint = ModelCheckpoint(
+    chosen = [ModelCheckpoint(
         dirpath=folder, filename=BEST_FILENAME,
         monitor="val/cluster/mIoU", mode="max", save_top_k=1,
-        auto_insert_metric_name=False, enable_version_counter=False)
-    return [checkpoint, LastCheckpoint(folder), RandomStateCheckpoint(), ValidateAtMaxSteps()]
+        auto_insert_metric_name=False, enable_version_counter=False)] if best else []
+    return [*chosen, LastCheckpoint(folder), RandomStateCheckpoint(), ValidateAtMaxSteps()]
+
+
+def best_checkpoint_callback(trainer):
+    """The callback that keeps the best checkpoint by validation mIoU, or None (no labels)."""
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, LastCheckpoint) and callback.monitor == "val/cluster/mIoU":
+            return callback
+    return None
 
 
 def last_good_checkpoint(trainer):

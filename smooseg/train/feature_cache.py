@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from smooseg.errors import SmoosegError
-from smooseg.io import atomic_write
+from smooseg.io import atomic_write, check_output_dir
 from smooseg.model.backbone import POS_EMBED_RESAMPLING, frozen_features
 
 CACHE_VERSION = 3  # 3: meta.json holds the files digest
@@ -278,6 +278,8 @@ def open_or_build(dataset, backbone, cache_dir, dataset_name, split, res, crop, 
     if is_complete(path, fields, names, files):
         print(f"feature cache: reusing {path}", flush=True)
         return CachedFeatureDataset(path)
+    # the cache is (re)built: its folder must take files (one line now, not an OSError mid-build)
+    check_output_dir(path if path.exists() else Path(cache_dir).expanduser(), "cache.dir")
     if read_meta(path) is not None:
         print(f"feature cache: {path} was computed from other files or settings; rebuilding it", flush=True)
     return build_feature_cache(dataset, backbone, path, fields, batch_size=batch_size,

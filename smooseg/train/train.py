@@ -6,27 +6,33 @@ A run ends, as the reference's does, with the final evaluation of its best check
 """
 
 import dataclasses
+import fcntl
+import os
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from smooseg.cli import quiet_known_noise
 from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_jobs, evaluate_jobs
-from smooseg.io import atomic_write
+from smooseg.io import atomic_write, check_output_dir
 from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, read_checkpoint,
                                        upgrade_checkpoint)
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
-from smooseg.runtime import resolve_precision
-from smooseg.train.callbacks import build_callbacks, last_good_checkpoint
+from smooseg.runtime import check_accelerator, resolve_precision
+from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
+                                     last_good_checkpoint)
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
 RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "fused_attn")
+PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
 def dataset_info(cfg):
@@ -102,20 +108,21 @@ def build_logger(cfg):
     raise SmoosegError(f"logger.type={kind} is unknown; use logger=tensorboard or logger=none")
 
 
-def build_trainer(cfg, callbacks=()):
-    """A Lightning Trainer: ``trainer.*`` keys are passed through (``precision: auto`` resolved)."""
+def build_trainer(cfg, callbacks=(), labelled_val=True):
+    """A Lightning Trainer: ``trainer.*`` keys are passed through (``precision: auto`` resolved);
+    without ``labelled_val`` no best checkpoint is chosen (there is no validation mIoU)."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     options["precision"] = resolve_precision(options.get("precision", "auto"),
                                              options.get("accelerator", "auto"))
     accumulate = int(options.get("accumulate_grad_batches", 1))
-    # The frozen ViT is in eval mode on purpose (docs/method.md §1).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    quiet_known_noise()
     try:
         return pl.Trainer(
             max_steps=int(cfg.max_steps), max_epochs=-1,
             val_check_interval=int(cfg.val_check_interval) * accumulate,
             check_val_every_n_epoch=None, logger=build_logger(cfg),
-            callbacks=build_callbacks(cfg.output_dir) + list(callbacks), default_root_dir=cfg.output_dir,
+            callbacks=build_callbacks(cfg.output_dir, best=labelled_val) + list(callbacks),
+            default_root_dir=cfg.output_dir,
             **options)
     except TypeError as err:
         raise SmoosegError(f"a trainer.* setting is not a Lightning Trainer argument ({err}); "
@@ -144,6 +151,56 @@ def resume_path(cfg, module=None):
             raise SmoosegError(f"ckpt_path={path} holds no training state (optimiser, loops); resume "
                                "from a last.ckpt written by train_segmentation.py")
     return str(path)
+
+
+def claim_output_dir(cfg):
+    """Make ``output_dir`` this run's own before anything is written to it, and return the open
+    lock (close it when the run ends; :func:`release_output_dir`).
+
+    A folder holding a run (``checkpoints/last.ckpt``) is refused unless this run resumes
+    (``ckpt_path`` set), and ``<output_dir>/.lock`` is held (``flock``) for the run's life, so a
+    second training into the same folder stops at once. The kernel drops the lock when its process
+    dies, however it dies, so a killed run never blocks its folder. Call it on rank zero only.
+    """
+    folder = Path(cfg.output_dir)
+    last = folder / "checkpoints" / "last.ckpt"
+
+    def check_no_run():
+        if cfg.ckpt_path is None and last.is_file():
+            raise SmoosegError(f"output_dir={folder} already holds a run ({last}); resume it with "
+                               "ckpt_path=last, or choose another output_dir")
+
+    check_no_run()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SmoosegError(f"output_dir={folder} is being written by a running training (process {owner}, "
+                           f"{lock}); choose another output_dir, or when it has ended resume it with "
+                           "ckpt_path=last") from None
+    try:
+        check_no_run()  # a run that held the lock until just now may have written last.ckpt
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release_output_dir(lock):
+    """Let go of the lock :func:`claim_output_dir` returned (None: nothing to release)."""
+    if lock is not None:
+        os.close(lock)  # closing the descriptor drops the flock
+
+
+def print_data_sizes(datamodule):
+    """One line: how many images training and validation use."""
+    print(f"data: {len(datamodule.train_set)} training images, {len(datamodule.val_set)} validation images")
 
 
 def save_config(cfg):
@@ -218,14 +275,31 @@ def train(cfg, callbacks=()):
 
     ``callbacks`` are extra Lightning callbacks added to the trainer's own.
     """
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_output_dir(cfg.output_dir, "output_dir")
     pl.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg)
     check_final_eval(cfg, module.net)
     ckpt_path = resume_path(cfg, module)
     datamodule = build_datamodule(cfg, module.net)
-    trainer = build_trainer(cfg, callbacks)
+    labelled_val = has_labels(datamodule.val_set)
+    preemption = SaveOnSigterm(Path(cfg.output_dir) / "checkpoints")
+    trainer = build_trainer(cfg, [preemption, *callbacks], labelled_val=labelled_val)
+    lock = claim_output_dir(cfg) if trainer.is_global_zero else None
+    try:
+        return fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, preemption)
+    finally:
+        release_output_dir(lock)
+
+
+def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, preemption):
+    """The part of :func:`train` that runs with ``output_dir`` claimed."""
     if trainer.is_global_zero:
         save_config(cfg)
+        print_data_sizes(datamodule)
+        if not labelled_val:
+            print("no best checkpoint: the validation images have no labels, so there is no validation "
+                  "mIoU to choose one by; last.ckpt is kept")
     try:
         with warnings.catch_warnings():
             # EpochSampler does resume mid-epoch (Lightning cannot tell from the loader)
@@ -235,10 +309,18 @@ def train(cfg, callbacks=()):
         raise SmoosegError(f"non-finite training loss (NaN or inf) at step {err.step}; last good "
                            f"checkpoint: {last_good_checkpoint(trainer) or 'none yet'}; lower the "
                            "learning rates (optim.lr1 / optim.lr2) or check the data") from None
-    callback = trainer.checkpoint_callback
-    score = callback.best_model_score
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            if preemption.saved is not None:
+                print(f"stopped by SIGTERM at step {preemption.step}: saved {preemption.saved}; "
+                      "continue with ckpt_path=last", flush=True)
+            else:
+                print("stopped by SIGTERM before training began: nothing saved", flush=True)
+        raise SystemExit(PREEMPTED_STATUS) from None
+    callback = best_checkpoint_callback(trainer)
+    score = None if callback is None else callback.best_model_score
     result = {
-        "best": callback.best_model_path or None,
+        "best": (callback.best_model_path or None) if callback is not None else None,
         "last": last_good_checkpoint(trainer),
         "best_mIoU": None if score is None else float(score),
         "output_dir": str(cfg.output_dir),
@@ -246,7 +328,8 @@ def train(cfg, callbacks=()):
     }
     trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
-        print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
+        if labelled_val:
+            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
         print(f"last checkpoint: {result['last']}")
         result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
                                                 trainer.strategy.root_device, datamodule.val_set)
