@@ -7,11 +7,13 @@ import hydra
 
 from smooseg.cli import prepare_argv, report_errors
 from smooseg.data.crops import crop_datasets
+from smooseg.settings import CROP, check_settings
 
 
 @hydra.main(config_path="configs", config_name="crop", version_base="1.3")
 @report_errors
 def main(cfg):
+    check_settings(cfg, CROP)
     summary = crop_datasets(
         data_dir=cfg.data_dir, datasets=list(cfg.datasets), splits=list(cfg.splits),
         crop_types=list(cfg.crop_types), ratio=cfg.crop_ratio, seed=cfg.seed,

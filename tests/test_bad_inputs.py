@@ -410,6 +410,18 @@ CASES = [
     *([] if torch.cuda.is_available() else [
         Case("train: trainer=gpu on a machine without CUDA", valid, T, TRAIN + ["trainer=gpu"],
              ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"])]),
+    # values of the wrong type or out of range: one line naming the key and the allowed range
+    *[Case(f"train: {arg}", valid, T, TRAIN + [arg], [arg, expect])
+      for arg, expect in [("batch_size=abc", "an integer >= 1"), ("batch_size=0", "an integer >= 1"),
+                          ("batch_size=2.5", "an integer >= 1"), ("res=-32", "res must be an integer >= 1"),
+                          ("val_check_interval=0", "an integer >= 1"), ("max_steps=-1", "an integer >= 1"),
+                          ("optim.lr1=-0.001", "a number > 0"), ("num_workers=-1", "an integer >= 0"),
+                          ("loss.temperature=0", "a number > 0"), ("loss.ema_alpha=1.5", "in [0.0, 1.0]")]],
+    # a reference-style flag left without its value reads as true: a typed key refuses it
+    Case("train: --max_steps with no value", valid, T, TRAIN + ["--max_steps"],
+         ["max_steps=True is not allowed", "an integer >= 1"]),
+    *[Case(f"eval: {arg}", valid_checkpoint, E, EVAL + [arg], [arg, expect])
+      for arg, expect in [("eval_res=0", "an integer >= 1"), ("n_images=-1", "an integer >= 0")]],
     # filesystem: output folders that are files, inputs that are folders, checks before any work
     Case("eval: output_dir an existing file", a_file, E, EVAL_NO_OUT + ["output_dir={file}"],
          ["output_dir={file} is an existing file, not a folder", "pass output_dir="]),

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from smooseg import settings
 from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
@@ -49,6 +50,7 @@ from smooseg.eval.results import print_summary, summarize, write_outputs, write_
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
+from smooseg.settings import check_settings
 
 
 class _Collector:
@@ -301,6 +303,7 @@ def run_eval(cfg, models=None):
     checkpoints follows (each headline, mean ± sample standard deviation, min and max of mIoU
     and Accuracy), printed and written to ``<output_dir>/summary.json``.
     """
+    check_settings(cfg, settings.EVAL)
     check_output_dir(cfg.output_dir, "output_dir")
     if models is None:
         paths = checkpoint_paths(cfg.model_paths)

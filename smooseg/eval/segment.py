@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from smooseg import settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.transforms import normalize
 from smooseg.errors import SmoosegError
@@ -52,6 +53,7 @@ from smooseg.io import IMAGE_EXTENSIONS, check_input_file, check_output_dir, ima
 from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
+from smooseg.settings import check_settings
 from smooseg.viz import class_colors, colormap, legend_image, overlay, read_metrics_json, save_png
 
 log = logging.getLogger(__name__)
@@ -537,6 +539,7 @@ def run_segment(cfg):
     for key in ("model_path", "input_dir"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise SmoosegError(f"{key} is required; pass {key}=<path>")
+    check_settings(cfg, settings.SEGMENT)
     list_images(cfg.input_dir, bool(cfg.recursive), exclude=cfg.output_dir)
     check_output_dir(cfg.output_dir, "output_dir")
     check_input_file(cfg.model_path, "model_path", missing="not found",

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from smooseg import settings
 from smooseg.cli import quiet_known_noise
 from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
@@ -26,6 +27,7 @@ from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, re
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.runtime import check_accelerator, resolve_precision
+from smooseg.settings import check_settings
 from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
                                      last_good_checkpoint)
 from smooseg.train.datamodule import build_datamodule
@@ -275,6 +277,7 @@ def train(cfg, callbacks=()):
 
     ``callbacks`` are extra Lightning callbacks added to the trainer's own.
     """
+    check_settings(cfg, settings.TRAIN)
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
     check_output_dir(cfg.output_dir, "output_dir")
     pl.seed_everything(int(cfg.seed), workers=True)
