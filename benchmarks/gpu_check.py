@@ -650,6 +650,12 @@ def headline(entry):
     return ""
 
 
+def finished(report, benchmark):
+    """``(part, results)`` of each part that ran the ``benchmark`` (train / eval / crf) to the end."""
+    return [(e, e["results"]) for e in report["parts"]
+            if e["status"] == "ok" and e.get("results") and e["results"].get("benchmark") == benchmark]
+
+
 def parts_rows(report):
     rows = []
     for i, e in enumerate(report["parts"], 1):
@@ -664,10 +670,7 @@ PART_HEADERS = ["#", "part", "status", "device", "seconds", "result", "left out"
 
 def train_rows(report):
     rows = []
-    for e in report["parts"]:
-        r = e.get("results")
-        if e["status"] != "ok" or not r or r.get("benchmark") != "train":
-            continue
+    for e, r in finished(report, "train"):
         s = r["settings"]
         model = f"{s['arch'].replace('vit_', 'ViT-').replace('small', 'S').replace('base', 'B')}/{s['patch']}"
         base = r["configs"]["unoptimised"]["steps_per_s"]
@@ -686,13 +689,11 @@ TRAIN_HEADERS = ["model", "px", "batch", "precision", "config", "device", "steps
 
 def cache_rows(report):
     rows = []
-    for e in report["parts"]:
-        r = e.get("results")
-        if e["status"] == "ok" and r and r.get("benchmark") == "train":
-            c = r["cache"]
-            rate = c.get("build_images_per_s") or (c["images"] / c["build_s"] if c["build_s"] else None)
-            rows.append([e["name"], r["settings"]["device"], str(c["images"]), fmt(c["build_s"], 2), fmt(rate, 1),
-                         fmt(c["disk_mb"], 1), c["dtype"]])
+    for e, r in finished(report, "train"):
+        c = r["cache"]
+        rate = c.get("build_images_per_s") or (c["images"] / c["build_s"] if c["build_s"] else None)
+        rows.append([e["name"], r["settings"]["device"], str(c["images"]), fmt(c["build_s"], 2), fmt(rate, 1),
+                     fmt(c["disk_mb"], 1), c["dtype"]])
     return rows
 
 
@@ -701,10 +702,7 @@ CACHE_HEADERS = ["part", "device", "images", "build s", "images/s", "disk MB", "
 
 def eval_rows(report):
     rows = []
-    for e in report["parts"]:
-        r = e.get("results")
-        if e["status"] != "ok" or not r or r.get("benchmark") != "eval":
-            continue
+    for e, r in finished(report, "eval"):
         s, metrics = r["settings"], r.get("metrics", {})
         for name, run in r["runs"].items():
             m = metrics.get(name, {})
@@ -721,10 +719,7 @@ EVAL_HEADERS = ["run", "device", "images", "px", "CRF workers", "wall s", "image
 
 def crf_rows(report):
     rows = []
-    for e in report["parts"]:
-        r = e.get("results")
-        if e["status"] != "ok" or not r or r.get("benchmark") != "crf":
-            continue
+    for e, r in finished(report, "crf"):
         s = r["settings"]
         for row in r["rows"]:
             rows.append([f"{s['size'][0]}x{s['size'][1]}x{s['classes']}", row["kind"], row["run"], row["device"],
