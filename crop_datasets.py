@@ -10,7 +10,7 @@ from smooseg.data.crops import crop_datasets
 from smooseg.settings import CROP, check_settings
 
 
-@hydra.main(config_path="configs", config_name="crop", version_base="1.3")
+@hydra.main(config_path="smooseg/configs", config_name="crop", version_base="1.3")
 @report_errors
 def main(cfg):
     check_settings(cfg, CROP)

@@ -27,7 +27,7 @@ SCENES = dict(n_train=64, n_val=16, size=(96, 192), seed=0)
 
 
 def compose_config(name, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 
 

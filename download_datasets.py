@@ -10,7 +10,7 @@ from smooseg.data.download import download_datasets
 from smooseg.settings import DOWNLOAD, check_settings
 
 
-@hydra.main(config_path="configs", config_name="download", version_base="1.3")
+@hydra.main(config_path="smooseg/configs", config_name="download", version_base="1.3")
 @report_errors
 def main(cfg):
     check_settings(cfg, DOWNLOAD)

@@ -4,7 +4,7 @@ Flip averaging, optional dense CRF and Hungarian metrics on the checkpoint's dat
 dataset=...). Prints a per-class IoU table and writes <output_dir>/<checkpoint>/metrics.json
 plus coloured PNGs of the first n_images images, then the summary over the checkpoints (mean ±
 sample std, min, max of mIoU and Accuracy) in <output_dir>/summary.json. model_paths entries may
-be glob patterns: model_paths='runs/*/checkpoints/best-*.ckpt'. Config: configs/eval.yaml.
+be glob patterns: model_paths='runs/*/checkpoints/best-*.ckpt'. Config: smooseg/configs/eval.yaml.
 """
 
 import hydra
@@ -12,7 +12,7 @@ import hydra
 from smooseg.cli import prepare_argv, report_errors
 
 
-@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path="smooseg/configs", config_name="eval", version_base="1.3")
 @report_errors
 def main(cfg):
     from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)

@@ -2,7 +2,7 @@
 
 Writes a colour mask and an overlay per image (optionally the raw cluster ids) at the image's
 original size, with resize or sliding-window inference, optional dense CRF, and class colours
-plus a legend when metrics_json=<eval metrics.json> is given. Config: configs/segment.yaml.
+plus a legend when metrics_json=<eval metrics.json> is given. Config: smooseg/configs/segment.yaml.
 """
 
 import hydra
@@ -11,7 +11,7 @@ from smooseg.cli import prepare_argv, report_errors
 from smooseg.eval.segment import run_segment
 
 
-@hydra.main(config_path="configs", config_name="segment", version_base="1.3")
+@hydra.main(config_path="smooseg/configs", config_name="segment", version_base="1.3")
 @report_errors
 def main(cfg):
     run_segment(cfg)

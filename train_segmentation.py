@@ -1,6 +1,6 @@
 """Train SmooSeg: python train_segmentation.py experiment=cityscapes_vits8 [key=value | --key value ...]
 
-The config is configs/train.yaml composed with the groups dataset/, model/, trainer/, logger/
+The config is smooseg/configs/train.yaml composed with the groups dataset/, model/, trainer/, logger/
 and experiment/. Checkpoints (best by validation mIoU, and last.ckpt) go to
 <output_dir>/checkpoints, TensorBoard logs to <output_dir>/tensorboard; the best checkpoint is
 then evaluated (final_eval.*: <output_dir>/final_eval/metrics.json). Several seeds:
@@ -17,7 +17,7 @@ import hydra
 from smooseg.cli import prepare_argv, report_errors
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="smooseg/configs", config_name="train", version_base="1.3")
 @report_errors
 def main(cfg):
     from smooseg.sweep import job_output_dir

@@ -262,7 +262,7 @@ def unknown_key_message(key, value, tree):
         extra = f"; or add a Lightning Trainer argument: {trainer_arg}" if trainer_arg else ""
         return f"{head}; did you mean {near}? (pass {_override(near, value)}{extra})"
     if trainer_arg:
-        return (f"{head}; to add a Lightning Trainer argument that configs/trainer does not set, "
+        return (f"{head}; to add a Lightning Trainer argument that smooseg/configs/trainer does not set, "
                 f"pass {trainer_arg}")
     return f"{head}; no setting has a similar name (--cfg job prints the composed config)"
 
@@ -338,7 +338,7 @@ def sweep_problem(config):
 
 
 class CheckSweep(Callback):
-    """Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): a multirun that cannot work
+    """Hydra callback (``hydra.callbacks`` in ``smooseg/configs/train.yaml``): a multirun that cannot work
     (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``) stops with one ``error:`` line
     before the sweep folder is made (Hydra composes each job's config only when it launches it).
     """

@@ -1,7 +1,7 @@
 """Several runs at once (``train_segmentation.py -m seed=0,1,2,3,4``, Hydra multirun): each job
 trains in its own folder, and a Hydra callback summarises the jobs' final evaluations.
 
-With ``configs/train.yaml``'s ``hydra.sweep`` the sweep folder is ``output_dir`` and job ``n``
+With ``smooseg/configs/train.yaml``'s ``hydra.sweep`` the sweep folder is ``output_dir`` and job ``n``
 trains in ``<output_dir>/<n>/`` (the job number, so jobs that start within the same second never
 share a folder); :class:`SweepSummary` writes ``<output_dir>/summary.json``.
 """
@@ -51,7 +51,7 @@ def job_headline(path, sweep_dir):
 
 
 class SweepSummary(Callback):
-    """Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): when a multirun ends, print
+    """Hydra callback (``hydra.callbacks`` in ``smooseg/configs/train.yaml``): when a multirun ends, print
     each job's final-evaluation headline and the mean ± sample standard deviation (ddof=1), min
     and max of mIoU and Accuracy over the jobs, and write them to ``<hydra.sweep.dir>/summary.json``.
 

@@ -32,8 +32,8 @@ def run_script(script, *args, timeout=300, check=True):
 
 
 def train_config(overrides):
-    """Compose configs/train.yaml with ``overrides`` (as the entry point would)."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    """Compose smooseg/configs/train.yaml with ``overrides`` (as the entry point would)."""
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 

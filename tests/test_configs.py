@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, run_script
 from smooseg.cli import config_error_message, translate_args
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "smooseg" / "configs"
 
 # docs/method.md §8: dataset, (arch, model_type, patch), res, eval_res, batch, pos_intra_shift, neg_inter_shift, seed
 PUBLISHED = {

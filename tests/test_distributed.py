@@ -87,7 +87,7 @@ def ddp_run(tmp_path_factory):
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "configs"), str(root), *overrides],
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "smooseg" / "configs"), str(root), *overrides],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"DDP run exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

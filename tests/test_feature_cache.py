@@ -47,7 +47,7 @@ def build(data_dir, backbone, cache_dir, res=RES, crop="center", dtype="float32"
 
 
 def train_config(data_dir, cache_dir, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name="train", overrides=[
             "dataset=synthetic", "model=dino_vits16", "model.pretrained=false", f"res={RES}",
             f"eval_res={RES}", "batch_size=4", "num_workers=0", "seed=7", f"data_dir={data_dir}",

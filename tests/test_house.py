@@ -36,7 +36,7 @@ def test_the_model_package_is_plain_pytorch():
 
 def test_no_citations_of_documents_outside_the_repository():
     pattern = re.compile(r"\bSPEC\b|\.\./shared|\bissue #\d|\bIssue #\d")
-    files = SOURCES + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "configs").rglob("*.yaml")) + [
+    files = SOURCES + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "smooseg" / "configs").rglob("*.yaml")) + [
         ROOT / "README.md", ROOT / "docs" / "method.md"]
     cited = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
              if pattern.search(line) and p.name != "test_house.py"]

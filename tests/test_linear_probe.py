@@ -25,7 +25,7 @@ N_CLASSES = 3
 
 
 def compose_cfg(name, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
 
 

@@ -186,7 +186,7 @@ def test_histogram_logging_leaves_training_unchanged_and_off_logs_nothing(tmp_pa
 
 
 def test_hist_freq_from_the_config():
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hist_freq=50"])
         assert diagnostic_options(cfg) == {"linear_probe": False, "hist_freq": 50}
         bad = compose(config_name="train", overrides=["hist_freq=-1"])
@@ -196,7 +196,7 @@ def test_hist_freq_from_the_config():
 
 def test_training_entry_logs_histograms(tmp_path):
     data_dir = write_cityscapes_layout(tmp_path / "data", n_train=4, n_val=2, size=(32, 64), seed=0)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "experiment=demo", "model=dino_vits16", "model.pretrained=false", f"data_dir={data_dir}",
             f"output_dir={tmp_path / 'out'}", "res=32", "eval_res=32", "batch_size=2", "max_steps=3",

@@ -1,7 +1,7 @@
 """Evaluation (docs/method.md sections 5-6): flip averaging, optional dense CRF, Hungarian metrics.
 
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
-``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``configs/eval.yaml``) evaluates each
+``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``smooseg/configs/eval.yaml``) evaluates each
 checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
 in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
 
@@ -258,7 +258,7 @@ def checkpoint_jobs(paths, names=None):
 
 
 def evaluate_jobs(cfg, jobs):
-    """Evaluate each :class:`EvalJob` with the settings of ``cfg`` (the keys of ``configs/eval.yaml``)
+    """Evaluate each :class:`EvalJob` with the settings of ``cfg`` (the keys of ``smooseg/configs/eval.yaml``)
     and one CRF runner; returns ``(metrics, metrics.json path)`` per job.
 
     For each: the per-class table is printed, ``metrics.json`` and the pictures are written to

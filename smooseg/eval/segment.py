@@ -535,7 +535,7 @@ def segment_folder(net, data, input_dir, output_dir, recursive=False, mode="resi
 
 
 def run_segment(cfg):
-    """Entry point of ``segment_images.py`` (config ``configs/segment.yaml``); returns the results."""
+    """Entry point of ``segment_images.py`` (config ``smooseg/configs/segment.yaml``); returns the results."""
     for key in ("model_path", "input_dir"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise SmoosegError(f"{key} is required; pass {key}=<path>")

@@ -1,6 +1,6 @@
 """From a composed training config to a trained model: ``train(cfg)`` is what
 ``train_segmentation.py`` runs; ``build_net`` / ``build_module`` / ``build_trainer`` build one
-piece each (the demo and the tests reuse them). The config layout is ``configs/train.yaml``.
+piece each (the demo and the tests reuse them). The config layout is ``smooseg/configs/train.yaml``.
 A run ends, as the reference's does, with the final evaluation of its best checkpoint
 (``final_evaluation``, through :func:`smooseg.eval.evaluate.evaluate_jobs`).
 """
@@ -214,7 +214,7 @@ def save_config(cfg):
 
 
 def final_eval_options(cfg):
-    """The ``final_eval`` section of ``configs/train.yaml`` as a dict."""
+    """The ``final_eval`` section of ``smooseg/configs/train.yaml`` as a dict."""
     return OmegaConf.to_container(cfg.final_eval, resolve=True)
 
 
@@ -230,7 +230,7 @@ def check_final_eval(cfg, net):
 
 
 def final_eval_config(cfg, checkpoint, device):
-    """The evaluation settings (the keys of ``configs/eval.yaml``) of the final evaluation of
+    """The evaluation settings (the keys of ``smooseg/configs/eval.yaml``) of the final evaluation of
     ``checkpoint``: the validation split of the training data set at ``eval_res``, centre crops, the
     ``final_eval`` options, results in ``<output_dir>/final_eval/``."""
     options = final_eval_options(cfg)
