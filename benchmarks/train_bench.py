@@ -112,13 +112,13 @@ def train_step(module, optimizer, batches, dtype, watch):
     with watch.phase("heads_loss"):
         autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
         with autocast:
-            losses = module.training_losses(feats)
-        losses["total"].backward()
+            loss = module.training_losses(feats)["terms"]["total"]
+        loss.backward()
     with watch.phase("optimiser"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.net.predictor.ema_update(module.loss_config.ema_alpha)
-    return float(losses["total"].detach())
+    return float(loss.detach())
 
 
 def build_data(args, root, module, device):

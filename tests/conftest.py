@@ -60,11 +60,26 @@ def trained_run(synthetic_data, tmp_path_factory):
     }
 
 
-def make_module(pretrained=False, **options):
-    """A SmooSegModule from flat options: the field names of NetConfig (``n_classes`` +
-    ``extra_clusters`` clusters, ``linear_probe``), DatasetInfo (``dataset_name``), LossConfig,
-    OptimConfig and the module's own keywords; random-init backbone unless ``pretrained``."""
-    from smooseg.model.checkpoints import grouped_from_flat
-    from smooseg.train.module import SmooSegModule
+def make_module(pretrained=False, n_classes=3, extra_clusters=0, dataset_name="directory", linear_probe=False,
+                **options):
+    """A SmooSegModule built as training builds one: a :class:`NetConfig` (``n_classes`` +
+    ``extra_clusters`` clusters, a linear probe when ``linear_probe``), the :class:`DatasetInfo` of
+    ``dataset_name``, :class:`LossConfig` and :class:`OptimConfig` from the options named after their
+    fields, the rest the module's own keywords; random-init backbone unless ``pretrained``."""
+    import dataclasses
 
-    return SmooSegModule.from_hparams(grouped_from_flat(options), pretrained=pretrained)
+    from smooseg.data.datasets import DatasetInfo
+    from smooseg.model.losses import LossConfig
+    from smooseg.model.net import NetConfig, SmooSegNet
+    from smooseg.train.module import OptimConfig, SmooSegModule
+
+    def take(cls):
+        return {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if f.name in options}
+
+    config = NetConfig(n_clusters=n_classes + extra_clusters,
+                       linear_probe_classes=n_classes if linear_probe else None, **take(NetConfig))
+    net = SmooSegNet(config, pretrained=pretrained,
+                     **{k: options.pop(k) for k in ("fused_attn", "backbone_precision") if k in options})
+    data = DatasetInfo(n_classes, name=dataset_name)
+    return SmooSegModule(net, data, loss=LossConfig(**take(LossConfig)), optim=OptimConfig(**take(OptimConfig)),
+                         **options)

@@ -19,9 +19,9 @@ def test_compiled_training_matches_eager():
     compiled = module.training_losses(feats)
     assert set(module.net._compiled) == {"backbone"} and module._compiled_losses is not None
     torch.testing.assert_close(feats, eager_feats, rtol=1e-4, atol=1e-4)
-    for key in ("total", "smooth", "data"):
-        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
-    compiled["total"].backward()
+    for key in ("total", "intra", "inter", "data"):
+        torch.testing.assert_close(compiled["terms"][key], eager["terms"][key], rtol=1e-4, atol=1e-5)
+    compiled["terms"]["total"].backward()
     assert module.net.predictor.student.grad is not None and module.net.projector.linear.weight.grad is not None
     assert set(module.state_dict()) == set(make_module(
         n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16).state_dict())

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from smooseg.errors import SmoosegError
 from smooseg.model.heads import Projector, PrototypePredictor
-from smooseg.model.losses import total_loss
+from smooseg.model.losses import LossConfig, total_loss
 
 
 def test_projector_shapes_and_branches():
@@ -141,7 +141,7 @@ def test_total_loss_backward_reaches_projector_and_student_not_teacher():
     feats = torch.randn(3, 6, 3, 3)
     signal, code = proj(feats)
     s, t = pred(code)
-    loss = total_loss(signal, s, t, pos_intra_shift=-0.02, neg_inter_shift=0.48)["total"]
+    loss = total_loss(signal, s, t, LossConfig(pos_intra_shift=-0.02, neg_inter_shift=0.48))["total"]
     loss.backward()
     assert pred.teacher.grad is None and not pred.teacher.requires_grad
     assert pred.student.grad.abs().sum() > 0

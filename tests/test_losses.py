@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.model.losses import (assignment_distance, data_loss, feature_correlation, pointwise_centre,
-                                  random_pairing, smoothness_loss, smoothness_term, total_loss)
+from smooseg.model.losses import (LOSS_TERMS, LossConfig, assignment_distance, data_loss, feature_correlation,
+                                  loss_term, pointwise_centre, random_pairing, smoothness_term, total_loss)
 
 # ---- plain-python references: maps are nested lists [b][c][pixel] -------------------------------
 
@@ -190,31 +190,42 @@ STUDENT = [
 ]
 
 
+def smoothness_only(pos_intra_shift, neg_inter_shift, temperature=0.1):
+    """Loss settings that weight the two smoothness terms only."""
+    return LossConfig(temperature=temperature, pos_intra_shift=pos_intra_shift, neg_inter_shift=neg_inter_shift,
+                      weights={"intra": 1.0, "inter": 1.0})
+
+
+def shifts(pos_intra_shift, neg_inter_shift, **options):
+    return LossConfig(pos_intra_shift=pos_intra_shift, neg_inter_shift=neg_inter_shift, **options)
+
+
 def test_smoothness_loss_intra_inter_with_fixed_pairing():
     tau = 0.1
     q = ref_softmax(TEACHER, tau)
     pi = [1, 0]
     exp_intra = ref_term(SIGNAL, q, SIGNAL, q, -0.02)
     exp_inter = ref_term(SIGNAL, q, [SIGNAL[p] for p in pi], [q[p] for p in pi], 0.48)
-    out = smoothness_loss(as_map(SIGNAL, 1, 2), as_map(TEACHER, 1, 2), -0.02, 0.48,
-                          temperature=tau, pairing=torch.tensor(pi))
+    out = total_loss(as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2),
+                     smoothness_only(-0.02, 0.48, temperature=tau), pairing=torch.tensor(pi))
+    assert set(out) == {"intra", "inter", "total"}
     assert out["intra"].item() == pytest.approx(exp_intra, abs=1e-6)
     assert out["inter"].item() == pytest.approx(exp_inter, abs=1e-6)
     assert out["total"].item() == pytest.approx(exp_intra + exp_inter, abs=1e-6)
 
 
 def test_smoothness_loss_temperature_matters_and_random_pairing_used_by_default():
-    sig, t = as_map(SIGNAL, 1, 2), as_map(TEACHER, 1, 2)
-    a = smoothness_loss(sig, t, 0.0, 0.5, temperature=0.1)
-    b = smoothness_loss(sig, t, 0.0, 0.5, temperature=1.0)
+    sig, s, t = as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2)
+    a = total_loss(sig, s, t, smoothness_only(0.0, 0.5, temperature=0.1))
+    b = total_loss(sig, s, t, smoothness_only(0.0, 0.5, temperature=1.0))
     assert a["intra"].item() != pytest.approx(b["intra"].item(), abs=1e-4)
-    fixed = smoothness_loss(sig, t, 0.0, 0.5, temperature=0.1, pairing=torch.tensor([1, 0]))
+    fixed = total_loss(sig, s, t, smoothness_only(0.0, 0.5, temperature=0.1), pairing=torch.tensor([1, 0]))
     torch.testing.assert_close(a["inter"], fixed["inter"])  # B=2: the only valid pairing
 
 
 def test_smoothness_loss_shape_mismatch():
     with pytest.raises(SmoosegError, match="spatial size"):
-        smoothness_loss(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 1, 2), 0.0, 0.5)
+        total_loss(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 1, 2), torch.randn(2, 4, 1, 2))
 
 
 def test_data_loss_two_pixels():
@@ -230,7 +241,7 @@ def test_data_loss_two_pixels():
 
 def test_total_loss_is_sum():
     sig, s, t = as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2)
-    out = total_loss(sig, s, t, -0.02, 0.48, temperature=0.1, pairing=torch.tensor([1, 0]))
+    out = total_loss(sig, s, t, shifts(-0.02, 0.48, temperature=0.1), pairing=torch.tensor([1, 0]))
     q = ref_softmax(TEACHER, 0.1)
     intra = ref_term(SIGNAL, q, SIGNAL, q, -0.02)
     inter = ref_term(SIGNAL, q, [SIGNAL[1], SIGNAL[0]], [q[1], q[0]], 0.48)
@@ -243,15 +254,57 @@ def test_total_loss_is_sum():
     data = sum(ce) / len(ce)
     assert out["intra"].item() == pytest.approx(intra, abs=1e-6)
     assert out["inter"].item() == pytest.approx(inter, abs=1e-6)
-    assert out["smooth"].item() == pytest.approx(intra + inter, abs=1e-6)
+    assert list(out) == ["intra", "inter", "data", "total"]
     assert out["data"].item() == pytest.approx(data, abs=1e-6)
     assert out["total"].item() == pytest.approx(intra + inter + data, abs=1e-6)
 
 
 def test_losses_float32_under_autocast():
     sig, s, t = as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2)
-    ref = total_loss(sig, s, t, -0.02, 0.48, pairing=torch.tensor([1, 0]))
+    ref = total_loss(sig, s, t, shifts(-0.02, 0.48), pairing=torch.tensor([1, 0]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = total_loss(sig.bfloat16(), s, t, -0.02, 0.48, pairing=torch.tensor([1, 0]))
+        out = total_loss(sig.bfloat16(), s, t, shifts(-0.02, 0.48), pairing=torch.tensor([1, 0]))
     assert all(v.dtype == torch.float32 for v in out.values())
     torch.testing.assert_close(out["data"], ref["data"])
+
+
+# ---- named, weighted terms --------------------------------------------------------------------
+
+
+def test_weights_scale_each_term_and_a_zero_weight_skips_it():
+    sig, s, t = as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2)
+    pairing = torch.tensor([1, 0])
+    base = total_loss(sig, s, t, shifts(-0.02, 0.48), pairing=pairing)
+    out = total_loss(sig, s, t, shifts(-0.02, 0.48, weights={"intra": 2.0, "inter": 0.0, "data": 0.5}),
+                     pairing=pairing)
+    assert list(out) == ["intra", "data", "total"]
+    torch.testing.assert_close(out["intra"], 2.0 * base["intra"])
+    torch.testing.assert_close(out["data"], 0.5 * base["data"])
+    torch.testing.assert_close(out["total"], 2.0 * base["intra"] + 0.5 * base["data"])
+
+
+def test_a_registered_term_is_computed_weighted_and_summed():
+    @loss_term("test_mean_student")
+    def mean_student(x):
+        return x.student_logits.float().mean()
+
+    try:
+        sig, s, t = as_map(SIGNAL, 1, 2), as_map(STUDENT, 1, 2), as_map(TEACHER, 1, 2)
+        weights = {"intra": 1.0, "inter": 1.0, "data": 1.0, "test_mean_student": 3.0}
+        out = total_loss(sig, s, t, shifts(-0.02, 0.48, weights=weights), pairing=torch.tensor([1, 0]))
+        mean = sum(v for image in STUDENT for row in image for v in row) / 8
+        assert out["test_mean_student"].item() == pytest.approx(3.0 * mean, abs=1e-6)
+        parts = out["intra"] + out["inter"] + out["data"] + out["test_mean_student"]
+        torch.testing.assert_close(out["total"], parts)
+    finally:
+        del LOSS_TERMS["test_mean_student"]
+
+
+def test_an_unknown_weight_name_is_one_clear_error():
+    with pytest.raises(SmoosegError, match=r"loss.weights.entropy names no loss term; the terms are intra, inter, data"):
+        LossConfig(weights={"intra": 1.0, "entropy": 0.1})
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(SmoosegError, match="already registered"):
+        loss_term("intra")(lambda x: x.signal.sum())

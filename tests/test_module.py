@@ -13,7 +13,7 @@ import conftest
 from smooseg.eval.crf_pool import CRFPool
 from smooseg.eval.evaluate import evaluate
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.model.losses import total_loss
+from smooseg.model.losses import LossConfig, total_loss
 
 N_CLASSES = 3
 
@@ -61,15 +61,14 @@ def test_training_and_validation_logging(tmp_path):
     val = DataLoader(Blobs(3, seed=1), batch_size=2)
     trainer.fit(module, DataLoader(Blobs(4), batch_size=2), val)
     logged = trainer.logged_metrics
-    for key in ("train/loss", "train/smooth", "train/intra", "train/inter", "train/data",
+    for key in ("train/loss", "train/intra", "train/inter", "train/data",
                 "lr/projector", "lr/prototypes", "val/cluster/mIoU", "val/cluster/Accuracy"):
         assert key in logged, key
     assert float(logged["lr/projector"]) == pytest.approx(3e-4)
     assert float(logged["lr/prototypes"]) == pytest.approx(2e-3)
+    assert "train/smooth" not in logged  # the module logs the terms total_loss returns, nothing else
     assert float(logged["train/loss"]) == pytest.approx(
-        float(logged["train/smooth"]) + float(logged["train/data"]), abs=1e-5)
-    assert float(logged["train/smooth"]) == pytest.approx(
-        float(logged["train/intra"]) + float(logged["train/inter"]), abs=1e-5)
+        float(logged["train/intra"]) + float(logged["train/inter"]) + float(logged["train/data"]), abs=1e-5)
 
     # validation = teacher prediction at label size, no flip, Hungarian metrics over all 3 images
     module.eval()
@@ -146,7 +145,7 @@ def test_backbone_gets_no_gradients():
     img = torch.stack([batch["img"], -batch["img"]])
     signal, code = module.net.projector(module.net.backbone(img))
     student, teacher = module.net.predictor(code)
-    total_loss(signal, student, teacher, -0.02, 0.5)["total"].backward()
+    total_loss(signal, student, teacher, LossConfig(pos_intra_shift=-0.02, neg_inter_shift=0.5))["total"].backward()
     assert all(p.grad is None and not p.requires_grad for p in module.net.backbone.parameters())
     assert not module.net.backbone.model.training  # the ViT stays in eval mode while training
     assert all(p.grad is not None for p in module.net.projector.parameters())

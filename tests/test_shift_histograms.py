@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from conftest import ROOT, make_module
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.model.losses import shift_histograms, smoothness_loss, smoothness_parts
+from smooseg.model.losses import LossConfig, shift_histograms, smoothness_parts, total_loss
 from smooseg.train.train import diagnostic_options, train
 
 # ---- pure functions ---------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def test_parts_match_hand_computation_and_reproduce_the_loss(pointwise):
         assert parts[key].shape == (3, 4, 4) and not parts[key].requires_grad
         torch.testing.assert_close(parts[key], torch.tensor(value), atol=1e-5, rtol=1e-5)
     # the loss is exactly mean((F − shift)·Dq) of these tensors, for the same pairing
-    loss = smoothness_loss(signal, teacher, -0.02, 0.5, temperature=0.1, pointwise=pointwise,
-                           pairing=pairing)
+    config = LossConfig(temperature=0.1, pos_intra_shift=-0.02, neg_inter_shift=0.5, pointwise=pointwise)
+    loss = total_loss(signal, teacher, teacher, config, pairing=pairing)
     intra = ((parts["intra_similarity"] + 0.02) * parts["intra_distance"]).mean()
     inter = ((parts["inter_similarity"] - 0.5) * parts["inter_distance"]).mean()
     torch.testing.assert_close(loss["intra"], intra)

@@ -17,6 +17,7 @@ its code can run.
 """
 
 import collections
+import dataclasses
 import pickle
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, String
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.model.backbone import DEFAULT_FIT
+from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.model.weights import load_official_state_dict
 
@@ -142,8 +144,7 @@ def grouped_from_flat(flat):
         "data": DatasetInfo(n_classes, name=get("dataset_name", "directory"), class_names=get("class_names"),
                             dir_name=get("dir_name"), eval_res=get("eval_res"),
                             image_interp=get("image_interp", "nearest")).to_dict(),
-        "loss": {k: flat[k] for k in ("temperature", "ema_alpha", "pos_intra_shift", "neg_inter_shift",
-                                      "pointwise") if k in flat},
+        "loss": {f.name: flat[f.name] for f in dataclasses.fields(LossConfig) if f.name in flat},
         "optim": {k: flat[k] for k in ("lr1", "lr2", "linear_lr") if k in flat},
         "metrics": {"mask_extra_clusters": bool(get("mask_extra_clusters", False))},
         "diagnostics": {"n_log_images": int(get("n_log_images", 4)), "hist_freq": int(get("hist_freq") or 0)},

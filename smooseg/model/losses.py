@@ -1,9 +1,15 @@
-"""SmooSeg losses (docs/method.md §4): smoothness (intra- and inter-image) plus the teacher-student data loss.
+"""The SmooSeg objective (docs/method.md §4) as named terms: intra-image smoothness, inter-image
+smoothness and the teacher-student data loss, each a pure function of tensors.
 
-Pure functions of tensors. Correlations and assignments are computed in float32, also under autocast.
+Every term is registered under a name with :func:`loss_term`; :class:`LossConfig` weights them
+(``weights``: name -> weight, the method's three at 1) and :func:`total_loss` returns each weighted
+term by name plus their sum, ``total``. A new term is one decorated function and one weight
+(docs/extending.md). Correlations and assignments are computed in float32, also under autocast.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -11,16 +17,57 @@ import torch.nn.functional as F
 from smooseg.errors import SmoosegError
 from smooseg.runtime import fp32_region
 
+LOSS_TERMS: dict[str, Callable] = {}
+
+
+def loss_term(name):
+    """Register ``fn(inputs: LossInputs) -> scalar tensor`` as the loss term ``name``."""
+
+    def register(fn):
+        if name in LOSS_TERMS and LOSS_TERMS[name] is not fn:
+            raise SmoosegError(f"a loss term named {name!r} is already registered; choose another name")
+        LOSS_TERMS[name] = fn
+        return fn
+
+    return register
+
+
+def method_weights():
+    """The method's terms, each weighted 1 (docs/method.md §4)."""
+    return {"intra": 1.0, "inter": 1.0, "data": 1.0}
+
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss settings (docs/method.md section 4) and the teacher's EMA decay (section 3)."""
+    """The loss settings (docs/method.md section 4), the teacher's EMA decay (section 3) and the
+    weight of each registered term (a term left out, or weighted 0, is not computed)."""
 
     temperature: float = 0.1
     ema_alpha: float = 0.998
     pos_intra_shift: float = -0.02
     neg_inter_shift: float = 0.5
     pointwise: bool = True
+    weights: Dict[str, float] = field(default_factory=method_weights)
+
+    def __post_init__(self):
+        unknown = [name for name in self.weights if name not in LOSS_TERMS]
+        if unknown:
+            raise SmoosegError(f"loss.weights.{unknown[0]} names no loss term; the terms are "
+                               f"{', '.join(LOSS_TERMS)} (register new ones with smooseg.model.losses.loss_term)")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss term may read: the projector's smoothness ``signal`` (B×C×h×w), the student and
+    teacher cluster logits (B×K×h×w), the teacher's soft ``assignment`` Q = softmax(T/τ), the image
+    ``pairing`` π of the inter-image term and the settings."""
+
+    signal: torch.Tensor
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    assignment: torch.Tensor
+    pairing: torch.Tensor
+    config: LossConfig
 
 
 def _unit_columns(x):
@@ -52,28 +99,14 @@ def assignment_distance(q1, q2):
         return 1.0 - _pairwise_cosine(_unit_columns(q1), _unit_columns(q2))
 
 
-def _similarity_and_distance(uf1, uq1, uf2, uq2, pointwise):
-    """(F, Dq) of one smoothness term from flattened unit features and assignments; F has no gradient."""
-    with torch.no_grad():
-        corr = _pairwise_cosine(uf1, uf2)
-        if pointwise:
-            corr = pointwise_centre(corr)
-    return corr, 1.0 - _pairwise_cosine(uq1, uq2)
-
-
-def _term_from_units(uf1, uq1, uf2, uq2, shift, pointwise):
-    """Smoothness term from already flattened, normalised features and assignments."""
-    corr, dist = _similarity_and_distance(uf1, uq1, uf2, uq2, pointwise)
-    return ((corr - shift) * dist).mean()
-
-
 def smoothness_term(f1, q1, f2, q2, shift, pointwise=True):
-    """mean over b, i, j of (F − shift)·Dq for feature maps f1, f2 and assignments q1, q2."""
-    with fp32_region(f1.device):
-        return _term_from_units(
-            _unit_columns(f1.detach()), _unit_columns(q1), _unit_columns(f2.detach()), _unit_columns(q2),
-            shift, pointwise,
-        )
+    """mean over b, i, j of (F − shift)·Dq: F the (pointwise-centred) feature correlation of ``f1``
+    with ``f2`` (no gradient), Dq the assignment distance of ``q1`` to ``q2`` (docs/method.md §4)."""
+    corr = feature_correlation(f1, f2)
+    if pointwise:
+        corr = pointwise_centre(corr)
+    with fp32_region(q1.device):
+        return ((corr - shift) * assignment_distance(q1, q2)).mean()
 
 
 def random_pairing(batch_size, generator=None):
@@ -105,39 +138,23 @@ def _checked_pairing(signal, teacher_logits, pairing):
     return pairing.to(signal.device)
 
 
-def smoothness_loss(signal, teacher_logits, pos_intra_shift, neg_inter_shift,
-                    temperature=0.1, pointwise=True, pairing=None):
-    """Intra-image plus inter-image smoothness; returns dict(intra, inter, total).
-
-    ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]; drawn with
-    :func:`random_pairing` when None.
-    """
-    pairing = _checked_pairing(signal, teacher_logits, pairing)
-    with fp32_region(signal.device):
-        uf = _unit_columns(signal.detach())
-        uq = _unit_columns(soft_assignment(teacher_logits, temperature))
-        intra = _term_from_units(uf, uq, uf, uq, pos_intra_shift, pointwise)
-        inter = _term_from_units(uf, uq, uf[pairing], uq[pairing], neg_inter_shift, pointwise)
-    return {"intra": intra, "inter": inter, "total": intra + inter}
-
-
 @torch.no_grad()
 def smoothness_parts(signal, teacher_logits, temperature=0.1, pointwise=True, pairing=None):
     """The B×N×N tensors inside the two smoothness terms (for inspection, no gradient).
 
     Returns dict(intra_similarity, intra_distance, inter_similarity, inter_distance): the
     (pointwise-centred) feature similarity F and the assignment distance Dq of each term, so that
-    ``smoothness_loss`` gives intra = mean((intra_similarity − pos_intra_shift) · intra_distance)
+    :func:`total_loss` gives intra = mean((intra_similarity − pos_intra_shift) · intra_distance)
     and likewise inter with ``neg_inter_shift``, for the same ``pairing``.
     """
     pairing = _checked_pairing(signal, teacher_logits, pairing)
-    with fp32_region(signal.device):
-        uf = _unit_columns(signal)
-        uq = _unit_columns(soft_assignment(teacher_logits, temperature))
-        intra = _similarity_and_distance(uf, uq, uf, uq, pointwise)
-        inter = _similarity_and_distance(uf, uq, uf[pairing], uq[pairing], pointwise)
-    return {"intra_similarity": intra[0], "intra_distance": intra[1],
-            "inter_similarity": inter[0], "inter_distance": inter[1]}
+    assignment = soft_assignment(teacher_logits, temperature)
+    parts = {}
+    for term, other in (("intra", slice(None)), ("inter", pairing)):
+        similarity = feature_correlation(signal, signal[other])
+        parts[f"{term}_similarity"] = pointwise_centre(similarity) if pointwise else similarity
+        parts[f"{term}_distance"] = assignment_distance(assignment, assignment[other])
+    return parts
 
 
 def _sample_index(n, max_values, generator, device):
@@ -180,16 +197,34 @@ def data_loss(student_logits, teacher_logits):
         return F.cross_entropy(student_logits.float(), target)
 
 
-def total_loss(signal, student_logits, teacher_logits, pos_intra_shift, neg_inter_shift,
-               temperature=0.1, pointwise=True, pairing=None):
-    """Smoothness + data loss; returns dict(intra, inter, smooth, data, total)."""
-    smooth = smoothness_loss(signal, teacher_logits, pos_intra_shift, neg_inter_shift,
-                             temperature=temperature, pointwise=pointwise, pairing=pairing)
-    data = data_loss(student_logits, teacher_logits)
-    return {
-        "intra": smooth["intra"],
-        "inter": smooth["inter"],
-        "smooth": smooth["total"],
-        "data": data,
-        "total": smooth["total"] + data,
-    }
+@loss_term("intra")
+def intra_image_smoothness(x: LossInputs):
+    """Within each image: pixel pairs whose features correlate above ``pos_intra_shift`` are pulled
+    towards the same clusters, the others pushed apart."""
+    return smoothness_term(x.signal, x.assignment, x.signal, x.assignment, x.config.pos_intra_shift,
+                           x.config.pointwise)
+
+
+@loss_term("inter")
+def inter_image_smoothness(x: LossInputs):
+    """Across images: each image against its partner π(b), with the shift ``neg_inter_shift``."""
+    return smoothness_term(x.signal, x.assignment, x.signal[x.pairing], x.assignment[x.pairing],
+                           x.config.neg_inter_shift, x.config.pointwise)
+
+
+@loss_term("data")
+def teacher_student(x: LossInputs):
+    """The student learns the teacher's argmax cluster of every pixel (:func:`data_loss`)."""
+    return data_loss(x.student_logits, x.teacher_logits)
+
+
+def total_loss(signal, student_logits, teacher_logits, config: LossConfig = LossConfig(), pairing=None):
+    """Each weighted term of ``config.weights`` by name (weight × term; a weight of 0 skips the
+    term) and their sum ``total``. ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]
+    for the inter-image term; drawn with :func:`random_pairing` when None."""
+    pairing = _checked_pairing(signal, teacher_logits, pairing)
+    with fp32_region(signal.device):
+        inputs = LossInputs(signal, student_logits, teacher_logits,
+                            soft_assignment(teacher_logits, config.temperature), pairing, config)
+        terms = {name: weight * LOSS_TERMS[name](inputs) for name, weight in config.weights.items() if weight}
+    return dict(terms, total=sum(terms.values()))

@@ -122,13 +122,13 @@ class SmooSegModule(pl.LightningModule):
         signal, code = self.net.projector(feats)
         student, teacher = self.net.predictor(code)
         pairing = random_pairing(feats.shape[0])  # drawn here so diagnostics see the loss's pairing
-        losses = total_loss(signal, student, teacher, cfg.pos_intra_shift, cfg.neg_inter_shift,
-                            temperature=cfg.temperature, pointwise=cfg.pointwise, pairing=pairing)
-        return dict(losses, code=code, signal=signal, teacher=teacher, pairing=pairing)
+        terms = total_loss(signal, student, teacher, cfg, pairing=pairing)
+        return {"terms": terms, "code": code, "signal": signal, "teacher": teacher, "pairing": pairing}
 
     def training_losses(self, feats):
-        """Heads + losses of backbone features: the dict of total_loss plus the ``code``,
-        ``signal``, ``teacher`` logits and image ``pairing`` they came from (for the diagnostics).
+        """Heads + losses of backbone features: ``terms`` (what :func:`total_loss` returns: each
+        weighted term by name and their sum ``total``) and the ``code``, ``signal``, ``teacher`` logits
+        and image ``pairing`` they came from (for the diagnostics).
         With ``compile`` the heads and loss run through ``torch.compile`` (compiled on first use)."""
         if not self.compile:
             return self._losses(feats)
@@ -139,22 +139,24 @@ class SmooSegModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         feats = self.features(batch)
         losses = self.training_losses(feats)
-        self.check_finite(losses["total"])
+        loss = losses["terms"]["total"]
+        self.check_finite(loss)
         options = dict(batch_size=feats.shape[0], sync_dist=True)  # mean over processes
-        self.log("train/loss", losses["total"], prog_bar=True, **options)
-        for key in ("smooth", "intra", "inter", "data"):
-            self.log(f"train/{key}", losses[key], **options)
+        self.log("train/loss", loss, prog_bar=True, **options)
+        for name, term in losses["terms"].items():
+            if name != "total":
+                self.log(f"train/{name}", term, **options)
         groups = self.trainer.optimizers[0].param_groups
         self.log("lr/projector", groups[0]["lr"], batch_size=options["batch_size"])
         self.log("lr/prototypes", groups[1]["lr"], batch_size=options["batch_size"])
         self._log_shift_histograms(losses)
         if self.net.linear_probe is None:
-            return losses["total"]
+            return loss
         linear = self.linear_probe_loss(losses["code"], batch["label"])
         self.log("train/linear", linear, **options)
         self.log("lr/linear", groups[2]["lr"], batch_size=options["batch_size"])
         # the probe sees a detached code: adding its loss leaves the unsupervised gradients as they are
-        return losses["total"] + linear
+        return loss + linear
 
     def check_finite(self, loss):
         """Raise NonFiniteLossError on every process, before the optimiser step, when the loss of
