@@ -211,9 +211,10 @@ def _refuse_unsafe_members(archive, root, members):
 
 def _zip_members(zf):
     for info in zf.infolist():
-        mode = info.external_attr >> 16
+        mode = info.external_attr >> 16     # Unix mode bits, when the archiver stored them
+        file_type = stat.S_IFMT(mode)
         kind = ("link" if stat.S_ISLNK(mode) else "dir" if info.is_dir()
-                else "other" if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else "file")
+                else "other" if file_type and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else "file")
         yield info.filename, kind
 
 
