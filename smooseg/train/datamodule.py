@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from smooseg.data.cropped import CroppedDataset, crop_folder, crop_set_error
 from smooseg.data.cropped import crop_command as data_crop_command
 from smooseg.data.datasets import build_dataset, check_crop_source, dataset_key, dataset_spec
+from smooseg.data.registry import dataset_names
 from smooseg.errors import SmoosegError
 from smooseg.runtime import uses_cuda
 from smooseg.train.feature_cache import check_deterministic, open_or_build
@@ -52,8 +53,9 @@ def train_split(cfg):
     if cfg.dataset.get("train_unlabelled", False):
         split = dataset_spec(cfg.dataset.name).train_unlabelled_split
         if split is None:
-            raise SmoosegError(f"dataset.train_unlabelled=true is for data sets with unlabelled training "
-                               f"images (potsdam), not {cfg.dataset.name}; remove it")
+            able = [n for n in dataset_names() if dataset_spec(n).train_unlabelled_split]
+            raise SmoosegError(f"dataset.train_unlabelled=true is for {', '.join(able)} only, not "
+                               f"{cfg.dataset.name}; remove it")
         return split
     return "train"
 
