@@ -168,8 +168,8 @@ def test_completion_record_is_written_last_and_checked(tmp_path, monkeypatch):
     assert len(build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)) == 15
     # crops of an earlier, larger data set are not silently mixed in
     Image.new("RGB", (4, 4)).save(folder / "img/train/holiday.jpg")
-    with pytest.raises(SmoosegError, match=r"holds 1 files that are not crops of the 3 source images \(e\.g\. "
-                                           r"holiday\.jpg"):
+    with pytest.raises(SmoosegError, match=r"holds 1 files that are not crops of the 3 source images "
+                                           r"\(e\.g\. holiday\.jpg"):
         crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
     with pytest.raises(SmoosegError, match="is incomplete: it has no completion entry for split train"):
         build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)

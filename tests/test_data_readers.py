@@ -172,7 +172,8 @@ def test_potsdam_splits_and_every_id(tmp_path):
     val = build_dataset("potsdam", tmp_path, "val", res=None)
     assert [val.item_name(i) for i in range(3)] == ["v0", "v1", "v2"]
     assert len(build_dataset("potsdam", tmp_path, "all", res=None)) == 6
-    assert dataset_spec("potsdam").class_names[0] == "roads and cars" and dataset_spec("potsdam").n_classes == 3
+    potsdam = dataset_spec("potsdam")
+    assert potsdam.class_names[0] == "roads and cars" and potsdam.n_classes == 3
     image, label = val.load_raw(0)
     flat = label.reshape(-1)
     assert flat[:6].tolist() == [0, 1, 2, 2, 0, 1]       # ids 0..5
@@ -223,8 +224,9 @@ def test_directory_without_labels_and_root_as_data_dir(tmp_path):
 
 def test_directory_errors(tmp_path):
     write_directory_layout(tmp_path, name="mine", n_train=3, n_val=1, size=(16, 16))
-    with pytest.raises(SmoosegError, match=r"dataset.n_clusters is not set; a directory data set without labels "
-                                           r"needs the number of clusters to find, e.g. dataset.n_clusters=5 "
+    with pytest.raises(SmoosegError, match=r"dataset.n_clusters is not set; a directory data set without "
+                                           r"labels needs the number of clusters to find, e.g. "
+                                           r"dataset.n_clusters=5 "
                                            r"\(with labels: dataset.n_classes="):
         build_dataset("directory", tmp_path, "train", res=8, dir_name="mine")
     with pytest.raises(SmoosegError, match="dataset.n_classes=4 and dataset.n_clusters=6 disagree; set one"):
@@ -394,9 +396,10 @@ def test_cropped_reader_subtracts_one(tmp_path):
                                            r"`python crop_datasets.py .*crop_types=\[random\]"):
         build_dataset("cityscapes", tmp_path, "train", res=None,
                       crop_source={"crop_type": "random", "ratio": 0.5})
-    with pytest.raises(SmoosegError, match=r"dataset.train_crop_source.crop_type=fivee is unknown; use one of "
-                                           r"five, random \(the crop types crop_datasets.py writes\)"):
-        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source={"crop_type": "fivee", "ratio": 0.5})
+    with pytest.raises(SmoosegError, match=r"dataset.train_crop_source.crop_type=fivee is unknown; use one "
+                                           r"of five, random \(the crop types crop_datasets.py writes\)"):
+        build_dataset("cityscapes", tmp_path, "train", res=None,
+                      crop_source={"crop_type": "fivee", "ratio": 0.5})
 
 
 def test_cropped_set_of_an_earlier_version_is_refused_with_the_fix(tmp_path):
@@ -407,7 +410,8 @@ def test_cropped_set_of_an_earlier_version_is_refused_with_the_fix(tmp_path):
                 "splits": {"train": {"source_images": 1, "crops": 5}}}, folder / "complete.json")
     with pytest.raises(SmoosegError, match=r"was written by an earlier version .*; delete it; then write it "
                                            r"with `python crop_datasets.py"):
-        build_dataset("cityscapes", tmp_path, "train", res=None, crop_source={"crop_type": "five", "ratio": 0.5})
+        build_dataset("cityscapes", tmp_path, "train", res=None,
+                      crop_source={"crop_type": "five", "ratio": 0.5})
 
 
 def test_split_list_with_a_byte_order_mark(tmp_path):

@@ -70,7 +70,8 @@ def test_a_new_data_set_trains_and_evaluates_through_the_entry_points(toy, tmp_p
     cfg = compose_config("train", [
         "experiment=demo", "dataset=toystreets", "model=dino_vits16", "model.pretrained=false", "res=32",
         "eval_res=32", "batch_size=2", "num_workers=0", "logger=none", "max_steps=2", "val_check_interval=2",
-        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "final_eval.enabled=false",
+        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        "final_eval.enabled=false",
         f"data_dir={toy['data']}", f"output_dir={tmp_path / 'run'}"], toy["conf"])
     result = train_toy(cfg)
     checkpoint = result["best"] or result["last"]

@@ -21,7 +21,8 @@ SPECS = [dataset_spec(name) for name in dataset_names()]
 
 def test_builtin_specs_are_found():
     assert set(dataset_names()) >= {"cityscapes", "cocostuff27", "potsdam", "directory"}
-    assert [spec.n_classes for spec in map(dataset_spec, ("cityscapes", "cocostuff27", "potsdam"))] == [27, 27, 3]
+    named = ("cityscapes", "cocostuff27", "potsdam")
+    assert [spec.n_classes for spec in map(dataset_spec, named)] == [27, 27, 3]
     assert dataset_spec("directory").n_classes is None
     assert dataset_spec("potsdam").eval_res == 224 and dataset_spec("cityscapes").eval_res == 320
     assert dataset_spec("potsdamraw") is dataset_spec("potsdam")        # the reference's name for it

@@ -46,7 +46,8 @@ def n_classes_of(name, n_classes=None, key=CLASS_COUNT_KEY, n_clusters=None):
             raise SmoosegError(f"{CLUSTER_COUNT_KEY}={n_clusters} is for data sets without labels; {name} "
                                f"has {spec.n_classes} classes: drop it (more clusters: extra_clusters=N)")
         if n_classes is not None and _count(n_classes, key) != spec.n_classes:
-            raise SmoosegError(f"{name} has {spec.n_classes} classes, not {key}={n_classes}; drop the override")
+            raise SmoosegError(f"{name} has {spec.n_classes} classes, not {key}={n_classes}; "
+                               "drop the override")
         return spec.n_classes
     if n_classes is None and n_clusters is None:
         if key != CLASS_COUNT_KEY:
@@ -55,7 +56,8 @@ def n_classes_of(name, n_classes=None, key=CLASS_COUNT_KEY, n_clusters=None):
         raise SmoosegError(f"{CLUSTER_COUNT_KEY} is not set; a {name} data set without labels needs the "
                            f"number of clusters to find, e.g. {CLUSTER_COUNT_KEY}=5 (with labels: "
                            f"{CLASS_COUNT_KEY}=<the number of classes in them>)")
-    counts = {k: _count(v, k) for k, v in ((key, n_classes), (CLUSTER_COUNT_KEY, n_clusters)) if v is not None}
+    given = ((key, n_classes), (CLUSTER_COUNT_KEY, n_clusters))
+    counts = {k: _count(v, k) for k, v in given if v is not None}
     if len(set(counts.values())) > 1:
         raise SmoosegError(f"{key}={n_classes} and {CLUSTER_COUNT_KEY}={n_clusters} disagree; set one: "
                            f"{key} for labelled images, {CLUSTER_COUNT_KEY} for images without labels")

@@ -121,8 +121,8 @@ class DirectoryReader(SegmentationDataset):
 
     def label_rule(self):
         return (f"a label is a single-channel PNG (mode L, P or I;16) of class ids 0..{self.n_classes - 1} "
-                f"({IGNORE_ID} = ignore), the size of its image after EXIF orientation, named <image stem>.png "
-                "or <image stem>_gt.png")
+                f"({IGNORE_ID} = ignore), the size of its image after EXIF orientation, named "
+                "<image stem>.png or <image stem>_gt.png")
 
     def read_label(self, path):
         ids = read_label_png(path, self.label_rule())

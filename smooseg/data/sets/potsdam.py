@@ -71,7 +71,8 @@ SPEC = DatasetSpec(
     name="potsdam",
     reader=PotsdamReader,
     layout="<data_dir>/potsdam/imgs/<id>.mat (key img), <data_dir>/potsdam/gt/<id>.mat "
-           "(key gt) and the lists <data_dir>/potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt",
+           "(key gt) and the lists "
+           "<data_dir>/potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt",
     folder="potsdam",
     classes=CLASSES,
     label_table=lookup_table(FINE_TO_COARSE),
