@@ -86,3 +86,24 @@ def test_a_new_data_set_trains_and_evaluates_through_the_entry_points(toy, tmp_p
     label = np.asarray(Image.open(next((tmp_path / "eval").rglob("*label.png"))).convert("RGB"))
     colours = {tuple(c) for c in label.reshape(-1, 3)}
     assert (100, 180, 250) in colours and colours <= set(TOY.colors) | {(0, 0, 0)}   # its own palette
+
+
+def test_unlabelled_photos_train_with_n_clusters_and_no_val_folder(tmp_path):
+    """Own photos without labels, all in imgs/train: dataset.n_clusters sets the clusters to find."""
+    from smooseg.data.synthetic import write_directory_layout
+    from smooseg.model.checkpoints import load_net
+
+    data = write_directory_layout(tmp_path / "data", name="photos", n_train=4, n_val=0, size=(32, 32),
+                                  with_labels=False)
+    assert not (data / "photos/imgs/val").exists()
+    cfg = compose_config("train", [
+        "experiment=demo", "dataset=directory", "dataset.dir_name=photos", "dataset.n_clusters=4",
+        "model=dino_vits16", "model.pretrained=false", "res=32", "eval_res=32", "batch_size=2",
+        "num_workers=0", "logger=none", "max_steps=2", "val_check_interval=2",
+        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        f"data_dir={data}", f"output_dir={tmp_path / 'run'}"], tmp_path)
+    result = train_toy(cfg)
+    assert result["best"] is None and result["final_eval"] is None
+    net, hparams = load_net(result["last"])
+    assert hparams["data"]["n_classes"] == 4 and hparams["data"]["name"] == "directory"
+    assert net.config.n_clusters == 4

@@ -85,7 +85,6 @@ def crop_command(data_dir, spec, crop_type, ratio, split="train", dir_name=None,
                  seed=None):
     """The ``crop_datasets.py`` command that writes, finishes or updates the cropped set of
     ``spec``: the one command every message about a missing, incomplete or stale set names."""
-    crop_type = crop_type if crop_type in CROP_TYPES else CROP_TYPES[0]
     words = ["python crop_datasets.py", f"data_dir={data_dir}", f"datasets=[{spec.name}]",
              f"crop_types=[{crop_type}]", f"crop_ratio={ratio}"]
     if split != "train":
