@@ -119,10 +119,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     @property
-    def key(self):
-        return self.spec.name
-
-    @property
     def labelled(self):
         """Whether any item has a label (unlabelled sets train, but give no metric)."""
         return any(label is not None for _, _, label in self.entries)
