@@ -1,6 +1,6 @@
 """Every known data set by name: the specs of ``smooseg/data/sets/*.py`` plus any registered.
 
-Each module in :mod:`smooseg.data.sets` declares one ``SPEC`` (:class:`DatasetSpec`); they are
+Each module in :mod:`smooseg.data.sets` declares one ``DATASET_SPEC`` (:class:`DatasetSpec`); they are
 found when first asked for, so adding a data set is one module there and one YAML under
 ``smooseg/configs/dataset/``. :func:`register` adds a spec defined elsewhere (a test, a plug-in).
 """
@@ -19,7 +19,7 @@ def _load_builtin():
     from smooseg.data import sets
 
     for module in pkgutil.iter_modules(sets.__path__):
-        spec = importlib.import_module(f"{sets.__name__}.{module.name}").SPEC
+        spec = importlib.import_module(f"{sets.__name__}.{module.name}").DATASET_SPEC
         _SPECS.setdefault(spec.name, spec)
 
 

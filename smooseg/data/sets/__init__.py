@@ -1,1 +1,1 @@
-"""One module per data set, each declaring its ``SPEC`` (see :mod:`smooseg.data.registry`)."""
+"""One module per data set, each declaring its ``DATASET_SPEC`` (see :mod:`smooseg.data.registry`)."""

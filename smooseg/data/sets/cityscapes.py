@@ -64,7 +64,7 @@ class CityscapesReader(SegmentationDataset):
                 "same size")
 
 
-SPEC = DatasetSpec(
+DATASET_SPEC = DatasetSpec(
     name="cityscapes",
     reader=CityscapesReader,
     layout=f"<data_dir>/cityscapes/leftImg8bit/<split>/<city>/<name>{IMAGE_SUFFIX} and "

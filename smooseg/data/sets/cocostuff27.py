@@ -126,7 +126,7 @@ class CocoStuffReader(SegmentationDataset):
                 "(0-181, 255 = void), the size of its image")
 
 
-SPEC = DatasetSpec(
+DATASET_SPEC = DatasetSpec(
     name="cocostuff27",
     reader=CocoStuffReader,
     layout="<data_dir>/cocostuff/images/<train2017|val2017>/<id>.jpg, "

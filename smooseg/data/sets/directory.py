@@ -134,7 +134,7 @@ class DirectoryReader(SegmentationDataset):
         return np.where(ids == IGNORE_ID, -1, ids)
 
 
-SPEC = DatasetSpec(
+DATASET_SPEC = DatasetSpec(
     name="directory",
     reader=DirectoryReader,
     layout="<data_dir>/<dir_name>/imgs/<split>/<stem>.<ext> and optionally "

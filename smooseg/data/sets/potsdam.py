@@ -67,7 +67,7 @@ class PotsdamReader(SegmentationDataset):
         return map_ids(gt, self.spec.label_table)
 
 
-SPEC = DatasetSpec(
+DATASET_SPEC = DatasetSpec(
     name="potsdam",
     reader=PotsdamReader,
     layout="<data_dir>/potsdam/imgs/<id>.mat (key img), <data_dir>/potsdam/gt/<id>.mat "
