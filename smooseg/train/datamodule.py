@@ -25,9 +25,9 @@ from smooseg.train.feature_cache import check_deterministic, open_or_build
 
 def crop_command(cfg, source):
     """The ``crop_datasets.py`` command that writes the cropped training set ``source`` of ``cfg``."""
+    count = cfg.dataset.get("n_classes") or cfg.dataset.get("n_clusters")
     return data_crop_command(cfg.data_dir, dataset_spec(cfg.dataset.name), source["crop_type"],
-                             source["ratio"],
-                             dir_name=cfg.dataset.get("dir_name"), n_classes=cfg.dataset.get("n_classes"))
+                             source["ratio"], dir_name=cfg.dataset.get("dir_name"), n_classes=count)
 
 
 def train_crop_source(cfg):
