@@ -38,8 +38,6 @@ from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
 
-__all__ = ["crop_folder", "crop_dataset", "crop_datasets"]
-
 JPEG_QUALITY = 75
 LOCK_NAME = ".lock"
 CROP_FILES = (("img", ".jpg"), ("label", ".png"))
