@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -360,3 +361,16 @@ def test_two_crop_runs_into_one_set_at_once_do_not_clash(tmp_path):
     assert not list(folder.rglob("*.tmp"))
     assert len(build_dataset("cityscapes", data, "train", res=None,
                              crop_source={"crop_type": "five", "ratio": 0.5})) == 20
+
+
+def test_source_names_that_cannot_name_a_crop_are_refused(tmp_path):
+    from smooseg.data.cropped import source_listing
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"12345")
+    assert source_listing([("a", image, None)]) == {"a": [5, None]}
+    for bad in ("../a", ".hidden", ""):
+        with pytest.raises(SmoosegError, match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
+            source_listing([(bad, image, None)])
+    with pytest.raises(SmoosegError, match="two source images are both named 'a'"):
+        source_listing([("a", image, None), ("a", image, None)])

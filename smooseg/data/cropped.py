@@ -64,6 +64,9 @@ def source_listing(entries):
     source a split was cut from. Item names must be distinct."""
     listing = {}
     for name, image, label in entries:
+        if not name or name.startswith(".") or "/" in name or os.sep in name:
+            raise SmoosegError(f"source image {image} has the name '{name}', which cannot name a crop file "
+                               "(empty, hidden or holding a path separator); fix its id in the split list")
         if name in listing:
             raise SmoosegError(f"two source images are both named '{name}' ({image}); crops are named "
                                "after their source, so rename one")
