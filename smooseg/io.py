@@ -115,7 +115,36 @@ def _reason(err):
     return " ".join(str(err).split())[:160] or type(err).__name__
 
 
+# Environment variable that raises Pillow's decompression-bomb limit (pixels; "none": no limit).
+PIXEL_LIMIT_ENV = "SMOOSEG_MAX_IMAGE_PIXELS"
+
+
+def apply_pixel_limit(environ=os.environ):
+    """Set Pillow's pixel limit from :data:`PIXEL_LIMIT_ENV` when it holds a whole number or
+    ``none`` (other values are reported by :func:`pixel_limit_error`)."""
+    value = environ.get(PIXEL_LIMIT_ENV, "").strip().lower()
+    if value == "none":
+        Image.MAX_IMAGE_PIXELS = None
+    elif value.isdigit():
+        Image.MAX_IMAGE_PIXELS = int(value)
+
+
+def pixel_limit_error(path, err):
+    """The one message for an image over Pillow's pixel limit: the limit, and how to raise it."""
+    value = os.environ.get(PIXEL_LIMIT_ENV)
+    ignored = (f" ({PIXEL_LIMIT_ENV}={value} was ignored: not a whole number or none)"
+               if value and value.strip().lower() != "none" and not value.strip().isdigit() else "")
+    return SmoosegError(f"image {path} is too large for Pillow's safety limit of {Image.MAX_IMAGE_PIXELS} "
+                        f"pixels ({_reason(err)}){ignored}; if you trust the file, allow it with "
+                        f"{PIXEL_LIMIT_ENV}=<pixels> (or none) in the environment, or downscale it")
+
+
+apply_pixel_limit()
+
+
 def _unreadable(path, err, fix):
+    if isinstance(err, Image.DecompressionBombError):
+        return pixel_limit_error(path, err)
     return SmoosegError(f"cannot read image {path} ({_reason(err)}); the file is corrupt or not an "
                         f"image: {fix}")
 

@@ -174,9 +174,9 @@ def cut_short_crop_run(tmp, pristine):
     crop_dataset(build_dataset("cityscapes", data, "train", res=None), folder, "train", "five", 0.5,
                  progress=False)
     begin_record(folder, "train", record_settings("five", 0.5, 0, 75))
-    for n in range(12, 20):
-        (folder / "img" / "train" / f"{n}.jpg").unlink()
-        (folder / "label" / "train" / f"{n}.png").unlink()
+    for sub in ("img", "label"):
+        for path in sorted((folder / sub / "train").iterdir())[12:]:
+            path.unlink()
     return {"data": data, "folder": folder}
 
 

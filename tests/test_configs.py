@@ -84,9 +84,14 @@ def test_every_group_option_composes(group):
         OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_directory_dataset_needs_n_classes():
+def test_directory_dataset_needs_n_classes_or_n_clusters():
+    from smooseg.data.datasets import n_classes_of
+    from smooseg.errors import SmoosegError
+
     cfg = compose_cfg("train", ["dataset=directory"])
-    assert OmegaConf.is_missing(cfg.dataset, "n_classes")
+    assert cfg.dataset.n_classes is None and cfg.dataset.n_clusters is None
+    with pytest.raises(SmoosegError, match="dataset.n_clusters is not set"):
+        n_classes_of(cfg.dataset.name, cfg.dataset.n_classes, n_clusters=cfg.dataset.n_clusters)
 
 
 def test_unknown_keys_fail():

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -58,27 +59,29 @@ def test_crops_count_geometry_and_label_round_trip(tmp_path, crop_type):
     assert folder == tmp_path / "cropped" / f"cityscapes_{crop_type}_crop_0.5"
     result = crop_dataset(source, folder, "train", crop_type, 0.5, seed=4, progress=False)
     assert result == {"written": 30, "images": 3}
+    items = [source.item_name(i) for i in range(3)]
     images, labels = finished(folder)
-    assert images == sorted(f"{n}.jpg" for n in range(15))
-    assert labels == sorted(f"{n}.png" for n in range(15))
+    assert images == sorted(f"{item}_{n}.jpg" for item in items for n in range(5))
+    assert labels == sorted(f"{item}_{n}.png" for item in items for n in range(5))
     cropped = build_dataset("cityscapes", tmp_path, "train", res=None, crop="none",
                             crop_source={"crop_type": crop_type, "ratio": 0.5})
     assert len(cropped) == 15
-    for i in range(3):
+    for i, item in enumerate(items):
         image, label = source.load_raw(i)
-        boxes = crops.crop_boxes(crop_type, 32, 48, 0.5, 4, i)
+        boxes = crops.crop_boxes(crop_type, 32, 48, 0.5, 4, item)
         for n, (top, left, h, w) in enumerate(boxes):
             crop_image, crop_label = cropped.load_raw(5 * i + n)
+            assert cropped.item_name(5 * i + n) == f"{item}_{n}"
             assert crop_image.size == (24, 16) == (w, h)
             assert np.array_equal(crop_label, label[top:top + h, left:left + w])
-            stored = np.asarray(Image.open(folder / f"label/train/{5 * i + n}.png"))
+            stored = np.asarray(Image.open(folder / f"label/train/{item}_{n}.png"))
             assert np.array_equal(stored, label[top:top + h, left:left + w] + 1)
             encoded = io.BytesIO()
             image.crop((left, top, left + w, top + h)).save(encoded, format="JPEG", quality=75)
-            assert (folder / f"img/train/{5 * i + n}.jpg").read_bytes() == encoded.getvalue()
+            assert (folder / f"img/train/{item}_{n}.jpg").read_bytes() == encoded.getvalue()
     item = build_dataset("cityscapes", tmp_path, "train", res=16,
                          crop_source={"crop_type": crop_type, "ratio": 0.5})[7]
-    assert item["img"].shape == (3, 16, 16) and item["name"] == "7"
+    assert item["img"].shape == (3, 16, 16) and item["name"] == f"{items[1]}_2"
 
 
 def test_unlabelled_directory_crops_are_all_ignore(tmp_path):
@@ -151,8 +154,9 @@ def test_completion_record_is_written_last_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(crops, "write_json", spy)
     crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
     assert order == [(0, []), (15, ["train"])]    # settings first, the split's counts after all crops
-    assert record(folder) == {"format": 1, "crop_type": "random", "ratio": 0.5, "jpeg_quality": 75,
-                              "seed": 4, "splits": {"train": {"source_images": 3, "crops": 15}}}
+    listing = {name: [image.stat().st_size, label.stat().st_size] for name, image, label in source.entries}
+    assert record(folder) == {"format": 2, "crop_type": "random", "ratio": 0.5, "jpeg_quality": 75, "seed": 4,
+                              "splits": {"train": {"source_images": 3, "crops": 15, "items": listing}}}
     crop_source = {"crop_type": "random", "ratio": 0.5}
     assert len(build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)) == 15
     # a resume must use the settings the set was started with
@@ -164,9 +168,9 @@ def test_completion_record_is_written_last_and_checked(tmp_path, monkeypatch):
     # a refused resume leaves the finished split readable
     assert len(build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)) == 15
     # crops of an earlier, larger data set are not silently mixed in
-    Image.new("RGB", (4, 4)).save(folder / "img/train/15.jpg")
-    with pytest.raises(SmoosegError, match=r"holds 1 crops beyond the 15 of the 3 source images \(e\.g\. "
-                                           r"15\.jpg"):
+    Image.new("RGB", (4, 4)).save(folder / "img/train/holiday.jpg")
+    with pytest.raises(SmoosegError, match=r"holds 1 files that are not crops of the 3 source images "
+                                           r"\(e\.g\. holiday\.jpg"):
         crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
     with pytest.raises(SmoosegError, match="is incomplete: it has no completion entry for split train"):
         build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=crop_source)
@@ -253,7 +257,8 @@ def test_cli_killed_mid_way_then_resumed(tmp_path):
     # ... and that command, as printed, finishes it
     out = run_cli(shlex.split(command)[2:] + ["progress=false"], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert record(folder)["splits"] == {"train": {"source_images": 60, "crops": 300}}
+    entry = record(folder)["splits"]["train"]
+    assert (entry["source_images"], entry["crops"], len(entry["items"])) == (60, 300, 60)
     assert not list(folder.rglob("*.tmp"))
     images, labels = finished(folder)
     assert len(images) == len(labels) == 300
@@ -275,6 +280,97 @@ def test_cli_files_get_the_users_umask(tmp_path, mask):
     assert out.returncode == 0, out.stderr
     folder = data / "cropped/cityscapes_five_crop_0.5"
     files = [p for p in folder.rglob("*") if p.is_file()]
-    assert len(files) == 21 and (folder / "complete.json") in files
+    assert len(files) == 22 and {folder / "complete.json", folder / ".lock"} <= set(files)
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
     assert {oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_dir()} == {oct(0o777 & ~mask)}
+
+
+def _add_scene(data, like, name):
+    """Add a source image (and its label) to the synthetic Cityscapes train split: a copy of
+    ``like``'s pair under the new name ``name``, with one pixel changed so its size differs."""
+    city = "synthburg"
+    image = np.asarray(Image.open(like)).copy()
+    image[0, 0] = 255 - image[0, 0]
+    Image.fromarray(image).save(data / f"cityscapes/leftImg8bit/train/{city}/{name}_leftImg8bit.png")
+    label = like.parent.parent.parent.parent / "gtFine/train" / like.parent.name / like.name.replace(
+        "_leftImg8bit.png", "_gtFine_labelIds.png")
+    Image.open(label).save(data / f"cityscapes/gtFine/train/{city}/{name}_gtFine_labelIds.png")
+
+
+def test_stale_set_is_refused_and_a_rerun_updates_it_without_shifting_crops(tmp_path):
+    data = write_cityscapes_layout(tmp_path, n_train=3, n_val=1, size=(32, 48))
+    crop_source = {"crop_type": "random", "ratio": 0.5}
+    folder = crop_folder(data, "cityscapes", "random", 0.5)
+    crops.crop_datasets(data, ["cityscapes"], ["train"], ["random"], 0.5, seed=2, progress=False)
+    before = contents(folder)
+    images = sorted((data / "cityscapes/leftImg8bit/train").glob("*/*.png"))
+    _add_scene(data, images[0], "aaa_000000_000001")        # sorts first: would shift every position
+    with pytest.raises(SmoosegError) as err:
+        build_dataset("cityscapes", data, "train", res=None, crop_source=crop_source)
+    message = str(err.value)
+    assert f"the cropped training set {folder} is stale: its source images changed since it was cut " \
+           "(1 added (e.g. aaa_000000_000001)); update it with `python crop_datasets.py" in message
+    assert "crop_types=[random] crop_ratio=0.5 seed=2`" in message
+    result = crops.crop_datasets(data, ["cityscapes"], ["train"], ["random"], 0.5, seed=2, progress=False)
+    assert result["cityscapes_random_crop_0.5/train"] == {"written": 10, "images": 4}
+    after = contents(folder)
+    assert {k: v for k, v in after.items() if k in before and k.name != "complete.json"} == \
+        {k: v for k, v in before.items() if k.name != "complete.json"}        # old crops untouched
+    assert len(build_dataset("cityscapes", data, "train", res=None, crop_source=crop_source)) == 20
+
+    replaced = images[1]
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(replaced)           # same name, new content
+    with pytest.raises(SmoosegError, match=r"is stale: .*\(1 replaced \(e\.g\. "):
+        build_dataset("cityscapes", data, "train", res=None, crop_source=crop_source)
+    result = crops.crop_datasets(data, ["cityscapes"], ["train"], ["random"], 0.5, seed=2, progress=False)
+    assert result["cityscapes_random_crop_0.5/train"]["written"] == 10
+    stem = replaced.name[: -len("_leftImg8bit.png")]
+    assert np.asarray(Image.open(folder / f"img/train/{stem}_0.jpg")).max() < 16   # cut from the new image
+
+    images[2].unlink()
+    gone = images[2].name[: -len("_leftImg8bit.png")]
+    (data / "cityscapes/gtFine/train" / images[2].parent.name / f"{gone}_gtFine_labelIds.png").unlink()
+    with pytest.raises(SmoosegError, match=rf"is stale: .*\(1 removed \(e\.g\. {gone}\)\)"):
+        build_dataset("cityscapes", data, "train", res=None, crop_source=crop_source)
+    result = crops.crop_datasets(data, ["cityscapes"], ["train"], ["random"], 0.5, seed=2, progress=False)
+    assert result["cityscapes_random_crop_0.5/train"]["written"] == 0
+    assert not list(folder.glob(f"*/train/{gone}_*"))
+    assert len(build_dataset("cityscapes", data, "train", res=None, crop_source=crop_source)) == 15
+
+
+def test_two_crop_runs_into_one_set_at_once_do_not_clash(tmp_path):
+    """A second run waits for the one writing the set (here: this test, holding its lock with a
+    temporary file in flight) instead of deleting its temporary files, then finishes the set."""
+    data = write_cityscapes_layout(tmp_path, n_train=4, n_val=1, size=(32, 48))
+    folder = crop_folder(data, "cityscapes", "five", 0.5)
+    in_flight = folder / "img/train/.x_0.jpg.abc.tmp"
+    with crops.set_lock(folder):
+        in_flight.parent.mkdir(parents=True)
+        in_flight.write_bytes(b"being written")
+        second = subprocess.Popen(
+            [sys.executable, str(REPO / "crop_datasets.py"), f"data_dir={data}", "datasets=[cityscapes]",
+             "num_workers=0", "progress=false"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+        line = second.stderr.readline()
+        assert line.startswith(f"waiting for another crop_datasets.py run writing {folder}"), line
+        time.sleep(0.5)
+        assert in_flight.read_bytes() == b"being written" and second.poll() is None
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "cityscapes_five_crop_0.5/train: 4 images, 40 files written" in out
+    assert not list(folder.rglob("*.tmp"))
+    assert len(build_dataset("cityscapes", data, "train", res=None,
+                             crop_source={"crop_type": "five", "ratio": 0.5})) == 20
+
+
+def test_source_names_that_cannot_name_a_crop_are_refused(tmp_path):
+    from smooseg.data.cropped import source_listing
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"12345")
+    assert source_listing([("a", image, None)]) == {"a": [5, None]}
+    for bad in ("../a", ".hidden", ""):
+        with pytest.raises(SmoosegError, match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
+            source_listing([(bad, image, None)])
+    with pytest.raises(SmoosegError, match="two source images are both named 'a'"):
+        source_listing([("a", image, None), ("a", image, None)])

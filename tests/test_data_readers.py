@@ -6,7 +6,9 @@ import scipy.io
 import torch
 from PIL import Image
 
-from smooseg.data.datasets import CITYSCAPES_CLASSES, CLASS_NAMES, COCO_FINE, N_CLASSES, build_dataset
+from smooseg.data.datasets import build_dataset
+from smooseg.data.registry import dataset_spec
+from smooseg.data.sets.cocostuff27 import COCO_FINE
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
 from smooseg.io import write_json
@@ -95,7 +97,7 @@ def test_coco_missing_file_named_in_list(tmp_path):
 def test_cityscapes_reader_on_official_layout(tmp_path):
     write_cityscapes_layout(tmp_path, n_train=4, n_val=2, size=(32, 64))
     ds = build_dataset("cityscapes", tmp_path, "train", res=None, crop="none")
-    assert len(ds) == 4 and ds.class_names == list(CITYSCAPES_CLASSES)
+    assert len(ds) == 4 and ds.class_names == list(dataset_spec("cityscapes").class_names)
     for i in range(len(ds)):
         name = ds.item_name(i)
         raw = np.asarray(Image.open(next(
@@ -170,7 +172,8 @@ def test_potsdam_splits_and_every_id(tmp_path):
     val = build_dataset("potsdam", tmp_path, "val", res=None)
     assert [val.item_name(i) for i in range(3)] == ["v0", "v1", "v2"]
     assert len(build_dataset("potsdam", tmp_path, "all", res=None)) == 6
-    assert CLASS_NAMES["potsdam"][0] == "roads and cars" and N_CLASSES["potsdam"] == 3
+    potsdam = dataset_spec("potsdam")
+    assert potsdam.class_names[0] == "roads and cars" and potsdam.n_classes == 3
     image, label = val.load_raw(0)
     flat = label.reshape(-1)
     assert flat[:6].tolist() == [0, 1, 2, 2, 0, 1]       # ids 0..5
@@ -221,8 +224,15 @@ def test_directory_without_labels_and_root_as_data_dir(tmp_path):
 
 def test_directory_errors(tmp_path):
     write_directory_layout(tmp_path, name="mine", n_train=3, n_val=1, size=(16, 16))
-    with pytest.raises(SmoosegError, match="needs n_classes"):
+    with pytest.raises(SmoosegError, match=r"dataset.n_clusters is not set; a directory data set without "
+                                           r"labels needs the number of clusters to find, e.g. "
+                                           r"dataset.n_clusters=5 "
+                                           r"\(with labels: dataset.n_classes="):
         build_dataset("directory", tmp_path, "train", res=8, dir_name="mine")
+    with pytest.raises(SmoosegError, match="dataset.n_classes=4 and dataset.n_clusters=6 disagree; set one"):
+        build_dataset("directory", tmp_path, "train", res=8, dir_name="mine", n_classes=4, n_clusters=6)
+    with pytest.raises(SmoosegError, match=r"dataset.n_classes=2.5 is not a whole number"):
+        build_dataset("directory", tmp_path, "train", res=8, dir_name="mine", n_classes=2.5)
     with pytest.raises(SmoosegError, match=r"scene_000\d\.png holds class id [45] but n_classes=4; "
                                            r"a label is a single-channel PNG .* ids 0\.\.3"):
         build_dataset("directory", tmp_path, "train", res=8, n_classes=4, dir_name="mine")  # at build
@@ -362,8 +372,8 @@ def test_cropped_reader_subtracts_one(tmp_path):
     folder = tmp_path / "cropped/cityscapes_five_crop_0.5"
     stored = np.arange(25, dtype=np.uint8).reshape(5, 5) % 28      # 0 = ignore, 1..27 classes
     for n in range(5):
-        save_png(rgb(5, 5, n), folder / "img/train" / f"{n}.jpg")
-        save_png(stored, folder / "label/train" / f"{n}.png")
+        save_png(rgb(5, 5, n), folder / "img/train" / f"aachen_1_{n}.jpg")
+        save_png(stored, folder / "label/train" / f"aachen_1_{n}.png")
     source = {"crop_type": "five", "ratio": 0.5}
     command = (f"`python crop_datasets.py data_dir={tmp_path} datasets=[cityscapes] crop_types=[five] "
                "crop_ratio=0.5`")
@@ -371,20 +381,72 @@ def test_cropped_reader_subtracts_one(tmp_path):
         build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
     assert f"cropped training set {folder} is incomplete: it has no completion record" in str(err.value)
     assert command in str(err.value) and "dataset.train_crop_source=null" in str(err.value)
-    write_json({"crop_type": "five", "ratio": 0.5, "seed": 0, "jpeg_quality": 75,
-                "splits": {"train": {"source_images": 1, "crops": 5}}}, folder / "complete.json")
+    write_json({"format": 2, "crop_type": "five", "ratio": 0.5, "seed": 0, "jpeg_quality": 75,
+                "splits": {"train": {"source_images": 1, "crops": 5, "items": {"aachen_1": [10, 20]}}}},
+               folder / "complete.json")
     ds = build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
-    assert len(ds) == 5 and ds.n_classes == 27 and ds.item_name(3) == "3"
+    assert len(ds) == 5 and ds.n_classes == 27 and ds.item_name(3) == "aachen_1_3"
     assert np.array_equal(ds.load_raw(0)[1], stored.astype(np.int64) - 1)
-    (folder / "label/train/2.png").unlink()
-    (folder / "img/train/.2.png.x1.tmp").write_bytes(b"partial")
+    (folder / "label/train/aachen_1_2.png").unlink()
+    (folder / "img/train/.aachen_1_2.png.x1.tmp").write_bytes(b"partial")
     with pytest.raises(SmoosegError, match=r"does not match its completion record: img/train holds 5 "
-                                           r"crops and label/train 4 but complete.json says 5; finish it"):
+                                           r"crops and label/train 4 but complete.json lists 5; finish it"):
         build_dataset("cityscapes", tmp_path, "train", res=None, crop_source=source)
     with pytest.raises(SmoosegError, match=r"cityscapes_random_crop_0.5 does not exist; write it with "
                                            r"`python crop_datasets.py .*crop_types=\[random\]"):
         build_dataset("cityscapes", tmp_path, "train", res=None,
                       crop_source={"crop_type": "random", "ratio": 0.5})
+    with pytest.raises(SmoosegError, match=r"dataset.train_crop_source.crop_type=fivee is unknown; use one "
+                                           r"of five, random \(the crop types crop_datasets.py writes\)"):
+        build_dataset("cityscapes", tmp_path, "train", res=None,
+                      crop_source={"crop_type": "fivee", "ratio": 0.5})
+
+
+def test_cropped_set_of_an_earlier_version_is_refused_with_the_fix(tmp_path):
+    folder = tmp_path / "cropped/cityscapes_five_crop_0.5"
+    save_png(rgb(5, 5), folder / "img/train/0.jpg")
+    save_png(np.zeros((5, 5), np.uint8), folder / "label/train/0.png")
+    write_json({"format": 1, "crop_type": "five", "ratio": 0.5, "seed": 0, "jpeg_quality": 75,
+                "splits": {"train": {"source_images": 1, "crops": 5}}}, folder / "complete.json")
+    with pytest.raises(SmoosegError, match=r"was written by an earlier version .*; delete it; then write it "
+                                           r"with `python crop_datasets.py"):
+        build_dataset("cityscapes", tmp_path, "train", res=None,
+                      crop_source={"crop_type": "five", "ratio": 0.5})
+
+
+def test_split_list_with_a_byte_order_mark(tmp_path):
+    make_coco(tmp_path, ["a1", "a2"], ["b1"])
+    listing = tmp_path / "cocostuff/curated/train2017/Coco164kFull_Stuff_Coarse.txt"
+    listing.write_text("a1\r\na2\r\n", encoding="utf-8-sig")          # as Windows Notepad saves it
+    assert listing.read_bytes().startswith(b"\xef\xbb\xbf")
+    ds = build_dataset("cocostuff27", tmp_path, "train", res=None)
+    assert [ds.item_name(i) for i in range(2)] == ["a1", "a2"]
+
+
+def test_image_over_the_pixel_limit_says_so_and_how_to_allow_it(tmp_path, monkeypatch):
+    write_cityscapes_layout(tmp_path, n_train=1, n_val=1, size=(32, 48))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 48 // 4)       # the 32x48 label is > 2x the limit
+    with pytest.raises(SmoosegError, match=r"too large for Pillow's safety limit of 384 pixels .*allow it "
+                                           r"with SMOOSEG_MAX_IMAGE_PIXELS=<pixels> \(or none\)"):
+        build_dataset("cityscapes", tmp_path, "train", res=None)
+    from smooseg.io import apply_pixel_limit
+
+    apply_pixel_limit({"SMOOSEG_MAX_IMAGE_PIXELS": "none"})
+    assert Image.MAX_IMAGE_PIXELS is None
+    assert len(build_dataset("cityscapes", tmp_path, "train", res=None)) == 1
+
+
+def test_unlabelled_directory_needs_no_val_folder(tmp_path):
+    write_directory_layout(tmp_path, name="photos", n_train=3, n_val=0, size=(16, 16), with_labels=False)
+    assert not (tmp_path / "photos/imgs/val").exists()
+    val = build_dataset("directory", tmp_path, "val", res=8, n_clusters=4, dir_name="photos")
+    assert len(val) == 3 and not val.labelled and val.n_classes == 4
+    assert val.class_names == ["class_0", "class_1", "class_2", "class_3"]
+    write_directory_layout(tmp_path, name="labelled", n_train=3, n_val=0, size=(16, 16))
+    with pytest.raises(SmoosegError, match=r"image folder .*labelled/imgs/val not found; .*with labels the "
+                                           r"validation images and labels go in imgs/val and labels/val"):
+        build_dataset("directory", tmp_path, "val", res=8, n_classes=6, dir_name="labelled")
+    assert build_dataset("directory", tmp_path, "train", res=8, n_classes=6, dir_name="labelled").labelled
 
 
 # ---------------------------------------------------------------- common

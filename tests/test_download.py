@@ -207,6 +207,61 @@ def test_extract_tar_and_refuse_escaping_members(tmp_path):
         extract(broken, tmp_path / "out3")
 
 
+def _tar_with(path, *members):
+    with tarfile.open(path, "w") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _tar_file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _tar_entry(name, kind, target=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("members, why", [
+    ([_tar_file("d/a.txt"), _tar_entry("d/link", tarfile.SYMTYPE, "a.txt")], r"'d/link' \(a link"),
+    ([_tar_file("d/a.txt"), _tar_entry("d/hard", tarfile.LNKTYPE, "d/a.txt")], r"'d/hard' \(a link"),
+    ([_tar_entry("d/fifo", tarfile.FIFOTYPE)], r"'d/fifo' \(a device or pipe"),
+    ([_tar_file("d/x"), _tar_file("d/x/inner.txt")], r"'d/x/inner.txt' \(it needs the folder 'd/x', which "
+                                                        r"the archive also holds as a file"),
+    ([_tar_file("d/x"), _tar_file("d/x")], r"'d/x' \(it clashes with another member of the same path"),
+    ([_tar_entry("d/x", tarfile.DIRTYPE), _tar_file("d/x")], r"'d/x' \(it clashes"),
+])
+def test_links_and_clashing_members_are_unsafe_not_corrupt(tmp_path, members, why):
+    archive = _tar_with(tmp_path / "a.tar", *members)
+    with pytest.raises(SmoosegError, match=rf"archive .*a\.tar has unsafe member {why}.*refusing to extract"):
+        extract(archive, tmp_path / "out")
+    assert not any((tmp_path / "out").rglob("*"))
+
+
+def test_zip_symlink_member_is_unsafe(tmp_path):
+    archive = tmp_path / "links.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("d/a.txt", "x")
+        link = zipfile.ZipInfo("d/link")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "a.txt")
+    with pytest.raises(SmoosegError, match=r"unsafe member 'd/link' \(a link"):
+        extract(archive, tmp_path / "out")
+
+
+def test_data_set_names_download_their_spec_archives(server, tmp_path):
+    from smooseg.data.download import archive_names
+
+    assert archive_names("cocostuff27") == ["cocostuff"] and archive_names("cocostuff") == ["cocostuff"]
+    assert archive_names("potsdam") == ["potsdam"]
+    with pytest.raises(SmoosegError, match="unknown data set 'mars' to download; choose from cityscapes, "):
+        archive_names("mars")
+
+
 def run_cli(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "download_datasets.py"), *args], cwd=cwd,

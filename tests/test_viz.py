@@ -1,7 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from smooseg.viz import CITYSCAPES_COLORS, colorize, colormap, overlay, pascal_colors, save_png
+from smooseg.data.registry import dataset_spec
+from smooseg.viz import colorize, colormap, overlay, pascal_colors, save_png
 
 
 def test_pascal_palette_first_entries():
@@ -12,7 +13,7 @@ def test_pascal_palette_first_entries():
 def test_colormap_sizes_and_uniqueness():
     cmap = colormap("cityscapes", 30)
     assert cmap.shape == (30, 3) and cmap.dtype == np.uint8
-    assert tuple(cmap[0]) == CITYSCAPES_COLORS[0]
+    assert tuple(cmap[0]) == dataset_spec("cityscapes").colors[0]
     assert len({tuple(c) for c in cmap[27:]}) == 3
     pots = colormap("potsdam", 3)
     assert [tuple(c) for c in pots] == [(255, 255, 255), (0, 0, 255), (0, 255, 0)]

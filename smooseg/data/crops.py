@@ -1,38 +1,51 @@
 """Pre-cropped training sets (docs/method.md §7): five crops or seeded random crops of every image.
 
-Crops are cut from the full-resolution image and label (``dataset.load_raw``). Crop ``n`` of
-item ``i`` is numbered ``5·i + n`` and written to
-``<data_dir>/cropped/<dataset>_<crop_type>_crop_<ratio>/img/<split>/<5i+n>.jpg`` and
-``label/<split>/<5i+n>.png`` (label + 1 as uint8, 0 = ignore). Images are JPEG at quality 75,
-Pillow's default, as the reference saves them.
+Crops are cut from the full-resolution image and label (``dataset.load_raw``) and written to the
+set's folder (:func:`smooseg.data.cropped.crop_folder`) as ``img/<split>/<item>_<n>.jpg`` and
+``label/<split>/<item>_<n>.png`` (label + 1 as uint8, 0 = ignore), named after their source
+item. Images are JPEG at quality 75, Pillow's default, as the reference saves them. Random crops
+of an item depend only on (seed, its name).
 
 Resumable and crash-safe: every file is written under a temporary name and renamed when
 complete; finished files are skipped on a re-run; temporary files left by a killed run are
-deleted when the next run starts. Random crops of item ``i`` depend only on ``(seed, i)``,
-so a resumed run reproduces them exactly.
+deleted when the next run starts. One run writes a set at a time: a second waits for the first
+(a lock file, ``<folder>/.lock``, released when its holder ends however it ends).
 
 Complete only when recorded: ``<folder>/complete.json`` holds the settings (crop type, ratio,
 seed, JPEG quality; written when a run starts, so a resume with other settings is refused) and,
-per split, the source image and crop counts, added LAST, after every crop of the split is on
-disk and checked. The reader (:class:`smooseg.data.datasets.CroppedDataset`) refuses a split
-without its entry, or whose files disagree with it, naming the command that finishes it.
+per split, its source listing (:func:`smooseg.data.cropped.source_listing`), added LAST, after
+every crop of the split is on disk and checked. A re-run after source images were added,
+removed or replaced brings the set up to date: crops of items no longer in the source (or
+replaced since) are deleted, missing ones are written.
 """
 
+import fcntl
+import hashlib
 import multiprocessing
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smooseg.data.datasets import (CROP_RECORD, CROP_RECORD_FORMAT, _numbered, build_dataset, crop_dir_name,
-                                   dataset_key, n_classes_of, read_crop_record)
+from smooseg.data.cropped import (CROP_RECORD, CROP_RECORD_FORMAT, CROP_TYPES, CROPS_PER_IMAGE, crop_folder,
+                                  crop_item, crop_name, read_crop_record, source_listing, split_files)
+from smooseg.data.datasets import build_dataset, dataset_key, n_classes_of
+from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
 
-CROP_TYPES = ("five", "random")
-CROPS_PER_IMAGE = 5
 JPEG_QUALITY = 75
+LOCK_NAME = ".lock"
+CROP_FILES = (("img", ".jpg"), ("label", ".png"))
+
+
+def _unknown_crop_type(crop_type):
+    return SmoosegError(f"unknown crop type '{crop_type}'; use one of {', '.join(CROP_TYPES)}, e.g. "
+                        f"crop_types=[{CROP_TYPES[0]}]")
 
 
 def crop_size(h, w, ratio):
@@ -56,42 +69,45 @@ def random_crops(h, w, ratio, rng, n=CROPS_PER_IMAGE):
             for _ in range(n)]
 
 
-def crop_boxes(crop_type, h, w, ratio, seed, index):
-    """The five boxes of item ``index``; random crops are seeded by ``(seed, index)`` only."""
+def item_rng(seed, item):
+    """The generator of item ``item``'s random crops: seeded by ``seed`` and the item's name only,
+    so other items (added, removed, reordered) never change them."""
+    digest = hashlib.sha256(str(item).encode()).digest()
+    return np.random.default_rng([int(seed), *np.frombuffer(digest[:16], dtype=np.uint32).tolist()])
+
+
+def crop_boxes(crop_type, h, w, ratio, seed, item):
+    """The five boxes of source item ``item`` (its name)."""
     if crop_type == "five":
         return five_crops(h, w, ratio)
     if crop_type == "random":
-        return random_crops(h, w, ratio, np.random.default_rng([int(seed), int(index)]))
-    raise SmoosegError(f"unknown crop type '{crop_type}'; use one of {', '.join(CROP_TYPES)}")
+        return random_crops(h, w, ratio, item_rng(seed, item))
+    raise _unknown_crop_type(crop_type)
 
 
-def crop_folder(data_dir, dataset, crop_type, ratio):
-    """Root of a cropped set: ``<data_dir>/cropped/<dataset>_<crop_type>_crop_<ratio>``."""
-    return Path(data_dir) / "cropped" / crop_dir_name(dataset, crop_type, ratio)
-
-
-def _paths(folder, split, number):
-    return (folder / "img" / split / f"{number}.jpg", folder / "label" / split / f"{number}.png")
+def _paths(folder, split, stem):
+    return (folder / "img" / split / f"{stem}.jpg", folder / "label" / split / f"{stem}.png")
 
 
 def write_item_crops(dataset, index, folder, split, crop_type, ratio, seed=0,
                      jpeg_quality=JPEG_QUALITY):
     """Write the five crops of item ``index``; returns how many files were written."""
-    numbers = [CROPS_PER_IMAGE * index + n for n in range(CROPS_PER_IMAGE)]
-    todo = [(n, path) for n in numbers for path in _paths(folder, split, n) if not path.exists()]
+    item = dataset.item_name(index)
+    stems = [crop_name(item, n) for n in range(CROPS_PER_IMAGE)]
+    todo = [(n, path) for n, stem in enumerate(stems) for path in _paths(folder, split, stem)
+            if not path.exists()]
     if not todo:
         return 0
     image, label = dataset.load_raw(index)
     if label is None:
         label = np.full((image.height, image.width), -1, dtype=np.int64)
     if label.size and int(label.max()) > 254:
-        raise SmoosegError(f"{dataset.item_name(index)}: label id {int(label.max())} does not fit "
+        raise SmoosegError(f"{item}: label id {int(label.max())} does not fit "
                            f"the crop format (label + 1 must be <= 255)")
     stored = (label + 1).astype(np.uint8)
-    boxes = crop_boxes(crop_type, image.height, image.width, ratio, seed, index)
-    box_of = dict(zip(numbers, boxes))
-    for number, path in todo:
-        top, left, h, w = box_of[number]
+    boxes = crop_boxes(crop_type, image.height, image.width, ratio, seed, item)
+    for n, path in todo:
+        top, left, h, w = boxes[n]
         with atomic_write(path) as tmp:
             if path.suffix == ".jpg":
                 image.crop((left, top, left + w, top + h)).save(tmp, format="JPEG",
@@ -110,6 +126,24 @@ def remove_stale_temps(folder):
     return removed
 
 
+@contextmanager
+def set_lock(folder):
+    """Hold ``<folder>/.lock`` while writing a set; a second run waits for the first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another crop_datasets.py run writing {folder} to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
 # Settings a cropped set is written with; a resumed run must use the same (seed: random crops only).
 RECORD_SETTINGS = ("crop_type", "ratio", "jpeg_quality", "seed")
 
@@ -120,43 +154,72 @@ def record_settings(crop_type, ratio, seed, jpeg_quality):
             "jpeg_quality": int(jpeg_quality), "seed": int(seed)}
 
 
-def begin_record(folder, split, settings):
+def _check_resume(folder, record, settings):
+    if record.get("format") != CROP_RECORD_FORMAT:
+        raise SmoosegError(f"cropped set {folder} was written by an earlier version (crops numbered by "
+                           f"position, record format {record.get('format')}); delete {folder} and run "
+                           "crop_datasets.py again")
+    for key in RECORD_SETTINGS:
+        if key == "seed" and settings["crop_type"] != "random":
+            continue
+        if key in record and record[key] != settings[key]:
+            raise SmoosegError(
+                f"cropped set {folder} was started with {key}={record[key]} ({CROP_RECORD}) but this "
+                f"run asks for {key}={settings[key]}; pass {key}={record[key]} to finish it, or delete "
+                f"{folder} to write it anew")
+
+
+def _remove_outdated(folder, split, listing, recorded):
+    """Delete crops whose source item is gone, or was replaced since ``recorded`` (the split's
+    last finished listing); returns how many files were deleted."""
+    removed = 0
+    for sub, suffix in CROP_FILES:
+        for stem in split_files(folder, split, sub, suffix):
+            item = crop_item(stem)
+            if item is None:
+                continue
+            replaced = item in recorded and list(recorded[item]) != list(listing.get(item, []))
+            if item not in listing or replaced:
+                (Path(folder) / sub / split / f"{stem}{suffix}").unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def begin_record(folder, split, settings, listing=None):
     """Before the first crop of ``split`` is written: check a resumed set was started with the same
-    settings, and record ``split`` as not complete (its entry is added back by :func:`finish_record`)."""
+    settings, delete crops the source ``listing`` no longer has, and record ``split`` as not
+    complete (its entry is added back by :func:`finish_record`)."""
     record = read_crop_record(folder)
     splits = {}
     if record is not None:
-        for key in RECORD_SETTINGS:
-            if key == "seed" and settings["crop_type"] != "random":
-                continue
-            if key in record and record[key] != settings[key]:
-                raise SmoosegError(
-                    f"cropped set {folder} was started with {key}={record[key]} ({CROP_RECORD}) but this "
-                    f"run asks for {key}={settings[key]}; pass {key}={record[key]} to finish it, or delete "
-                    f"{folder} to write it anew")
+        _check_resume(folder, record, settings)
+        recorded = (record["splits"].get(split) or {}).get("items") or {}
+        if listing is not None:
+            _remove_outdated(folder, split, listing, recorded)
         splits = {name: entry for name, entry in record["splits"].items() if name != split}
     write_json({**settings, "splits": splits}, Path(folder) / CROP_RECORD)
 
 
-def finish_record(folder, split, n_images, settings):
-    """After every crop of ``split`` is written: check the files are exactly the ``5·n_images``
-    crops, then add the split's counts to the completion record (the last file written)."""
+def finish_record(folder, split, listing, settings):
+    """After every crop of ``split`` is written: check the files are exactly the five crops of each
+    item of ``listing``, then add the split's listing to the completion record (the last file
+    written)."""
     folder = Path(folder)
-    expected = CROPS_PER_IMAGE * n_images
-    for sub, suffix in (("img", ".jpg"), ("label", ".png")):
-        found = _numbered(folder / sub / split, suffix)
-        extra = sorted(found - set(range(expected)))
+    expected = {crop_name(item, n) for item in listing for n in range(CROPS_PER_IMAGE)}
+    for sub, suffix in CROP_FILES:
+        found = split_files(folder, split, sub, suffix)
+        extra = sorted(found - expected)
         if extra:
             raise SmoosegError(
-                f"cropped set {folder / sub / split} holds {len(extra)} crops beyond the {expected} of "
-                f"the {n_images} source images (e.g. {extra[0]}{suffix}, left by a run on a larger data "
-                f"set); delete {folder} and run crop_datasets.py again")
-        missing = sorted(set(range(expected)) - found)
+                f"cropped set {folder / sub / split} holds {len(extra)} files that are not crops of the "
+                f"{len(listing)} source images (e.g. {extra[0]}{suffix}); delete {folder} and run "
+                "crop_datasets.py again")
+        missing = sorted(expected - found)
         if missing:
             raise SmoosegError(f"cropped set {folder / sub / split} lacks crop {missing[0]}{suffix} after "
-                               "writing; is another crop_datasets.py run deleting files? run it again")
+                               "writing; is another program deleting files? run crop_datasets.py again")
     record = read_crop_record(folder) or {**settings, "splits": {}}
-    record["splits"][split] = {"source_images": int(n_images), "crops": expected}
+    record["splits"][split] = {"source_images": len(listing), "crops": len(expected), "items": listing}
     write_json(record, folder / CROP_RECORD)
 
 
@@ -177,23 +240,10 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0,
-                 jpeg_quality=JPEG_QUALITY, progress=True):
-    """Write all crops of ``dataset`` under ``folder``, then its completion record; returns
-    ``dict(written=, images=)``."""
-    if crop_type not in CROP_TYPES:
-        raise SmoosegError(f"unknown crop type '{crop_type}'; use one of {', '.join(CROP_TYPES)}")
-    if not 0 < float(ratio) <= 1:
-        raise SmoosegError(f"crop_ratio={ratio} must be in (0, 1], e.g. crop_ratio=0.5")
-    folder = Path(folder)
-    if folder.exists():
-        remove_stale_temps(folder)
-    settings = record_settings(crop_type, ratio, seed, jpeg_quality)
-    begin_record(folder, split, settings)
-    job = dict(dataset=dataset, folder=folder, split=split, crop_type=crop_type,
-               ratio=float(ratio), seed=int(seed), jpeg_quality=int(jpeg_quality))
-    bar = tqdm(total=len(dataset), desc=f"{folder.name}/{split}", unit="img", disable=not progress)
+def _write_all(dataset, job, num_workers, progress):
     written = 0
+    bar = tqdm(total=len(dataset), desc=f"{job['folder'].name}/{job['split']}", unit="img",
+               disable=not progress)
     with bar:
         if num_workers and num_workers > 0:
             with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
@@ -205,7 +255,27 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
             for index in range(len(dataset)):
                 written += _work(index)
                 bar.update()
-    finish_record(folder, split, len(dataset), settings)
+    return written
+
+
+def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0,
+                 jpeg_quality=JPEG_QUALITY, progress=True):
+    """Write all crops of ``dataset`` under ``folder``, then its completion record; returns
+    ``dict(written=, images=)``."""
+    if crop_type not in CROP_TYPES:
+        raise _unknown_crop_type(crop_type)
+    if not 0 < float(ratio) <= 1:
+        raise SmoosegError(f"crop_ratio={ratio} must be in (0, 1], e.g. crop_ratio=0.5")
+    folder = Path(folder)
+    listing = source_listing(dataset.entries)
+    settings = record_settings(crop_type, ratio, seed, jpeg_quality)
+    with set_lock(folder):
+        remove_stale_temps(folder)
+        begin_record(folder, split, settings, listing)
+        job = dict(dataset=dataset, folder=folder, split=split, crop_type=crop_type,
+                   ratio=float(ratio), seed=int(seed), jpeg_quality=int(jpeg_quality))
+        written = _write_all(dataset, job, num_workers, progress)
+        finish_record(folder, split, listing, settings)
     return {"written": written, "images": len(dataset)}
 
 
@@ -215,16 +285,21 @@ def crop_datasets(data_dir, datasets, splits, crop_types, ratio, seed=0, num_wor
 
     Every data set is opened (and so checked) before the first crop is written.
     """
-    summary = {}
-    if "directory" in datasets:
-        n_classes_of("directory", n_classes, key="dir_dataset_n_classes")
-    opened = [(name, split, build_dataset(name, data_dir, split, res=None, crop="none",
-                                          n_classes=n_classes if name == "directory" else None,
+    for crop_type in crop_types:
+        if crop_type not in CROP_TYPES:
+            raise _unknown_crop_type(crop_type)
+    specs = [dataset_spec(name) for name in datasets]
+    for spec in specs:
+        if spec.n_classes is None:
+            n_classes_of(spec.name, n_classes, key="dir_dataset_n_classes")
+    opened = [(spec, split, build_dataset(spec.name, data_dir, split, res=None, crop="none",
+                                          n_classes=n_classes if spec.n_classes is None else None,
                                           seed=seed, dir_name=dir_name))
-              for name in datasets for split in splits]
-    for name, split, dataset in opened:
+              for spec in specs for split in splits]
+    summary = {}
+    for spec, split, dataset in opened:
         for crop_type in crop_types:
-            folder = crop_folder(data_dir, dataset_key(name, dir_name), crop_type, ratio)
+            folder = crop_folder(data_dir, dataset_key(spec.name, dir_name), crop_type, ratio)
             result = crop_dataset(dataset, folder, split, crop_type, ratio, seed,
                                   num_workers, jpeg_quality, progress)
             summary[f"{folder.name}/{split}"] = result

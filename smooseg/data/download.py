@@ -14,6 +14,7 @@ import http.client
 import os
 import re
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.request
@@ -23,25 +24,32 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from smooseg.data.registry import archive_specs, find_spec
 from smooseg.errors import SmoosegError
 
-ARCHIVES = {"cocostuff": "cocostuff.zip", "cityscapes": "cityscapes.zip",
-            "potsdam": "potsdam.zip", "potsdamraw": "potsdamraw.zip"}
+ARCHIVE_SUFFIX = ".zip"
 OFFICIAL_SOURCES = ("Cityscapes https://www.cityscapes-dataset.com, COCO-Stuff "
                     "https://github.com/nightrome/cocostuff, ISPRS Potsdam "
                     "https://www.isprs.org/education/benchmarks/UrbanSemLab/"
                     "2d-sem-label-potsdam.aspx")
-_READER_OF = {"cocostuff": "cocostuff27", "cityscapes": "cityscapes", "potsdam": "potsdam"}
 CHUNK = 1 << 20
 
 
+def archives():
+    """``{archive stem: data set spec}``: what each data set's spec says the release hosts."""
+    return archive_specs()
+
+
+def archive_file(stem):
+    """File name of a hosted archive."""
+    return f"{stem}{ARCHIVE_SUFFIX}"
+
+
 def _layout_hint(name):
-    reader = _READER_OF.get(name)
-    if reader is None:
+    spec = archives().get(name)
+    if spec is None:
         return "the layouts in README 'Data sets'"
-    # Imported here so that downloading never pays for importing torch.
-    from smooseg.data.datasets import EXPECTED_LAYOUT
-    return f"README 'Data sets' ({EXPECTED_LAYOUT[reader]})"
+    return f"README 'Data sets' ({spec.layout})"
 
 
 def _host_error(url, reason, name=None):
@@ -172,12 +180,49 @@ def _inside(root, member):
     return member and not os.path.isabs(member) and (target == root or root in target.parents)
 
 
-def _refuse_unsafe_members(archive, root, names):
-    """SmoosegError for the first member name that would land outside ``root``."""
-    for name in names:
+def _unsafe(archive, name, why):
+    return SmoosegError(f"archive {archive} has unsafe member {name!r} ({why}); refusing to extract: "
+                        "get the archive from a trusted source")
+
+
+def _refuse_unsafe_members(archive, root, members):
+    """SmoosegError for the first member that would land outside ``root``, is a link or device,
+    or clashes with another member (a file where another member needs a folder, or twice)."""
+    kinds = {}
+    for name, kind in members:
         if not _inside(root, name):
-            raise SmoosegError(f"archive {archive} has unsafe member {name!r}"
-                               f" (outside the target folder); refusing to extract")
+            raise _unsafe(archive, name, "outside the target folder")
+        if kind == "link":
+            raise _unsafe(archive, name, "a link, which could point outside the target folder")
+        if kind == "other":
+            raise _unsafe(archive, name, "a device or pipe, not a file or folder")
+        path = name.rstrip("/")
+        if kinds.get(path, kind) != kind or (kind == "file" and path in kinds):
+            raise _unsafe(archive, name, f"it clashes with another member of the same path {path!r}")
+        kinds[path] = kind
+    for path, kind in kinds.items():
+        parent = os.path.dirname(path)
+        while parent:
+            if kinds.get(parent) == "file":
+                raise _unsafe(archive, path, f"it needs the folder {parent!r}, which the archive also "
+                                             "holds as a file")
+            parent = os.path.dirname(parent)
+
+
+def _zip_members(zf):
+    for info in zf.infolist():
+        mode = info.external_attr >> 16     # Unix mode bits, when the archiver stored them
+        file_type = stat.S_IFMT(mode)
+        kind = ("link" if stat.S_ISLNK(mode) else "dir" if info.is_dir()
+                else "other" if file_type and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else "file")
+        yield info.filename, kind
+
+
+def _tar_members(tf):
+    for member in tf.getmembers():
+        kind = ("link" if member.issym() or member.islnk() else "dir" if member.isdir()
+                else "file" if member.isfile() else "other")
+        yield member.name, kind
 
 
 def extract(archive, dest_dir):
@@ -188,11 +233,11 @@ def extract(archive, dest_dir):
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                _refuse_unsafe_members(archive, root, zf.namelist())
+                _refuse_unsafe_members(archive, root, list(_zip_members(zf)))
                 zf.extractall(dest)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                _refuse_unsafe_members(archive, root, tf.getnames())
+                _refuse_unsafe_members(archive, root, list(_tar_members(tf)))
                 tf.extractall(dest, filter="data")
         else:
             raise SmoosegError(f"{archive} is not a zip or tar archive; delete it and download "
@@ -213,19 +258,30 @@ def _place(staging, target):
         os.replace(staging, target)
 
 
+def archive_names(name):
+    """The archive stems ``download_datasets.py datasets=[name]`` fetches: ``name`` itself when it
+    is an archive, else every archive of the data set spec of that name."""
+    if name in archives():
+        return [name]
+    spec = find_spec(name)
+    if spec is not None and spec.archives:
+        return list(spec.archives)
+    raise SmoosegError(f"unknown data set '{name}' to download; choose from {', '.join(archives())}")
+
+
 def fetch_dataset(name, data_dir, base_url, keep_archive=False, size=None, sha256=None,
                   progress=True, timeout=60.0):
     """Download and extract one published archive; returns ``"present"`` or ``"installed"``."""
-    if name not in ARCHIVES:
+    if name not in archives():
         raise SmoosegError(f"unknown data set '{name}' to download; choose from "
-                           f"{', '.join(ARCHIVES)}")
+                           f"{', '.join(archives())}")
     data_dir = Path(data_dir)
     target = data_dir / name
     if target.exists():
         return "present"
-    archive = data_dir / ARCHIVES[name]
+    archive = data_dir / archive_file(name)
     if not archive.exists():
-        url = str(base_url).rstrip("/") + "/" + ARCHIVES[name]
+        url = str(base_url).rstrip("/") + "/" + archive_file(name)
         download(url, archive, size, sha256, progress, timeout, name)
     staging = data_dir / f".{name}.extracting"
     if staging.exists():
@@ -243,8 +299,9 @@ def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None,
     if base_url in (None, "", "???"):
         raise SmoosegError("base_url is not set; pass base_url=<URL of the folder holding "
                            "cityscapes.zip, cocostuff.zip, ...>")
+    stems = list(dict.fromkeys(stem for name in names for stem in archive_names(name)))
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     sizes, checksums = dict(sizes or {}), dict(checksums or {})
     return {name: fetch_dataset(name, data_dir, base_url, keep_archive, sizes.get(name),
                                 checksums.get(name), progress, timeout)
-            for name in names}
+            for name in stems}

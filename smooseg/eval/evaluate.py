@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from smooseg import settings
 from smooseg.data.datasets import DatasetInfo, build_dataset
+from smooseg.data.registry import dataset_spec, find_spec
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
@@ -166,10 +167,10 @@ def eval_dataset(cfg, data: DatasetInfo):
         check_dataset_matches(cfg.dataset, data)
     else:
         name, dir_name = data.name, data.dir_name
-    res = cfg.eval_res or data.eval_res or (224 if name == "potsdam" else 320)
+    res = cfg.eval_res or data.eval_res or dataset_spec(name).eval_res
     dataset = build_dataset(name, cfg.data_dir, cfg.split, int(res), crop="center",
                             image_interp=cfg.image_interp or data.image_interp,
-                            n_classes=data.n_classes if name == "directory" else None,
+                            n_classes=data.n_classes if dataset_spec(name).n_classes is None else None,
                             dir_name=dir_name)
     if dataset.n_classes != data.n_classes:
         raise SmoosegError(f"dataset={name} has {dataset.n_classes} classes but the checkpoint was "
@@ -188,7 +189,8 @@ def check_dataset_matches(dataset, data: DatasetInfo):
                            f"{data.n_classes} classes ({data.name}); pass dataset.n_classes={data.n_classes} "
                            "or evaluate a checkpoint trained for these classes")
     name = dataset.name
-    if "directory" not in (name, data.name) and name != data.name:
+    specs = (find_spec(name), find_spec(data.name))
+    if specs[0] is not specs[1] and all(spec is not None and spec.n_classes for spec in specs):
         raise SmoosegError(f"dataset={name} contradicts the checkpoint, trained on {data.name} (other "
                            f"classes); pass dataset={data.name}, or leave dataset unset to use the "
                            "checkpoint's data set")

@@ -28,7 +28,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.model.backbone import DEFAULT_FIT
 from smooseg.model.losses import LossConfig
@@ -96,10 +95,6 @@ def _cfg_get(cfg, key, default):
     return default if value is None else value
 
 
-def _default_eval_res(dataset_name):
-    return 224 if str(dataset_name).startswith("potsdam") else 320
-
-
 def reference_hparams(hyper_parameters, path):
     """Grouped hyper-parameters from a reference checkpoint's ``n_classes`` and training ``cfg``."""
     cfg = hyper_parameters.get("cfg")
@@ -124,13 +119,23 @@ def reference_hparams(hyper_parameters, path):
         pos_intra_shift=float(_cfg_get(cfg, "pos_intra_shift", -0.02)),
         neg_inter_shift=float(_cfg_get(cfg, "neg_inter_shift", 0.5)),
         pointwise=bool(_cfg_get(cfg, "pointwise", True)),
-        lr1=float(_cfg_get(cfg, "lr1", 1e-4)), lr2=float(_cfg_get(cfg, "lr2", 5e-4)),
-        eval_res=_default_eval_res(dataset_name)))
+        lr1=float(_cfg_get(cfg, "lr1", 1e-4)), lr2=float(_cfg_get(cfg, "lr2", 5e-4))))
+
+
+def data_fields(flat):
+    """The ``data`` group: the data set's name, class count and names, folder, ``eval_res`` and image
+    interpolation as plain values (None: the data set's own, filled in by
+    :class:`smooseg.data.info.DatasetInfo` when the checkpoint is used)."""
+    names = flat.get("class_names")
+    return {"n_classes": int(flat["n_classes"]), "name": flat.get("dataset_name", "directory"),
+            "class_names": None if names is None else list(names), "dir_name": flat.get("dir_name"),
+            "eval_res": flat.get("eval_res"), "image_interp": flat.get("image_interp", "nearest")}
 
 
 def grouped_from_flat(flat):
     """Grouped hyper-parameters from flat ones (this package's earlier layout: the keyword names of
-    NetConfig, DatasetInfo (``dataset_name``), LossConfig, OptimConfig and the module's own)."""
+    NetConfig, the data set's fields (``dataset_name``, :func:`data_fields`), LossConfig, OptimConfig
+    and the module's own)."""
     get = flat.get
     n_classes = int(flat["n_classes"])
     return {
@@ -141,9 +146,7 @@ def grouped_from_flat(flat):
             feat_type=get("feat_type", "feat"), fit=get("fit", "error"), dim=int(get("dim", 64)),
             projection_type=get("projection_type", "nonlinear"), dropout=bool(get("dropout", True)),
             linear_probe_classes=n_classes if get("linear_probe") else None).to_dict(),
-        "data": DatasetInfo(n_classes, name=get("dataset_name", "directory"), class_names=get("class_names"),
-                            dir_name=get("dir_name"), eval_res=get("eval_res"),
-                            image_interp=get("image_interp", "nearest")).to_dict(),
+        "data": data_fields(flat),
         "loss": {f.name: flat[f.name] for f in dataclasses.fields(LossConfig) if f.name in flat},
         "optim": {k: flat[k] for k in ("lr1", "lr2", "linear_lr") if k in flat},
         "metrics": {"mask_extra_clusters": bool(get("mask_extra_clusters", False))},

@@ -7,7 +7,6 @@ Potsdam's ``labelled_train.txt``; docs/method.md section 7) and validates on cen
 """
 
 import math
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -15,9 +14,10 @@ from omegaconf import OmegaConf
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from smooseg.data.datasets import CroppedDataset, build_dataset
-from smooseg.data.datasets import crop_command as data_crop_command
-from smooseg.data.datasets import crop_dir_name, crop_set_error, dataset_key
+from smooseg.data.cropped import CroppedDataset, crop_folder, crop_set_error
+from smooseg.data.cropped import crop_command as data_crop_command
+from smooseg.data.datasets import build_dataset, check_crop_source, dataset_key, dataset_spec
+from smooseg.data.registry import dataset_names
 from smooseg.errors import SmoosegError
 from smooseg.runtime import uses_cuda
 from smooseg.train.feature_cache import check_deterministic, open_or_build
@@ -25,8 +25,9 @@ from smooseg.train.feature_cache import check_deterministic, open_or_build
 
 def crop_command(cfg, source):
     """The ``crop_datasets.py`` command that writes the cropped training set ``source`` of ``cfg``."""
-    return data_crop_command(cfg.data_dir, cfg.dataset.name, source["crop_type"], source["ratio"],
-                             dir_name=cfg.dataset.get("dir_name"), n_classes=cfg.dataset.get("n_classes"))
+    count = cfg.dataset.get("n_classes") or cfg.dataset.get("n_clusters")
+    return data_crop_command(cfg.data_dir, dataset_spec(cfg.dataset.name), source["crop_type"],
+                             source["ratio"], dir_name=cfg.dataset.get("dir_name"), n_classes=count)
 
 
 def train_crop_source(cfg):
@@ -40,8 +41,9 @@ def train_crop_source(cfg):
     if source is None:
         return None
     source = OmegaConf.to_container(source, resolve=True)
-    folder = Path(cfg.data_dir) / "cropped" / crop_dir_name(
-        dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")), source["crop_type"], source["ratio"])
+    check_crop_source(source)
+    folder = crop_folder(cfg.data_dir, dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")),
+                         source["crop_type"], source["ratio"])
     if not folder.is_dir():
         raise crop_set_error(folder, "does not exist", crop_command(cfg, source), verb="write")
     return source
@@ -50,10 +52,12 @@ def train_crop_source(cfg):
 def train_split(cfg):
     """The training split: Potsdam adds its unlabelled tiles only with ``dataset.train_unlabelled``."""
     if cfg.dataset.get("train_unlabelled", False):
-        if cfg.dataset.name != "potsdam":
-            raise SmoosegError(f"dataset.train_unlabelled=true is for potsdam only, not {cfg.dataset.name}; "
-                               "remove it")
-        return "train+unlabelled"
+        split = dataset_spec(cfg.dataset.name).train_unlabelled_split
+        if split is None:
+            able = [n for n in dataset_names() if dataset_spec(n).train_unlabelled_split]
+            raise SmoosegError(f"dataset.train_unlabelled=true is for {', '.join(able)} only, not "
+                               f"{cfg.dataset.name}; remove it")
+        return split
     return "train"
 
 
@@ -61,7 +65,8 @@ def build_datasets(cfg):
     """(train set, validation set); validation uses centre crops at ``val_res`` (the training
     resolution unless set, as the reference validates)."""
     common = dict(name=cfg.dataset.name, data_dir=cfg.data_dir, image_interp=cfg.dataset.image_interp,
-                  n_classes=cfg.dataset.get("n_classes"), dir_name=cfg.dataset.get("dir_name"),
+                  n_classes=cfg.dataset.get("n_classes"), n_clusters=cfg.dataset.get("n_clusters"),
+                  dir_name=cfg.dataset.get("dir_name"),
                   seed=int(cfg.seed))
     train_set = build_dataset(split=train_split(cfg), res=int(cfg.res), crop=cfg.dataset.train_crop,
                               crop_source=train_crop_source(cfg), **common)

@@ -40,7 +40,8 @@ PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ende
 def dataset_info(cfg):
     """The :class:`DatasetInfo` of the configured data set (classes, how it is read and evaluated)."""
     dataset = cfg.dataset
-    return DatasetInfo(n_classes_of(dataset.name, dataset.get("n_classes")), name=dataset.name,
+    n_classes = n_classes_of(dataset.name, dataset.get("n_classes"), n_clusters=dataset.get("n_clusters"))
+    return DatasetInfo(n_classes, name=dataset.name,
                        dir_name=dataset.get("dir_name"), eval_res=int(cfg.eval_res),
                        image_interp=dataset.image_interp)
 

@@ -1,0 +1,1 @@
+"""One module per data set, each declaring its ``DATASET_SPEC`` (see :mod:`smooseg.data.registry`)."""
