@@ -329,12 +329,22 @@ def sweep_problem(config):
         if (o.is_sweep_override() and not (o.is_add() or o.is_force_add() or o.is_delete())
                 and o.key_or_group not in choices and _lookup(tree, o.key_or_group) is _MISSING):
             return unknown_key_message(o.key_or_group, o.input_line.split("=", 1)[1], tree)
-    if "ddp" in str(OmegaConf.select(config, "trainer.strategy", default="")):
+    if "ddp" in str(OmegaConf.select(config, "trainer.strategy", default="")) and not slurm_tasks(config):
         return ("a multirun (-m) cannot train with DDP (trainer.strategy=ddp): Lightning starts each further "
                 "process by running the command line again, -m included; train the seeds as separate runs "
                 "(seed=<s> output_dir=<folder>/<s>) and summarise them with eval_segmentation.py "
                 "model_paths='<folder>/*/checkpoints/best-*.ckpt'")
     return None
+
+
+def slurm_tasks(config):
+    """Whether the multirun ``config`` submits SLURM jobs (submitit) whose processes SLURM starts
+    (``hydra.launcher.tasks_per_node`` > 1), so that DDP needs no second command line."""
+    from omegaconf import OmegaConf
+
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    return launcher.endswith("SlurmLauncher") and int(OmegaConf.select(
+        config, "hydra.launcher.tasks_per_node", default=1) or 1) > 1
 
 
 class CheckSweep(Callback):

@@ -28,10 +28,10 @@ EXAMPLES = (
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 @report_errors
 def task(cfg):
-    from smooseg.sweep import job_output_dir
+    from smooseg.sweep import job_output_dir, resume_if_requeued
     from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
-    return train(job_output_dir(cfg))
+    return train(resume_if_requeued(job_output_dir(cfg)))
 
 
 def main():
