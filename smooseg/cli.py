@@ -149,8 +149,8 @@ REFERENCE_RENAMED = {
 REFERENCE_WITHOUT_COUNTERPART = {
     "experiment_name": "a run is named by its folder, output_dir",
     "full_name": "a run is named by its folder, output_dir",
-    "log_dir": "TensorBoard logs go to <output_dir>/tensorboard",
-    "azureml_logging": "only TensorBoard logging is built in: logger=tensorboard or logger=none",
+    "log_dir": "logs go to <output_dir>/<logger> (logger=tensorboard: <output_dir>/tensorboard)",
+    "azureml_logging": "the loggers are logger=tensorboard | csv | wandb | mlflow | none",
     "n_feats": "the feature size is derived from the backbone: model.arch and model.model_type",
     "run_picie": "the PiCIE baseline is not part of this package",
     "run_prediction": "predictions are always computed (n_images saves pictures of them)",

@@ -50,3 +50,14 @@ def test_help_does_not_run_or_write_anything(tmp_path):
 def test_hydra_help_is_still_hydras():
     proc = run_script("eval_segmentation.py", "--hydra-help")
     assert "Hydra (" in proc.stdout
+
+
+def test_help_bench_times_every_program(tmp_path):
+    """The benchmark line runs (no time is asserted here: benchmarks/help_bench.py reports it)."""
+    import json
+
+    from benchmarks import help_bench
+
+    results = help_bench.main(["--repeats", "1", "--json", str(tmp_path / "help.json")])
+    assert set(results) == set(SCRIPTS) and all(seconds > 0 for seconds in results.values())
+    assert json.loads((tmp_path / "help.json").read_text())["help_seconds"] == pytest.approx(results)
