@@ -92,3 +92,11 @@ def test_logger_mlflow_file_store_records_params_and_headline(synthetic_data, tm
     last = (run / "metrics" / "final_eval" / "mIoU").read_text().split()
     assert float(last[1]) == pytest.approx(headline(out)[0])
     assert f"logger: MLflow run {run.name}" in proc.stdout
+
+
+def test_missing_optional_logger_names_the_extra(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SmoosegError, match=r"logger=wandb needs the wandb package; pip install 'smooseg\[wandb\]'"):
+        build_logger("wandb", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

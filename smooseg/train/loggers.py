@@ -10,7 +10,6 @@ from smooseg.errors import SmoosegError
 
 LOGGER_TYPES = ("tensorboard", "csv", "wandb", "mlflow", "none")
 DEFAULT_PROJECT = "smooseg"  # W&B project / MLflow experiment when logger.project is null
-EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # the pip extra that brings each optional logger
 
 
 def build_logger(type, output_dir, project=None, entity=None, name=None, tags=(), tracking_uri=None):
@@ -55,11 +54,12 @@ def build_logger(type, output_dir, project=None, entity=None, name=None, tags=()
 
 
 def _require(type):
-    """Stop with one line when the optional package of logger ``type`` is not installed."""
+    """Stop with one line when the optional package of logger ``type`` (wandb, mlflow: also the
+    name of the pip extra that brings it) is not installed."""
     import importlib.util
 
     if importlib.util.find_spec(type) is None:
-        raise SmoosegError(f"logger={type} needs the {type} package; pip install 'smooseg[{EXTRAS[type]}]' "
+        raise SmoosegError(f"logger={type} needs the {type} package; pip install 'smooseg[{type}]' "
                            "or choose logger=tensorboard or logger=csv")
 
 
