@@ -19,9 +19,10 @@ from smooseg.cli import report_errors
 from smooseg.commands.launch import CONFIG_DIR, launch
 
 EXAMPLES = (
-    "smooseg-train experiment=demo data_dir=data",
-    "smooseg-train experiment=cityscapes_vits8 data_dir=/data trainer=gpu logger=wandb",
-    "smooseg-train -m experiment=cityscapes_vits8 data_dir=/data seed=0,1,2 output_dir=runs/cs",
+    "smooseg-train experiment=cityscapes_vits8 data_dir=/data trainer=gpu",
+    "smooseg-train experiment=cocostuff27_vits8 data_dir=/data logger=wandb logger.project=my-project",
+    "smooseg-train -m experiment=cityscapes_vits8 data_dir=/data output_dir=runs/cs seed=0,1,2 "
+    "hydra/launcher=submitit_slurm hydra.launcher.partition=gpu",
 )
 
 
