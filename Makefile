@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_bench
 	$(PY) -m benchmarks.eval_bench
 	$(PY) -m benchmarks.crf_bench
+	$(PY) -m benchmarks.help_bench
 
 # The GPU check's dry run on this machine (tiny sizes on the CPU, no GPU number); on a GPU machine:
 # bash benchmarks/gpu_check.sh OUTPUT_DIR (benchmarks/README.md).

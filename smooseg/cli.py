@@ -149,8 +149,8 @@ REFERENCE_RENAMED = {
 REFERENCE_WITHOUT_COUNTERPART = {
     "experiment_name": "a run is named by its folder, output_dir",
     "full_name": "a run is named by its folder, output_dir",
-    "log_dir": "TensorBoard logs go to <output_dir>/tensorboard",
-    "azureml_logging": "only TensorBoard logging is built in: logger=tensorboard or logger=none",
+    "log_dir": "logs go to <output_dir>/<logger> (logger=tensorboard: <output_dir>/tensorboard)",
+    "azureml_logging": "the loggers are logger=tensorboard | csv | wandb | mlflow | none",
     "n_feats": "the feature size is derived from the backbone: model.arch and model.model_type",
     "run_picie": "the PiCIE baseline is not part of this package",
     "run_prediction": "predictions are always computed (n_images saves pictures of them)",
@@ -329,12 +329,22 @@ def sweep_problem(config):
         if (o.is_sweep_override() and not (o.is_add() or o.is_force_add() or o.is_delete())
                 and o.key_or_group not in choices and _lookup(tree, o.key_or_group) is _MISSING):
             return unknown_key_message(o.key_or_group, o.input_line.split("=", 1)[1], tree)
-    if "ddp" in str(OmegaConf.select(config, "trainer.strategy", default="")):
+    if "ddp" in str(OmegaConf.select(config, "trainer.strategy", default="")) and not slurm_tasks(config):
         return ("a multirun (-m) cannot train with DDP (trainer.strategy=ddp): Lightning starts each further "
                 "process by running the command line again, -m included; train the seeds as separate runs "
                 "(seed=<s> output_dir=<folder>/<s>) and summarise them with eval_segmentation.py "
                 "model_paths='<folder>/*/checkpoints/best-*.ckpt'")
     return None
+
+
+def slurm_tasks(config):
+    """Whether the multirun ``config`` submits SLURM jobs (submitit) whose processes SLURM starts
+    (``hydra.launcher.tasks_per_node`` > 1), so that DDP needs no second command line."""
+    from omegaconf import OmegaConf
+
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    return launcher.endswith("SlurmLauncher") and int(OmegaConf.select(
+        config, "hydra.launcher.tasks_per_node", default=1) or 1) > 1
 
 
 class CheckSweep(Callback):

@@ -7,6 +7,7 @@ share a folder); :class:`SweepSummary` writes ``<output_dir>/summary.json``.
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def job_output_dir(cfg):
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.output_dir = str(HydraConfig.get().runtime.output_dir)
+    return cfg
+
+
+def resume_if_requeued(cfg, environ=None):
+    """A SLURM job started again after preemption or its time limit (``SLURM_RESTART_COUNT`` > 0,
+    as after ``scontrol requeue``, which the submitit launcher does) continues from
+    ``<output_dir>/checkpoints/last.ckpt`` when it was started without ``ckpt_path`` and that file
+    exists; otherwise ``cfg`` is left as it is. Returns ``cfg``."""
+    environ = os.environ if environ is None else environ
+    last = Path(str(cfg.output_dir)) / "checkpoints" / "last.ckpt"
+    if int(environ.get("SLURM_RESTART_COUNT") or 0) > 0 and cfg.ckpt_path is None and last.is_file():
+        print(f"requeued SLURM job (restart {environ['SLURM_RESTART_COUNT']}): continuing from {last}")
+        cfg.ckpt_path = "last"
     return cfg
 
 

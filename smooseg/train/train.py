@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from smooseg import settings
@@ -28,6 +27,7 @@ from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.runtime import check_accelerator, resolve_precision
 from smooseg.settings import check_settings
+from smooseg.train import loggers
 from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
                                      last_good_checkpoint)
 from smooseg.train.datamodule import build_datamodule
@@ -101,14 +101,11 @@ def backbone_precision(cfg):
 
 
 def build_logger(cfg):
-    """TensorBoard under ``<output_dir>/tensorboard`` or no logger (``logger=none``)."""
-    kind = cfg.logger.type
-    if kind == "none":
-        return False
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=cfg.output_dir, name="tensorboard", version="",
-                                 default_hp_metric=False)
-    raise SmoosegError(f"logger.type={kind} is unknown; use logger=tensorboard or logger=none")
+    """The ``logger`` section's logger (:func:`smooseg.train.loggers.build_logger`)."""
+    section = cfg.logger
+    return loggers.build_logger(section.type, cfg.output_dir, project=section.get("project"),
+                                entity=section.get("entity"), name=section.get("name"),
+                                tags=list(section.get("tags") or ()), tracking_uri=section.get("tracking_uri"))
 
 
 def build_trainer(cfg, callbacks=(), labelled_val=True):
@@ -300,6 +297,7 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
     """The part of :func:`train` that runs with ``output_dir`` claimed."""
     if trainer.is_global_zero:
         save_config(cfg)
+        loggers.log_run(trainer.logger, cfg.output_dir, OmegaConf.to_container(cfg, resolve=True))
         print_data_sizes(datamodule)
         if not labelled_val:
             print("no best checkpoint: the validation images have no labels, so there is no validation "
@@ -337,4 +335,5 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
         print(f"last checkpoint: {result['last']}")
         result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
                                                 trainer.strategy.root_device, datamodule.val_set)
+        loggers.log_final_eval(trainer.logger, result["final_eval"], trainer.global_step)
     return result
