@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, check_output_dir
-from smooseg.model.backbone import POS_EMBED_RESAMPLING, frozen_features
+from smooseg.model.backbone import frozen_features
 
 CACHE_VERSION = 3  # 3: meta.json holds the files digest
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -51,9 +51,12 @@ def check_deterministic(crop):
 
 
 def weights_digest(backbone):
-    """sha256 over the backbone state dict: names, dtypes, shapes and the bytes of every tensor."""
+    """sha256 over the backbone state dict and its non-persistent buffers (DINOv3's RoPE periods,
+    an input re-normalisation): names, dtypes, shapes and the bytes of every tensor."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
+    tensors = dict(backbone.named_buffers())
+    tensors.update(backbone.state_dict())
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(tensor.view(torch.uint8).numpy()))
@@ -71,7 +74,7 @@ def cache_fields(dataset_name, split, res, crop, image_interp, crop_source, back
         "res": None if res is None else int(res), "crop": str(crop), "image_interp": str(image_interp),
         "crop_source": None if crop_source is None else {k: crop_source[k] for k in sorted(crop_source)},
         "arch": backbone.arch, "model_type": backbone.model_type, "patch_size": int(backbone.patch_size),
-        "feat_type": backbone.feat_type, "fit": backbone.fit, "pos_embed": POS_EMBED_RESAMPLING,
+        "feat_type": backbone.feat_type, "fit": backbone.fit, "pos_embed": backbone.pos_embed_policy,
         "weights": weights_digest(backbone),
         "dtype": dtype,
     }
