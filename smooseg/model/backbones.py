@@ -157,12 +157,15 @@ def backbone_spec(arch, model_type, patch_size) -> BackboneSpec:
 
 # ---- converters: official key layout -> timm's ----
 
-def _check_patch_embed(state_dict, model):
-    """timm's filters would silently resample a patch projection of another shape: refuse it
-    (the strict shape check names it)."""
-    key = "patch_embed.proj.weight"
-    expected = model.state_dict().get(key)
-    return key not in state_dict or expected is None or state_dict[key].shape == expected.shape
+def _filtered(timm_filter, state_dict, model):
+    """``timm_filter`` without its silent resampling of a patch projection of another shape:
+    the file's projection is passed through as it is, for the strict shape check to name."""
+    state_dict = dict(state_dict)
+    proj = state_dict.pop("patch_embed.proj.weight", None)
+    out = timm_filter(state_dict, model)
+    if proj is not None:
+        out["patch_embed.proj.weight"] = proj
+    return out
 
 
 def convert_identity(state_dict, model):
@@ -175,12 +178,12 @@ def convert_dinov2(state_dict, model):
     ``fc1``/``fc2``, and for registers ``register_tokens`` -> ``reg_token`` with the class
     position folded into ``cls_token`` (timm's filter).  A file whose position grid or patch
     projection does not fit the model is passed on unconverted, for the strict check to name."""
-    if "mask_token" not in state_dict or not _check_patch_embed(state_dict, model):
+    if "mask_token" not in state_dict:
         return dict(state_dict)
     expected = model.state_dict()["pos_embed"].shape[1] + (1 if "register_tokens" in state_dict else 0)
     if "pos_embed" in state_dict and state_dict["pos_embed"].shape[1] != expected:
         return dict(state_dict)
-    return vit_filter(dict(state_dict), model)
+    return _filtered(vit_filter, state_dict, model)
 
 
 def _check_k_bias_mask(state_dict):
@@ -200,11 +203,11 @@ def convert_dinov3(state_dict, model):
     ``gamma_1/2``, q / v biases split out of ``qkv.bias``, SwiGLU ``w1/w2/w3`` renamed; the k
     bias, ``bias_mask``, ``mask_token`` and ``local_cls_norm`` dropped) plus the file's RoPE
     ``periods`` kept as ``rope.periods`` (stored rounded to bf16; timm would regenerate them)."""
-    if "storage_tokens" not in state_dict or not _check_patch_embed(state_dict, model):
+    if "storage_tokens" not in state_dict:
         return dict(state_dict)
     _check_k_bias_mask(state_dict)
     periods = state_dict.get("rope_embed.periods")
-    out = eva_filter(dict(state_dict), model)
+    out = _filtered(eva_filter, state_dict, model)
     if periods is not None:
         out["rope.periods"] = periods
     return out
