@@ -176,14 +176,20 @@ def convert_identity(state_dict, model):
 def convert_dinov2(state_dict, model):
     """DINOv2 (with or without registers): ``mask_token`` dropped, SwiGLU ``w12``/``w3`` ->
     ``fc1``/``fc2``, and for registers ``register_tokens`` -> ``reg_token`` with the class
-    position folded into ``cls_token`` (timm's filter).  A file whose position grid or patch
-    projection does not fit the model is passed on unconverted, for the strict check to name."""
+    position folded into ``cls_token`` (timm's filter)."""
     if "mask_token" not in state_dict:
         return dict(state_dict)
-    expected = model.state_dict()["pos_embed"].shape[1] + (1 if "register_tokens" in state_dict else 0)
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape[1] != expected:
-        return dict(state_dict)
-    return _filtered(vit_filter, state_dict, model)
+    state_dict = dict(state_dict)
+    pos = state_dict.get("pos_embed")
+    positions = model.pos_embed.shape[1] + (1 if "register_tokens" in state_dict else 0)
+    if pos is None or pos.shape[1] == positions:
+        return _filtered(vit_filter, state_dict, model)
+    # another position grid: converted around a placeholder, never resampled; the file's own
+    # tensor goes on to the strict shape check, which names it
+    state_dict["pos_embed"] = pos.new_zeros(1, positions, pos.shape[2])
+    out = _filtered(vit_filter, state_dict, model)
+    out["pos_embed"] = pos
+    return out
 
 
 def _check_k_bias_mask(state_dict):
