@@ -133,3 +133,17 @@ def test_new_families_train_and_evaluate_through_the_entry_points(preset, synthe
                "n_images=1", "batch_size=4", "num_workers=0", f"output_dir={tmp_path / 'eval'}", timeout=600)
     metrics = json.loads((tmp_path / "eval" / "last" / "metrics.json").read_text())
     assert 0 <= metrics["mIoU"] <= 100 and metrics["n_evaluated"] == 8
+
+
+def test_backbone_bench_runs(tmp_path, capsys):
+    from benchmarks import backbone_bench
+
+    out = tmp_path / "bench.json"
+    assert backbone_bench.main(["--depth", "1", "--repeats", "1", "--rows", "dinov3_vits16@32",
+                                "dinov2_reg_vits14@28", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backbone"], r["grid"]) for r in rows] == [("dinov3/vit_small/16", [2, 2]),
+                                                          ("dinov2_reg/vit_small/14", [2, 2])]
+    assert all(r["ms_per_image"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    assert "ms / image" in capsys.readouterr().out
+    assert backbone_bench.main(["--rows", "mae@224"]) == 2
