@@ -35,7 +35,8 @@ DEFAULT_ROWS = ("dino_vits8@224", "dinov3_vits16@224", "dinov3_vits16@448", "din
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.backbone_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.backbone_bench",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
                    help=f"NAME@SIZE rows; names: {', '.join(BACKBONES)}")
     p.add_argument("--batch", type=int, default=2, help="images per forward pass")
@@ -95,7 +96,8 @@ def run(args):
                 seconds, grid = time_row(backbone, img, args.warmup, args.repeats)
             peak = memory.peaks[f"{name}@{size}"]
             results["rows"].append({
-                "row": f"{name}@{size}", "backbone": backbone.spec.key, "timm_model": backbone.spec.timm_model,
+                "row": f"{name}@{size}", "backbone": backbone.spec.key,
+                "timm_model": backbone.spec.timm_model,
                 "size": size, "grid": list(grid), "n_feats": backbone.n_feats,
                 "ms_per_image": 1000 * seconds / args.batch, "peak_mem_mb": peak / 2**20,
                 "mem_growth_mb": (peak - before) / 2**20 if device.type == "cpu" else None,

@@ -70,7 +70,8 @@ def dinov3_official_state_dict(backbone, seed=0, swiglu=False, sat=False):
         key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma")
         key = key.replace("gamma_2", "ls2.gamma")
         if swiglu:
-            key = key.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2").replace("mlp.fc2", "mlp.w3")
+            for timm_key, official_key in (("fc1_g", "w1"), ("fc1_x", "w2"), ("fc2", "w3")):
+                key = key.replace(f"mlp.{timm_key}", f"mlp.{official_key}")
         official[key] = value
     for i in range(len(vit.blocks)):
         official[f"blocks.{i}.attn.qkv.bias"] = torch.randn(3 * dim, generator=g) * 0.5

@@ -10,8 +10,18 @@ from official_layouts import image, shallow_backbone
 from omegaconf import OmegaConf
 
 from smooseg.errors import SmoosegError
-from smooseg.model.backbones import (POS_ROPE, POS_SCALE_OFFSET, POS_SIZE_ANTIALIAS, BackboneSpec, Release,
-                                     backbone_spec, convert_identity, list_backbones, register, unregister)
+from smooseg.model.backbones import (
+    POS_ROPE,
+    POS_SCALE_OFFSET,
+    POS_SIZE_ANTIALIAS,
+    BackboneSpec,
+    Release,
+    backbone_spec,
+    convert_identity,
+    list_backbones,
+    register,
+    unregister,
+)
 from smooseg.model.weights import timm_name
 from smooseg.train import feature_cache as fc
 
@@ -30,7 +40,7 @@ def _presets():
 def test_every_backbone_has_a_preset_and_every_preset_a_backbone():
     presets = _presets()
     covered = set()
-    for name, cfg in presets.items():
+    for cfg in presets.values():
         spec = backbone_spec(cfg.arch, cfg.model_type, cfg.patch_size)
         assert spec.release(cfg.weights_data).data  # a valid release
         assert cfg.fit is None  # the spec's default: fit is declared once, in the spec
@@ -50,7 +60,8 @@ def test_spec_facts():
     fits = {a: backbone_spec(a, "vit_base", p).fit
             for a, p in (("dino", 16), ("dinov2", 14), ("dinov2_reg", 14), ("dinov3", 16))}
     assert fits == {"dino": "error", "dinov2": "resize", "dinov2_reg": "resize", "dinov3": "error"}
-    assert backbone_spec("dinov3", "vit_base", 16).gated and not backbone_spec("dinov2_reg", "vit_base", 14).gated
+    assert backbone_spec("dinov3", "vit_base", 16).gated
+    assert not backbone_spec("dinov2_reg", "vit_base", 14).gated
     with pytest.raises(SmoosegError, match=r"arch=dinov3 model_type=vit_giant.*dinov3/vit_huge_plus/16"):
         backbone_spec("dinov3", "vit_giant", 16)
     with pytest.raises(ValueError, match="already registered"):
@@ -65,7 +76,8 @@ def test_cache_key_differs_across_families_and_policies():
     fields = {key: fc.cache_fields("cityscapes", "train", 64, "center", "nearest", None, b)
               for key, b in backbones.items()}
     assert len({fc.cache_key(f) for f in fields.values()}) == 4
-    assert fields[("dino", "vit_small", 16)]["pos_embed"] == "official-bicubic-scale-factor-offset0.1"  # as before
+    # DINO's policy keeps its name, so caches built before the registry stay valid
+    assert fields[("dino", "vit_small", 16)]["pos_embed"] == "official-bicubic-scale-factor-offset0.1"
     assert fields[("dinov2_reg", "vit_small", 14)]["pos_embed"] == POS_SIZE_ANTIALIAS
     # the same weights under another position policy are another key
     reg = backbones[("dinov2_reg", "vit_small", 14)]
@@ -121,7 +133,8 @@ def test_recipe_register_a_backbone_then_train_and_evaluate(tiny_spec, synthetic
 @pytest.mark.parametrize("preset", ["dinov3_vits16", "dinov2_reg_vits14"])
 def test_new_families_train_and_evaluate_through_the_entry_points(preset, synthetic_data, tmp_path):
     """4 steps of training and an evaluation of the last checkpoint (random init, 64 px)."""
-    overrides = [o for o in TRAIN_OVERRIDES if not o.startswith(("model=", "max_steps", "val_check_interval"))]
+    dropped = ("model=", "max_steps", "val_check_interval")
+    overrides = [o for o in TRAIN_OVERRIDES if not o.startswith(dropped)]
     res = ["res=56", "val_res=56", "eval_res=56"] if preset.startswith("dinov2") else []
     out = tmp_path / "run"
     run_script("train_segmentation.py", *overrides, f"model={preset}", "max_steps=4", "val_check_interval=4",

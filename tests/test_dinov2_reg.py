@@ -5,8 +5,13 @@ resampling would be wrong here."""
 
 import pytest
 import torch
-from official_layouts import (dinov2_reg_official_features, dinov2_reg_official_state_dict, image, rel_l2,
-                              shallow_backbone)
+from official_layouts import (
+    dinov2_reg_official_features,
+    dinov2_reg_official_state_dict,
+    image,
+    rel_l2,
+    shallow_backbone,
+)
 
 from smooseg.errors import SmoosegError
 from smooseg.model.backbone import use_official_pos_embed

@@ -5,8 +5,13 @@ regenerated RoPE periods, the k bias) is caught; gated weights; SAT-493M normali
 import pytest
 import timm
 import torch
-from official_layouts import (dinov3_official_features, dinov3_official_state_dict, image, rel_l2,
-                              shallow_backbone)
+from official_layouts import (
+    dinov3_official_features,
+    dinov3_official_state_dict,
+    image,
+    rel_l2,
+    shallow_backbone,
+)
 
 from smooseg.errors import SmoosegError
 from smooseg.model.backbones import IMAGENET_MEAN, IMAGENET_STD, SAT_MEAN, SAT_STD, backbone_spec
@@ -136,9 +141,11 @@ def test_releases_files_and_gated_download(tmp_path, monkeypatch):
     assert official_weights("dinov3", "vit_small", 16) == (
         "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
         "https://dl.fbaipublicfiles.com/dinov3/dinov3_vits16/dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
-    assert official_weights("dinov3", "vit_large", 16, "sat493m")[0] == "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
-    assert official_weights("dinov3", "vit_small_plus", 16)[0] == "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"
-    assert official_weights("dinov3", "vit_huge_plus", 16)[0] == "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"
+    files = {(t, d): official_weights("dinov3", t, 16, d)[0]
+             for t, d in (("vit_large", "sat493m"), ("vit_small_plus", None), ("vit_huge_plus", None))}
+    assert files == {("vit_large", "sat493m"): "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth",
+                     ("vit_small_plus", None): "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+                     ("vit_huge_plus", None): "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"}
     with pytest.raises(SmoosegError, match="weights_data=sat493m.*vit_small.*lvd1689m"):
         backbone_spec("dinov3", "vit_small", 16).release("sat493m")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

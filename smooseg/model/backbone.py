@@ -8,7 +8,8 @@ block's attention instead (heads concatenated along channels, before any rotary 
 Position embeddings follow the patch grid by the spec's policy: DINO / DINOv2 resample theirs
 as the official code does (scale factor, offset 0.1, not timm's default); DINOv2 with registers
 uses timm's default (size-based, antialiased), which is the official one; DINOv3 recomputes its
-rotary embedding for each grid with the release file's periods.  The backbone never trains: every parameter has
+rotary embedding for each grid with the release file's periods.  The backbone never trains:
+every parameter has
 ``requires_grad=False``, the timm model stays in eval mode and ``forward`` runs under
 ``torch.no_grad``.  Weights come from :mod:`smooseg.model.weights`.
 """

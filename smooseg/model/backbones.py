@@ -286,8 +286,8 @@ def renormalisation(release: Release, mean_in=IMAGENET_MEAN, std_in=IMAGENET_STD
     None when they are the same."""
     if tuple(release.mean) == tuple(mean_in) and tuple(release.std) == tuple(std_in):
         return None
-    mean, std = torch.tensor(release.mean, dtype=torch.float64), torch.tensor(release.std, dtype=torch.float64)
-    mean_in, std_in = torch.tensor(mean_in, dtype=torch.float64), torch.tensor(std_in, dtype=torch.float64)
+    mean, std, mean_in, std_in = (torch.tensor(v, dtype=torch.float64)
+                                  for v in (release.mean, release.std, mean_in, std_in))
     scale, shift = std_in / std, (mean_in - mean) / std
     return scale.float().view(1, 3, 1, 1), shift.float().view(1, 3, 1, 1)
 

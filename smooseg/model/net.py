@@ -57,7 +57,8 @@ class SmooSegNet(nn.Module):
     """
 
     def __init__(self, config: NetConfig, pretrained=True, weights_path=None, weights_url=None,
-                 fused_attn=True, backbone_precision="auto", compile_backbone=False, weights_source="official"):
+                 fused_attn=True, backbone_precision="auto", compile_backbone=False,
+                 weights_source="official"):
         super().__init__()
         self.config = config
         self.pretrained = bool(pretrained)  # provenance: the backbone started from the official weights
