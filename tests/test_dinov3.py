@@ -64,6 +64,18 @@ def test_file_periods_are_copied_in_fp32(official):
     assert not torch.equal(periods, regenerated)  # bf16 rounding is what the file holds
 
 
+def test_periods_survive_a_checkpoint_round_trip(official):
+    """The periods are in the state dict, so a net rebuilt from a checkpoint keeps them."""
+    _, _, backbone = official
+    assert "model.rope.periods" in backbone.state_dict()
+    rebuilt = shallow_backbone("dinov3", "vit_small", 16, pretrained=False)
+    rebuilt.load_state_dict(backbone.state_dict())
+    img = image(64, 80, seed=4)
+    assert torch.equal(rebuilt(img), backbone(img))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rebuilt.model.rope.get_embed(shape=(4, 5)).dtype == torch.float32
+
+
 def test_without_the_periods_copy_features_drift(official):
     """timm's regenerated fp32 periods give measurably other features than the file's."""
     sd, _, backbone = official
@@ -71,7 +83,8 @@ def test_without_the_periods_copy_features_drift(official):
     expected = dinov3_official_features(sd, img, HEADS)
     ours = rel_l2(backbone(img), expected)
     regen = shallow_backbone("dinov3", "vit_small", 16, pretrained=False)
-    regen.load_state_dict(backbone.state_dict())
+    weights = {k: v for k, v in backbone.state_dict().items() if not k.endswith("rope.periods")}
+    assert regen.load_state_dict(weights, strict=False).missing_keys == ["model.rope.periods"]
     drift = rel_l2(regen(img), expected)
     assert ours < drift / 10 and drift > 1e-6
 
@@ -165,10 +178,13 @@ def test_timm_source_reads_the_hugging_face_cache(official, tmp_path, monkeypatc
     _, _, backbone = official
     from safetensors.torch import save_file
 
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(path))
+    path = tmp_path / "model.safetensors"  # timm's files hold no periods
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items() if k != "rope.periods"},
+              str(path))
     timm_copy = shallow_backbone("dinov3", "vit_small", 16, pretrained=True, weights_source="timm",
                                  weights_path=path)
     img = image(64, 64)
     assert torch.equal(timm_copy.model.blocks[1].attn.q_bias, backbone.model.blocks[1].attn.q_bias)
-    assert rel_l2(timm_copy(img), backbone(img)) < 1e-4  # periods regenerated in fp32 by timm
+    assert torch.equal(timm_copy.model.rope.periods, shallow_backbone(
+        "dinov3", "vit_small", 16, pretrained=False).model.rope.periods)  # timm's fp32 ones
+    assert 0 < rel_l2(timm_copy(img), backbone(img)) < 1e-4

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smooseg.errors import SmoosegError
-from smooseg.model.backbones import FITS, POS_SCALE_OFFSET, backbone_spec, renormalisation
+from smooseg.model.backbones import FITS, POS_ROPE, POS_SCALE_OFFSET, backbone_spec, convert_timm, renormalisation
 from smooseg.model.weights import load_official_state_dict, read_weights, resolve_weights
 from smooseg.runtime import autocast
 
@@ -126,10 +126,12 @@ class Backbone(nn.Module):
                                        dynamic_img_size=True)
         if self.pos_embed_policy == POS_SCALE_OFFSET:
             use_official_pos_embed(self.model)
+        if self.pos_embed_policy == POS_ROPE:  # the periods are weights: in the state dict
+            self.model.rope.register_buffer("periods", self.model.rope.periods, persistent=True)
         if pretrained:
             path = resolve_weights(arch, model_type, patch_size, weights_path, weights_url, release.data,
                                    weights_source)
-            convert = self.spec.convert if weights_source == "official" else None
+            convert = self.spec.convert if weights_source == "official" else convert_timm
             load_official_state_dict(self.model, read_weights(path), str(path), convert=convert)
         renorm = renormalisation(release)
         self._renorm = renorm is not None

@@ -28,7 +28,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POS_SCALE_OFFSET = "official-bicubic-scale-factor-offset0.1"
 # DINOv2 with registers: bicubic to the target size, antialiased (timm's own dynamic resize).
 POS_SIZE_ANTIALIAS = "bicubic-size-antialias"
-# DINOv3: rotary embeddings recomputed for every grid, with the release file's periods.
+# DINOv3: rotary embeddings recomputed for every grid, with the release file's periods (kept in
+# the state dict, so checkpoints hold them too).
 POS_ROPE = "rope-file-periods"
 POS_EMBED_POLICIES = (POS_SCALE_OFFSET, POS_SIZE_ANTIALIAS, POS_ROPE)
 
@@ -74,8 +75,7 @@ def qkv_keys(attn, x):
 class BackboneSpec:
     """Everything the package knows about one backbone (see the module docstring).
 
-    ``convert(state_dict, model)`` maps an official state dict to timm's names; it may also
-    return non-persistent buffers of the model (e.g. ``rope.periods``), which are copied in.
+    ``convert(state_dict, model)`` maps an official state dict to timm's names.
     ``releases``: the official files, the first being the default ``weights_data``.
     ``gated``: the files are not downloadable without a personal URL (``access`` says how).
     """
@@ -171,6 +171,16 @@ def _filtered(timm_filter, state_dict, model):
 def convert_identity(state_dict, model):
     """DINO release files already use timm's names."""
     return dict(state_dict)
+
+
+def convert_timm(state_dict, model):
+    """timm's own copies (``weights_source=timm``) use timm's names; they hold no RoPE periods,
+    which timm regenerates in fp32: those are the periods then."""
+    out = dict(state_dict)
+    rope = getattr(model, "rope", None)
+    if rope is not None and hasattr(rope, "periods") and "rope.periods" not in out:
+        out["rope.periods"] = rope.periods
+    return out
 
 
 def convert_dinov2(state_dict, model):

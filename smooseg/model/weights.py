@@ -158,22 +158,14 @@ def _first(keys, n=5):
     return f"{shown} (+{len(keys) - n} more)" if len(keys) > n else shown
 
 
-def _split_buffers(state_dict, model):
-    """(persistent entries, non-persistent buffers of ``model`` that the file carries)."""
-    persistent = model.state_dict().keys()
-    buffers = dict(model.named_buffers())
-    extra = {k: v for k, v in state_dict.items() if k not in persistent and k in buffers}
-    return {k: v for k, v in state_dict.items() if k not in extra}, extra
-
-
 def load_official_state_dict(model, state_dict, source: str, convert=None):
     """Strictly load a backbone state dict into a timm model (or a Backbone).
 
     ``state_dict`` may be nested or prefixed as described in ``_unwrap``.  ``convert(state_dict,
     model)`` maps it to timm's names (a Backbone's default: its spec's converter; otherwise the
-    dict is taken to be in timm's layout).  Non-persistent buffers the converted dict carries
-    (DINOv3's RoPE periods) are copied in, in the buffer's own dtype.  Any missing, unexpected or
-    wrongly shaped key raises a one-line SmoosegError naming ``source``.
+    dict is taken to be in timm's layout).  Tensors are copied in the model's own dtypes (DINOv3's
+    bf16 RoPE periods into fp32).  Any missing, unexpected or wrongly shaped key raises a one-line
+    SmoosegError naming ``source``.
     """
     if hasattr(model, "spec") and hasattr(model, "model"):  # a Backbone
         convert = convert or model.spec.convert
@@ -184,7 +176,6 @@ def load_official_state_dict(model, state_dict, source: str, convert=None):
         raise SmoosegError(f"weights {source} hold no state dict of tensors: use the official release file")
     if convert is not None:
         state_dict = convert(dict(state_dict), model)
-    state_dict, buffers = _split_buffers(state_dict, model)
     expected = model.state_dict()
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()
@@ -197,17 +188,11 @@ def load_official_state_dict(model, state_dict, source: str, convert=None):
         raise SmoosegError(
             f"weights {source} do not fit the backbone: {'; '.join(parts)}: "
             f"use the official file for this arch/model_type/patch_size")
-    targets = dict(model.named_buffers())
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
              for k, v in state_dict.items() if v.shape != expected[k].shape]
-    wrong += [f"{k} {tuple(v.shape)} vs {tuple(targets[k].shape)}"
-              for k, v in buffers.items() if v.shape != targets[k].shape]
     if wrong:
         raise SmoosegError(
             f"weights {source} have wrong shapes (file vs model): {_first(wrong, 3)}: "
             f"use the official file for this arch/model_type/patch_size")
     model.load_state_dict(state_dict, strict=True)
-    with torch.no_grad():
-        for key, value in buffers.items():
-            targets[key].copy_(value.to(targets[key].dtype))
     return model

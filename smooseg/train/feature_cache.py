@@ -51,8 +51,8 @@ def check_deterministic(crop):
 
 
 def weights_digest(backbone):
-    """sha256 over the backbone state dict and its non-persistent buffers (DINOv3's RoPE periods,
-    an input re-normalisation): names, dtypes, shapes and the bytes of every tensor."""
+    """sha256 over the backbone state dict and its non-persistent buffers (an input
+    re-normalisation): names, dtypes, shapes and the bytes of every tensor."""
     digest = hashlib.sha256()
     tensors = dict(backbone.named_buffers())
     tensors.update(backbone.state_dict())
