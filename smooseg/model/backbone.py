@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from smooseg.errors import SmoosegError
-from smooseg.model.backbones import FITS, POS_ROPE, POS_SCALE_OFFSET, backbone_spec, convert_timm, renormalisation
+from smooseg.model.backbones import (
+    FITS,
+    POS_ROPE,
+    POS_SCALE_OFFSET,
+    backbone_spec,
+    convert_timm,
+    renormalisation,
+)
 from smooseg.model.weights import load_official_state_dict, read_weights, resolve_weights
 from smooseg.runtime import autocast
 
