@@ -31,7 +31,7 @@ from smooseg.model.backbones import (
     convert_timm,
     renormalisation,
 )
-from smooseg.model.weights import load_official_state_dict, read_weights, resolve_weights
+from smooseg.model.weights import WEIGHTS_SOURCES, load_official_state_dict, read_weights, resolve_weights
 from smooseg.runtime import autocast
 
 FEAT_TYPES = ("feat", "KK")
@@ -95,6 +95,19 @@ def use_official_pos_embed(vit):
     return vit
 
 
+def build_timm_model(spec):
+    """The spec's timm model (random init, no head, any input size) computing as its official
+    code does: DINO / DINOv2 resample their position embeddings the official way; DINOv3 keeps
+    its RoPE periods in the state dict, so the release file's (bf16-rounded) values are loaded
+    and saved with the weights."""
+    model = timm.create_model(spec.timm_model, pretrained=False, num_classes=0, dynamic_img_size=True)
+    if spec.pos_embed == POS_SCALE_OFFSET:
+        use_official_pos_embed(model)
+    if spec.pos_embed == POS_ROPE:
+        model.rope.register_buffer("periods", model.rope.periods, persistent=True)
+    return model
+
+
 class Backbone(nn.Module):
     """Frozen ViT feature extractor: image B x 3 x H x W (ImageNet-normalised) -> B x C x h x w.
 
@@ -125,31 +138,31 @@ class Backbone(nn.Module):
             raise SmoosegError(f"unknown feat_type={feat_type}: choose one of {', '.join(FEAT_TYPES)}")
         if fit not in FITS:
             raise SmoosegError(f"unknown fit={fit}: choose one of {', '.join(FITS)}")
+        if weights_source not in WEIGHTS_SOURCES:
+            raise SmoosegError(f"unknown model.weights_source={weights_source}: choose one of "
+                               f"{', '.join(WEIGHTS_SOURCES)}")
         self.arch, self.model_type, self.patch_size = arch, model_type, int(patch_size)
         self.feat_type, self.fit = feat_type, fit
         self.weights_data = release.data
         self.pos_embed_policy = self.spec.pos_embed
-        self.model = timm.create_model(self.spec.timm_model, pretrained=False, num_classes=0,
-                                       dynamic_img_size=True)
-        if self.pos_embed_policy == POS_SCALE_OFFSET:
-            use_official_pos_embed(self.model)
-        if self.pos_embed_policy == POS_ROPE:  # the periods are weights: in the state dict
-            self.model.rope.register_buffer("periods", self.model.rope.periods, persistent=True)
+        self.model = build_timm_model(self.spec)
         if pretrained:
             path = resolve_weights(arch, model_type, patch_size, weights_path, weights_url, release.data,
                                    weights_source)
             convert = self.spec.convert if weights_source == "official" else convert_timm
             load_official_state_dict(self.model, read_weights(path), str(path), convert=convert)
-        renorm = renormalisation(release)
-        self._renorm = renorm is not None
-        if renorm is not None:
-            scale, shift = renorm
-            self.register_buffer("renorm_scale", scale, persistent=False)
-            self.register_buffer("renorm_shift", shift, persistent=False)
+        self._set_renormalisation(release)
         self.model.requires_grad_(False)
         self.model.eval()
         self.set_fused_attn(fused_attn)
         self.n_feats = self.model.embed_dim
+
+    def _set_renormalisation(self, release):
+        renorm = renormalisation(release)
+        self._renorm = renorm is not None
+        if renorm is not None:  # not persistent: it follows from weights_data, kept by checkpoints
+            self.register_buffer("renorm_scale", renorm[0], persistent=False)
+            self.register_buffer("renorm_shift", renorm[1], persistent=False)
 
     def set_fused_attn(self, enabled: bool):
         """Switch timm's fused (scaled_dot_product_attention) kernel on every attention module."""
