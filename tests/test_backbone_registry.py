@@ -160,3 +160,15 @@ def test_backbone_bench_runs(tmp_path, capsys):
     assert all(r["ms_per_image"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     assert "ms / image" in capsys.readouterr().out
     assert backbone_bench.main(["--rows", "mae@224"]) == 2
+
+
+@pytest.mark.slow
+def test_gated_weights_stop_the_entry_point_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    proc = run_script("train_segmentation.py", "experiment=demo", "model=dinov3_vits16",
+                      f"output_dir={tmp_path / 'run'}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ")
+    assert "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in last and "gated" in last
+    assert "model.weights_path" in last and "model.weights_url" in last
+    assert not (tmp_path / "torch" / "hub" / "checkpoints").exists()
