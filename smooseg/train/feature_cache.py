@@ -17,7 +17,9 @@ given configuration stays one, rather than stale copies piling up on disk).
 
 ``key`` is the sha256 of everything that changes the features: data set, split, resolution,
 crop, image interpolation, pre-cropped source, backbone arch / type / patch / feature type /
-fit policy / position-embedding resampling, a digest of the backbone weights and the storage dtype.  Random crops make a cache
+fit policy / the spec's position-embedding policy, a digest of the backbone weights (with its
+input re-normalisation and DINOv3's RoPE periods) and the storage dtype.  Caches built before
+the backbone registry stay valid: DINO / DINOv2 keys are unchanged.  Random crops make a cache
 inexact and are refused.  :class:`CachedFeatureDataset` serves the stored features in the image
 data set's order, so a shuffled DataLoader with the same seed yields the same batches.
 """
