@@ -14,9 +14,11 @@ from smooseg.errors import SmoosegError
 from smooseg.model import backbone as bb
 from smooseg.model import weights
 from smooseg.model.backbone import Backbone
-from smooseg.model.weights import ARCHS, load_official_state_dict, official_weights, timm_name
+from smooseg.model.backbones import backbone_spec, list_backbones
+from smooseg.model.weights import load_official_state_dict, official_weights, timm_name
 
-WIDTH = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant": 1536}
+WIDTH = {"vit_small": 384, "vit_small_plus": 384, "vit_base": 768, "vit_large": 1024, "vit_huge_plus": 1280,
+         "vit_giant": 1536}
 
 
 def _split(key):
@@ -67,13 +69,13 @@ def test_names_and_official_files():
         Backbone("dino", "vit_small", 16, fit="crop", pretrained=False)
 
 
-@pytest.mark.parametrize("key", list(ARCHS))
+@pytest.mark.parametrize("key", list_backbones())
 def test_shapes_every_arch(shallow, key):
-    """Every supported arch at 224 and 320 px (DINOv2 at 320 via resize and pad: 23 x 23)."""
+    """Every registered backbone at 224 and 320 px (DINOv2 at 320 via resize and pad: 23 x 23)."""
     arch, model_type, patch = _split(key)
     C = WIDTH[model_type]
-    b = Backbone(arch, model_type, patch, pretrained=False)
-    assert shallow == [ARCHS[key]]
+    b = Backbone(arch, model_type, patch, pretrained=False, fit="error")
+    assert shallow == [backbone_spec(arch, model_type, patch).timm_model]
     assert b.n_feats == C and b.patch_size == patch
     assert b(_img(224, 224)).shape == (1, C, 224 // patch, 224 // patch)
     if patch == 14:

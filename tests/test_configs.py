@@ -66,8 +66,11 @@ def test_crop_script_defaults_to_the_sets_the_presets_train_on():
 
 
 def test_dinov2_preset_resizes_to_the_patch_grid():
+    from smooseg.model.backbones import backbone_spec
+
     cfg = compose_cfg("train", ["experiment=potsdam_dinov2_vitb14"])
-    assert cfg.model.fit == "resize"
+    assert cfg.model.fit is None  # the spec's default
+    assert backbone_spec(cfg.model.arch, cfg.model.model_type, cfg.model.patch_size).fit == "resize"
 
 
 def test_demo_preset_is_small_and_cpu():

@@ -130,7 +130,7 @@ def test_cache_key_follows_the_position_embedding_resampling(backbone, monkeypat
     args = ("cityscapes", "train", RES, "center", "nearest", None, backbone)
     now = fc.cache_fields(*args)
     assert now["pos_embed"] == "official-bicubic-scale-factor-offset0.1"
-    monkeypatch.setattr(fc, "POS_EMBED_RESAMPLING", "timm-size-antialias")
+    monkeypatch.setattr(backbone, "pos_embed_policy", "bicubic-size-antialias")
     assert fc.cache_key(fc.cache_fields(*args)) != fc.cache_key(now)
 
 

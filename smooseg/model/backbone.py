@@ -1,9 +1,15 @@
-"""Frozen DINO / DINOv2 ViT backbone: a timm model whose only change is the resampling of its
-position embeddings (docs/method.md section 1).
+"""Frozen ViT backbone (DINO, DINOv2, DINOv2 with registers, DINOv3): the timm model of its
+:class:`~smooseg.model.backbones.BackboneSpec`, computing what the official code computes
+(docs/method.md section 1).
 
-The feature map is the last block's output after the final LayerNorm, patch tokens only,
-as B x C x h x w.  ``feat_type="KK"`` returns the keys of the last block's attention instead
-(heads concatenated along channels).  The backbone never trains: every parameter has
+The feature map is the last block's output after the final LayerNorm, patch tokens only (after
+the class and register tokens), as B x C x h x w.  ``feat_type="KK"`` returns the keys of the last
+block's attention instead (heads concatenated along channels, before any rotary embedding).
+Position embeddings follow the patch grid by the spec's policy: DINO / DINOv2 resample theirs
+as the official code does (scale factor, offset 0.1, not timm's default); DINOv2 with registers
+uses timm's default (size-based, antialiased), which is the official one; DINOv3 recomputes its
+rotary embedding for each grid with the release file's periods.  The backbone never trains:
+every parameter has
 ``requires_grad=False``, the timm model stays in eval mode and ``forward`` runs under
 ``torch.no_grad``.  Weights come from :mod:`smooseg.model.weights`.
 """
@@ -17,18 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from smooseg.errors import SmoosegError
-from smooseg.model.weights import load_official_state_dict, read_weights, resolve_weights, timm_name
+from smooseg.model.backbones import (
+    FITS,
+    POS_ROPE,
+    POS_SCALE_OFFSET,
+    backbone_spec,
+    convert_timm,
+    renormalisation,
+)
+from smooseg.model.weights import WEIGHTS_SOURCES, load_official_state_dict, read_weights, resolve_weights
 from smooseg.runtime import autocast
 
 FEAT_TYPES = ("feat", "KK")
-# How position embeddings are resampled to other grids; part of the feature cache's key, so
-# features computed with another resampling are never reused.
-POS_EMBED_RESAMPLING = "official-bicubic-scale-factor-offset0.1"
-FITS = ("error", "resize", "pad")
-
-# What a DINOv2 checkpoint of the reference implies for inputs that are not a multiple of 14
-# (320 px -> 322); DINO inputs must be multiples of 8 / 16.
-DEFAULT_FIT = {"dino": "error", "dinov2": "resize"}
 
 
 def patch_multiple(n, patch):
@@ -89,41 +95,74 @@ def use_official_pos_embed(vit):
     return vit
 
 
+def build_timm_model(spec):
+    """The spec's timm model (random init, no head, any input size) computing as its official
+    code does: DINO / DINOv2 resample their position embeddings the official way; DINOv3 keeps
+    its RoPE periods in the state dict, so the release file's (bf16-rounded) values are loaded
+    and saved with the weights."""
+    model = timm.create_model(spec.timm_model, pretrained=False, num_classes=0, dynamic_img_size=True)
+    if spec.pos_embed == POS_SCALE_OFFSET:
+        use_official_pos_embed(model)
+    if spec.pos_embed == POS_ROPE:
+        model.rope.register_buffer("periods", model.rope.periods, persistent=True)
+    return model
+
+
 class Backbone(nn.Module):
     """Frozen ViT feature extractor: image B x 3 x H x W (ImageNet-normalised) -> B x C x h x w.
 
-    ``fit`` handles H/W that are not multiples of the patch size:
+    ``fit`` handles H/W that are not multiples of the patch size (None: the spec's default):
       - ``"error"``: raise a SmoosegError;
       - ``"resize"``: bilinearly resize to the nearest multiple (at least one patch),
         so h = round(H / patch);
       - ``"pad"``: zero-pad right/bottom to the next multiple and keep the padded patches,
-        so h = ceil(H / patch) (zeros are the ImageNet mean colour after normalisation).
-    DINOv2 (patch 14) at 320 px is not a multiple; presets use ``fit: resize`` (320 -> 322,
-    a 23 x 23 grid).  Position embeddings are resampled for any grid exactly as the official
-    DINO / DINOv2 code does (:func:`official_pos_embed_grid`).
+        so h = ceil(H / patch).
+    DINOv2 (patch 14) at 320 px is not a multiple; its presets use ``fit: resize`` (320 -> 322,
+    a 23 x 23 grid).
 
-    ``weights_url`` overrides the official download URL of the weights file (a mirror).
+    Weights that expect another input normalisation than ImageNet's (DINOv3 SAT-493M) get the
+    ImageNet-normalised input re-normalised by one per-channel affine map first, so the data
+    pipeline stays the same for every backbone.  ``weights_data`` picks the release (None: the
+    spec's default), ``weights_source`` official | timm the file's origin, ``weights_url``
+    overrides the download URL (a mirror, or the personal URL of a gated release).
     """
 
     def __init__(self, arch="dino", model_type="vit_small", patch_size=8, feat_type="feat",
-                 pretrained=True, weights_path=None, fit="error", fused_attn=True, weights_url=None):
+                 pretrained=True, weights_path=None, fit=None, fused_attn=True, weights_url=None,
+                 weights_data=None, weights_source="official"):
         super().__init__()
-        name = timm_name(arch, model_type, patch_size)
+        self.spec = backbone_spec(arch, model_type, patch_size)
+        release = self.spec.release(weights_data)
+        fit = self.spec.fit if fit is None else fit
         if feat_type not in FEAT_TYPES:
             raise SmoosegError(f"unknown feat_type={feat_type}: choose one of {', '.join(FEAT_TYPES)}")
         if fit not in FITS:
             raise SmoosegError(f"unknown fit={fit}: choose one of {', '.join(FITS)}")
+        if weights_source not in WEIGHTS_SOURCES:
+            raise SmoosegError(f"unknown model.weights_source={weights_source}: choose one of "
+                               f"{', '.join(WEIGHTS_SOURCES)}")
         self.arch, self.model_type, self.patch_size = arch, model_type, int(patch_size)
         self.feat_type, self.fit = feat_type, fit
-        self.model = use_official_pos_embed(
-            timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True))
+        self.weights_data = release.data
+        self.pos_embed_policy = self.spec.pos_embed
+        self.model = build_timm_model(self.spec)
         if pretrained:
-            path = resolve_weights(arch, model_type, patch_size, weights_path, weights_url)
-            load_official_state_dict(self.model, read_weights(path), str(path))
+            path = resolve_weights(arch, model_type, patch_size, weights_path, weights_url, release.data,
+                                   weights_source)
+            convert = self.spec.convert if weights_source == "official" else convert_timm
+            load_official_state_dict(self.model, read_weights(path), str(path), convert=convert)
+        self._set_renormalisation(release)
         self.model.requires_grad_(False)
         self.model.eval()
         self.set_fused_attn(fused_attn)
         self.n_feats = self.model.embed_dim
+
+    def _set_renormalisation(self, release):
+        renorm = renormalisation(release)
+        self._renorm = renorm is not None
+        if renorm is not None:  # not persistent: it follows from weights_data, kept by checkpoints
+            self.register_buffer("renorm_scale", renorm[0], persistent=False)
+            self.register_buffer("renorm_shift", renorm[1], persistent=False)
 
     def set_fused_attn(self, enabled: bool):
         """Switch timm's fused (scaled_dot_product_attention) kernel on every attention module."""
@@ -153,22 +192,29 @@ class Backbone(nn.Module):
             f"image size {H}x{W} is not a multiple of the backbone patch size {p}: "
             f"set model.fit=resize or model.fit=pad, or use a resolution that is a multiple of {p}")
 
+    def renormalise(self, img):
+        """ImageNet-normalised images -> normalised as the weights expect (identity for most)."""
+        return img * self.renorm_scale + self.renorm_shift if self._renorm else img
+
     def _tokens(self, img):
         if self.feat_type == "feat":
             return self.model.forward_features(img)
         captured = []
-        qkv = self.model.blocks[-1].attn.qkv
-        handle = qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        attn = self.model.blocks[-1].attn
+
+        def keep_input(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["x"])
+
+        handle = attn.register_forward_pre_hook(keep_input, with_kwargs=True)
         try:
             self.model.forward_features(img)
         finally:
             handle.remove()
-        C = self.n_feats
-        return captured[-1][..., C:2 * C]
+        return self.spec.keys(attn, captured[-1])
 
     def forward(self, img):
         """Features B x C x h x w (float32, contiguous, no autograd history)."""
-        img = self.fit_input(img)
+        img = self.fit_input(self.renormalise(img))
         B, _, H, W = img.shape
         h, w = H // self.patch_size, W // self.patch_size
         with torch.no_grad():

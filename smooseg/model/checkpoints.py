@@ -29,7 +29,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
 from smooseg.errors import SmoosegError
-from smooseg.model.backbone import DEFAULT_FIT
+from smooseg.model.backbones import backbone_spec
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.model.weights import load_official_state_dict
@@ -112,7 +112,8 @@ def reference_hparams(hyper_parameters, path):
     return grouped_from_flat(dict(
         n_classes=int(hyper_parameters["n_classes"]), dataset_name=dataset_name,
         arch=arch, model_type=cfg["model_type"], patch_size=int(cfg["dino_patch_size"]),
-        feat_type=_cfg_get(cfg, "dino_feat_type", "feat"), fit=DEFAULT_FIT.get(arch, "error"),
+        feat_type=_cfg_get(cfg, "dino_feat_type", "feat"),
+        fit=backbone_spec(arch, cfg["model_type"], cfg["dino_patch_size"]).fit,
         dim=int(cfg["dim"]), projection_type=_cfg_get(cfg, "projection_type", "nonlinear"),
         dropout=bool(_cfg_get(cfg, "dropout", True)), extra_clusters=int(_cfg_get(cfg, "extra_clusters", 0)),
         temperature=float(_cfg_get(cfg, "temperature", 0.1)), ema_alpha=float(_cfg_get(cfg, "alpha", 0.998)),

@@ -27,7 +27,8 @@ class NetConfig:
     model_type: str = "vit_small"
     patch_size: int = 8
     feat_type: str = "feat"
-    fit: str = "error"
+    fit: Optional[str] = None  # None: the backbone spec's default
+    weights_data: Optional[str] = None  # the release (fixes the input normalisation); None: the default
     dim: int = 64
     projection_type: str = "nonlinear"
     dropout: bool = True
@@ -56,13 +57,15 @@ class SmooSegNet(nn.Module):
     """
 
     def __init__(self, config: NetConfig, pretrained=True, weights_path=None, weights_url=None,
-                 fused_attn=True, backbone_precision="auto", compile_backbone=False):
+                 fused_attn=True, backbone_precision="auto", compile_backbone=False,
+                 weights_source="official"):
         super().__init__()
         self.config = config
         self.pretrained = bool(pretrained)  # provenance: the backbone started from the official weights
         self.backbone = Backbone(arch=config.arch, model_type=config.model_type, patch_size=config.patch_size,
                                  feat_type=config.feat_type, pretrained=pretrained, weights_path=weights_path,
-                                 fit=config.fit, fused_attn=fused_attn, weights_url=weights_url)
+                                 fit=config.fit, fused_attn=fused_attn, weights_url=weights_url,
+                                 weights_data=config.weights_data, weights_source=weights_source)
         self.projector = Projector(self.backbone.n_feats, dim=config.dim,
                                    projection_type=config.projection_type, dropout=config.dropout)
         self.predictor = PrototypePredictor(config.dim, config.n_clusters)

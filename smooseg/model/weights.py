@@ -1,10 +1,13 @@
-"""Official DINO / DINOv2 weights: the registry of backbones, their release files and URLs,
-finding or downloading a file, and reading and converting it into a timm ViT.
+"""Backbone weights: finding or downloading a release file, reading it, and loading it
+strictly into a timm model through the backbone spec's converter (:mod:`smooseg.model.backbones`).
 
-Files are looked up in this order: an explicit ``weights_path``, the torch hub cache
-(``torch.hub.get_dir()/checkpoints/<file>``), then a download of the official URL into that cache.
-There is no silent fallback to random weights.  Loading is strict: any missing, unexpected or
-wrongly shaped tensor is a one-line error naming the file.
+``model.weights_source=official`` (default) reads the official release file, looked up in this
+order: an explicit ``weights_path``, the torch hub cache (``torch.hub.get_dir()/checkpoints/<file>``),
+then a download of the official URL (or ``weights_url``) into that cache; gated files (DINOv3) are
+never fetched without ``weights_url``.  ``weights_source=timm`` reads timm's own copy of the same
+weights (timm's key layout) from ``weights_path`` or the Hugging Face cache.  There is no silent
+fallback to random weights.  Loading is strict: any missing, unexpected or wrongly shaped tensor is
+a one-line error naming the file.
 """
 
 import http.client
@@ -12,61 +15,31 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models import get_pretrained_cfg
 
 from smooseg.errors import SmoosegError
 from smooseg.io import check_input_file
+from smooseg.model.backbones import BackboneSpec, Release, backbone_spec
 
-OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com"
-
-ARCHS = {
-    "dino/vit_small/8": "vit_small_patch8_224.dino",
-    "dino/vit_small/16": "vit_small_patch16_224.dino",
-    "dino/vit_base/8": "vit_base_patch8_224.dino",
-    "dino/vit_base/16": "vit_base_patch16_224.dino",
-    "dinov2/vit_small/14": "vit_small_patch14_dinov2.lvd142m",
-    "dinov2/vit_base/14": "vit_base_patch14_dinov2.lvd142m",
-    "dinov2/vit_large/14": "vit_large_patch14_dinov2.lvd142m",
-    "dinov2/vit_giant/14": "vit_giant_patch14_dinov2.lvd142m",
-}
-
-_OFFICIAL_FILES = {
-    "dino/vit_small/8": "dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
-    "dino/vit_small/16": "dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-    "dino/vit_base/8": "dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
-    "dino/vit_base/16": "dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-    "dinov2/vit_small/14": "dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
-    "dinov2/vit_base/14": "dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
-    "dinov2/vit_large/14": "dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
-    "dinov2/vit_giant/14": "dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
-}
+WEIGHTS_SOURCES = ("official", "timm")
 
 _NEST_KEYS = ("teacher", "student", "model", "state_dict")
 _STRIP_PREFIXES = ("module.", "backbone.")
-
-
-def _arch_key(arch, model_type, patch_size):
-    try:
-        patch = int(patch_size)
-    except (TypeError, ValueError):
-        patch = patch_size
-    key = f"{arch}/{model_type}/{patch}"
-    if key not in ARCHS:
-        raise SmoosegError(
-            f"unknown backbone arch={arch} model_type={model_type} patch_size={patch_size}: "
-            f"choose one of {', '.join(ARCHS)} (arch/model_type/patch_size)")
-    return key
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def timm_name(arch: str, model_type: str, patch_size: int) -> str:
-    """timm model name for a (arch, model_type, patch_size) triple; SmoosegError if unsupported."""
-    return ARCHS[_arch_key(arch, model_type, patch_size)]
+    """timm model name (with the default release's tag) of a (arch, model_type, patch_size)
+    triple; SmoosegError naming the valid choices if unsupported."""
+    spec = backbone_spec(arch, model_type, patch_size)
+    return f"{spec.timm_model}.{spec.releases[0].timm_tag}"
 
 
-def official_weights(arch, model_type, patch_size):
+def official_weights(arch, model_type, patch_size, weights_data=None):
     """(filename, url) of the official release file for this backbone."""
-    rel = _OFFICIAL_FILES[_arch_key(arch, model_type, patch_size)]
-    return rel.rsplit("/", 1)[-1], f"{OFFICIAL_BASE_URL}/{rel}"
+    spec = backbone_spec(arch, model_type, patch_size)
+    release = spec.release(weights_data)
+    return release.filename, spec.url(release)
 
 
 def weights_cache_path(filename) -> Path:
@@ -74,13 +47,20 @@ def weights_cache_path(filename) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def resolve_weights(arch, model_type, patch_size, weights_path=None, weights_url=None) -> Path:
-    """Local path of the weights: ``weights_path``, else the hub cache, else downloaded there.
+def _download(url, cache, filename, spec):
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cache), progress=True)
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        reason = " ".join(str(err).split())
+        raise SmoosegError(
+            f"could not get {spec.arch} weights {filename} from {url} ({type(err).__name__}: {reason}): "
+            f"put the official file at {cache} or set model.weights_path=..., "
+            f"or model.pretrained=false for random init (testing only)") from err
 
-    ``weights_url`` replaces the official URL of the file (a mirror); the cached file keeps
-    the official file name.
-    """
-    filename, url = official_weights(arch, model_type, patch_size)
+
+def _official_file(spec: BackboneSpec, release: Release, weights_path, weights_url) -> Path:
+    filename = release.filename
     if weights_path is not None:
         return check_input_file(weights_path, "model.weights_path",
                                 fix=f"point it at the official file {filename}, or leave it unset "
@@ -88,22 +68,61 @@ def resolve_weights(arch, model_type, patch_size, weights_path=None, weights_url
     cache = weights_cache_path(filename)
     if cache.is_file():
         return cache
-    url = weights_url or url
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(cache), progress=True)
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        reason = " ".join(str(err).split())
+    if spec.gated and not weights_url:
         raise SmoosegError(
-            f"could not get DINO weights {filename} from {url} ({type(err).__name__}: {reason}): "
-            f"put the official file at {cache} or set model.weights_path=..., "
-            f"or model.pretrained=false for random init (testing only)") from err
+            f"{spec.arch} weights {filename} are not at {cache}: {spec.access}; then put the file "
+            f"there or set model.weights_path=..., or set model.weights_url=<the URL you received>")
+    _download(weights_url or spec.url(release), cache, filename, spec)
     return cache
+
+
+def timm_hub_id(spec: BackboneSpec, release: Release) -> str:
+    """The Hugging Face repository of timm's copy of a release (timm's pretrained config)."""
+    return get_pretrained_cfg(f"{spec.timm_model}.{release.timm_tag}").hf_hub_id
+
+
+def _timm_file(spec: BackboneSpec, release: Release, weights_path) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = timm_hub_id(spec, release)
+    if weights_path is not None:
+        return check_input_file(weights_path, "model.weights_path",
+                                fix=f"point it at timm's file from {repo}, or leave it unset "
+                                    "to use the Hugging Face cache")
+    for name in _HF_FILES:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return Path(found)
+    raise SmoosegError(
+        f"timm's copy of {spec.key} weights ({repo}) is not in the Hugging Face cache: run "
+        f"`hf download {repo}` where a network is available, set model.weights_path=<its "
+        f"model.safetensors>, or use model.weights_source=official")
+
+
+def resolve_weights(arch, model_type, patch_size, weights_path=None, weights_url=None, weights_data=None,
+                    weights_source="official") -> Path:
+    """Local path of the weights file (see the module docstring for the lookup order).
+
+    ``weights_url`` replaces the official URL of the file (a mirror, or the personal URL of a
+    gated release); the cached file keeps the official file name.
+    """
+    spec = backbone_spec(arch, model_type, patch_size)
+    release = spec.release(weights_data)
+    if weights_source == "official":
+        return _official_file(spec, release, weights_path, weights_url)
+    if weights_source == "timm":
+        return _timm_file(spec, release, weights_path)
+    raise SmoosegError(f"unknown model.weights_source={weights_source}: choose one of "
+                       f"{', '.join(WEIGHTS_SOURCES)}")
 
 
 def read_weights(path):
     """Load a weights file with weights-only unpickling onto the CPU."""
     try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling raises many types; all mean "unusable file"
         reason = " ".join(str(err).split())[:200]
@@ -133,41 +152,30 @@ def _unwrap(state_dict):
     return dict(state_dict)
 
 
-def _to_timm_layout(state_dict, vit):
-    """Official DINOv2 names -> timm (``mask_token`` dropped, SwiGLU ``w12``/``w3`` -> ``fc1``/``fc2``)
-    through timm's own checkpoint filter; DINO files already use timm's names.
-
-    The filter would silently resample a position embedding or patch projection of another shape,
-    so those two are checked first: a file of another model is an error, never resized.
-    """
-    if "mask_token" not in state_dict:
-        return dict(state_dict)
-    expected = vit.state_dict()
-    for key in ("pos_embed", "patch_embed.proj.weight"):
-        if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
-            return dict(state_dict)  # left for the strict shape check to name
-    return checkpoint_filter_fn(dict(state_dict), vit)
-
-
 def _first(keys, n=5):
     keys = sorted(keys)
     shown = ", ".join(keys[:n])
     return f"{shown} (+{len(keys) - n} more)" if len(keys) > n else shown
 
 
-def load_official_state_dict(model, state_dict, source: str):
-    """Strictly load an official DINO/DINOv2 state dict into a timm ViT (or a Backbone).
+def load_official_state_dict(model, state_dict, source: str, convert=None):
+    """Strictly load a backbone state dict into a timm model (or a Backbone).
 
-    ``state_dict`` may be nested or prefixed as described in ``_unwrap``.  Any missing,
-    unexpected or wrongly shaped key raises a one-line SmoosegError naming ``source``.
+    ``state_dict`` may be nested or prefixed as described in ``_unwrap``.  ``convert(state_dict,
+    model)`` maps it to timm's names (a Backbone's default: its spec's converter; otherwise the
+    dict is taken to be in timm's layout).  Tensors are copied in the model's own dtypes (DINOv3's
+    bf16 RoPE periods into fp32).  Any missing, unexpected or wrongly shaped key raises a one-line
+    SmoosegError naming ``source``.
     """
-    if not isinstance(model, VisionTransformer):
-        model = model.model  # a Backbone
+    if hasattr(model, "spec") and hasattr(model, "model"):  # a Backbone
+        convert = convert or model.spec.convert
+        model = model.model
     state_dict = _unwrap(state_dict)
     if not isinstance(state_dict, Mapping) or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in state_dict.items()):
         raise SmoosegError(f"weights {source} hold no state dict of tensors: use the official release file")
-    state_dict = _to_timm_layout(state_dict, model)
+    if convert is not None:
+        state_dict = convert(dict(state_dict), model)
     expected = model.state_dict()
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()

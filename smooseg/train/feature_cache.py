@@ -17,7 +17,9 @@ given configuration stays one, rather than stale copies piling up on disk).
 
 ``key`` is the sha256 of everything that changes the features: data set, split, resolution,
 crop, image interpolation, pre-cropped source, backbone arch / type / patch / feature type /
-fit policy / position-embedding resampling, a digest of the backbone weights and the storage dtype.  Random crops make a cache
+fit policy / the spec's position-embedding policy, a digest of the backbone weights (with its
+input re-normalisation and DINOv3's RoPE periods) and the storage dtype.  Caches built before
+the backbone registry stay valid: DINO / DINOv2 keys are unchanged.  Random crops make a cache
 inexact and are refused.  :class:`CachedFeatureDataset` serves the stored features in the image
 data set's order, so a shuffled DataLoader with the same seed yields the same batches.
 """
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, check_output_dir
-from smooseg.model.backbone import POS_EMBED_RESAMPLING, frozen_features
+from smooseg.model.backbone import frozen_features
 
 CACHE_VERSION = 3  # 3: meta.json holds the files digest
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -51,9 +53,12 @@ def check_deterministic(crop):
 
 
 def weights_digest(backbone):
-    """sha256 over the backbone state dict: names, dtypes, shapes and the bytes of every tensor."""
+    """sha256 over the backbone state dict and its non-persistent buffers (an input
+    re-normalisation): names, dtypes, shapes and the bytes of every tensor."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
+    tensors = dict(backbone.named_buffers())
+    tensors.update(backbone.state_dict())
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(tensor.view(torch.uint8).numpy()))
@@ -71,7 +76,7 @@ def cache_fields(dataset_name, split, res, crop, image_interp, crop_source, back
         "res": None if res is None else int(res), "crop": str(crop), "image_interp": str(image_interp),
         "crop_source": None if crop_source is None else {k: crop_source[k] for k in sorted(crop_source)},
         "arch": backbone.arch, "model_type": backbone.model_type, "patch_size": int(backbone.patch_size),
-        "feat_type": backbone.feat_type, "fit": backbone.fit, "pos_embed": POS_EMBED_RESAMPLING,
+        "feat_type": backbone.feat_type, "fit": backbone.fit, "pos_embed": backbone.pos_embed_policy,
         "weights": weights_digest(backbone),
         "dtype": dtype,
     }

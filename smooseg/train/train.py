@@ -33,7 +33,7 @@ from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, bu
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
-RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "fused_attn")
+RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "weights_source", "fused_attn")
 PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
