@@ -46,7 +46,10 @@ from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
 from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.eval.results import print_summary, summarize, write_outputs, write_summary
+from smooseg.eval import provenance
+from smooseg.eval.crf_memory import pool_backend
+from smooseg.eval.provenance import file_sha256
+from smooseg.eval.results import claim_results_dir, print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
@@ -195,10 +198,12 @@ def check_dataset_matches(dataset, data: DatasetInfo):
 
 
 def output_names(paths):
-    """A distinct output folder name per checkpoint: its stem, suffixed with _2, _3 on clashes."""
+    """A distinct output folder name per checkpoint: ``<stem>-<first 10 hex of its sha256>``, so
+    that two different files (every run's ``last.ckpt``) never share a folder; a name repeated
+    (two copies of one file) is suffixed with _2, _3."""
     names, seen = [], {}
     for path in paths:
-        stem = Path(path).stem
+        stem = f"{Path(path).stem}-{file_sha256(path)[:10]}"
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return names
@@ -208,7 +213,8 @@ def checkpoint_paths(model_paths):
     """The checkpoint files ``model_paths`` names: one path or a list, each entry a path or a glob
     pattern (``*``, ``?``, ``[...]``, ``**``) expanded in sorted order; a file named twice counts once.
 
-    A pattern that matches nothing is an error, so a mistyped pattern is not an empty evaluation.
+    An entry that exists as written is that file, never a pattern (``run[1]/last.ckpt``). A
+    pattern that matches nothing is an error, so a mistyped pattern is not an empty evaluation.
     """
     entries = list(model_paths) if OmegaConf.is_list(model_paths) or isinstance(
         model_paths, (list, tuple)) else [model_paths]
@@ -216,7 +222,7 @@ def checkpoint_paths(model_paths):
         raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
     paths = []
     for entry in map(str, entries):
-        if any(char in entry for char in "*?["):
+        if any(char in entry for char in "*?[") and not os.path.exists(os.path.expanduser(entry)):
             matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
             if not matches:
                 raise SmoosegError(f"model_paths pattern '{entry}' matches no file; check the pattern "
@@ -280,6 +286,9 @@ def evaluate_jobs(cfg, jobs):
                 net, loader, data, mask_extra_clusters=bool(hparams["metrics"]["mask_extra_clusters"]),
                 crf_pool=pool, flip=bool(cfg.flip), n_images=int(cfg.n_images), device=device,
                 precision=cfg.precision, checkpoint=path)
+            metrics["provenance"] = provenance.record(provenance.eval_record(
+                cfg, loader.dataset, data.name, pool and pool_backend(pool), cfg.precision),
+                provenance.checkpoint_record(path, hparams), device)
             print_summary(metrics, data.class_names)
             written = write_outputs(metrics, examples, data, net.n_clusters, out)
             print(f"results: {written}")
@@ -311,14 +320,15 @@ def run_eval(cfg, models=None):
         jobs = checkpoint_jobs(paths)
     else:
         jobs = [EvalJob(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
-    results = evaluate_jobs(cfg, jobs)
-    if models is None:
-        write_summary([run_headline(metrics, written) for metrics, written in results],
-                      Path(cfg.output_dir) / "summary.json", label="checkpoint")
+    with claim_results_dir(cfg.output_dir):
+        results = evaluate_jobs(cfg, jobs)
+        if models is None:
+            write_summary([run_headline(metrics, written) for metrics, written in results],
+                          Path(cfg.output_dir) / "summary.json", label="checkpoint")
     return [metrics for metrics, _ in results]
 
 
 def run_headline(metrics, written):
     """The summary entry of one evaluation: checkpoint, its metrics.json, CRF or not, mIoU, Accuracy."""
     return {"checkpoint": metrics["checkpoint"], "metrics": str(written), "crf": metrics["crf"],
-            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}
+            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"], "provenance": metrics.get("provenance")}

@@ -1,13 +1,24 @@
 """What an evaluation leaves behind: the JSON-ready metrics, the printed per-class table,
 the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the summary over
-several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``)."""
+several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``), each
+with its provenance (:mod:`smooseg.eval.provenance`).
 
+One evaluation invocation holds ``<output_dir>/.eval.lock`` (:func:`claim_results_dir`) while it
+writes, so two evaluations into one folder at once cannot mix their results: the second is
+refused. The kernel drops the lock when its process dies, so a killed evaluation never blocks it.
+"""
+
+import contextlib
+import fcntl
 import math
+import os
 import re
 import statistics
 from pathlib import Path
 
+from smooseg.errors import SmoosegError
 from smooseg.eval.metrics import cluster_to_class_map
+from smooseg.eval.provenance import check_same_settings
 from smooseg.io import write_json
 from smooseg.viz import colorize, colormap, save_png
 
@@ -132,15 +143,29 @@ def spread(values):
             "min": min(values), "max": max(values)}
 
 
+def shared_provenance(runs):
+    """The provenance all ``runs`` share: the first recorded one without its per-checkpoint part
+    and image count (each run keeps its own), or None when no run records one."""
+    recorded = [run["provenance"] for run in runs if run.get("provenance") is not None]
+    if not recorded:
+        return None
+    shared = {key: value for key, value in recorded[0].items() if key != "checkpoint"}
+    shared["evaluation"] = {key: value for key, value in shared["evaluation"].items() if key != "n_images"}
+    return shared
+
+
 def summarize_runs(runs):
     """The summary over several evaluations (checkpoints, or the jobs of a sweep over seeds).
 
-    ``runs`` are dicts holding at least the headline ``mIoU`` and ``Accuracy``; the result keeps
-    them under ``runs`` and adds the :func:`spread` of each headline number.
+    ``runs`` are dicts holding at least the headline ``mIoU`` and ``Accuracy``, and a
+    ``provenance`` where recorded; runs evaluated with different settings are refused
+    (:func:`smooseg.eval.provenance.check_same_settings`). The result keeps them under ``runs``
+    and adds the :func:`spread` of each headline number and the provenance they share.
     """
     runs = list(runs)
+    check_same_settings(runs)
     return {"n": len(runs), "std": STD_NOTE, **{key: spread(run.get(key) for run in runs) for key in HEADLINE},
-            "runs": runs}
+            "provenance": shared_provenance(runs), "runs": runs}
 
 
 def format_runs(summary, label):
@@ -168,3 +193,23 @@ def write_summary(runs, path, label):
     print(format_runs(summary, label))
     print(f"summary: {write_json(summary, path)}")
     return summary
+
+
+@contextlib.contextmanager
+def claim_results_dir(output_dir):
+    """Hold ``<output_dir>/.eval.lock`` (``flock``) for the block; SmoosegError when another
+    evaluation holds it."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".eval.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SmoosegError(f"output_dir {folder} is being written by another evaluation (it holds {lock}); "
+                           "wait for it to finish or pass another output_dir") from None
+    try:
+        yield folder
+    finally:
+        os.close(fd)
