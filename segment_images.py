@@ -7,13 +7,16 @@ plus a legend when metrics_json=<eval metrics.json> is given. Config: smooseg/co
 
 import hydra
 
+from smooseg import settings
 from smooseg.cli import prepare_argv, report_errors
 from smooseg.eval.segment import run_segment
+from smooseg.settings import check_settings
 
 
 @hydra.main(config_path="smooseg/configs", config_name="segment", version_base="1.3")
 @report_errors
 def main(cfg):
+    check_settings(cfg, settings.SEGMENT)
     run_segment(cfg)
 
 
