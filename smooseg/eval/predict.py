@@ -73,7 +73,9 @@ class PredictOptions:
 
 def to_input(image, device):
     """ImageNet-normalised 1×3×H×W float tensor of an H×W×3 uint8 image."""
-    img = torch.as_tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)
+    image = np.ascontiguousarray(image)
+    image = image if image.flags.writeable else image.copy()  # torch wants writable memory
+    img = torch.as_tensor(image, device=device).permute(2, 0, 1)
     return normalize(img.float().div_(255))[None]
 
 
