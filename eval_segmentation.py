@@ -5,7 +5,12 @@ dataset=...). Prints a per-class IoU table and writes <output_dir>/<checkpoint>/
 plus coloured PNGs of the first n_images images, then the summary over the checkpoints (mean ±
 sample std, min, max of mIoU and Accuracy) in <output_dir>/summary.json. model_paths entries may
 be glob patterns: model_paths='runs/*/checkpoints/best-*.ckpt'. Config: smooseg/configs/eval.yaml.
+
+Compare two results: python eval_segmentation.py --compare a/metrics.json b/metrics.json prints
+their provenance side by side and exits 0 when their evaluation settings agree, 1 when not.
 """
+
+import sys
 
 import hydra
 
@@ -20,6 +25,25 @@ def main(cfg):
     run_eval(cfg)
 
 
+def compare(argv):
+    """``--compare A B``: exit status 0 when the settings agree, 1 when not, 2 on bad input."""
+    from smooseg.errors import SmoosegError
+    from smooseg.eval.provenance import compare_files
+
+    if len(argv) != 2:
+        print("error: --compare takes two files: --compare a/metrics.json b/metrics.json", file=sys.stderr)
+        return 2
+    try:
+        text, same = compare_files(*argv)
+    except SmoosegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if same else 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compare"]:
+        sys.exit(compare(sys.argv[2:]))
     prepare_argv()
     main()

@@ -126,3 +126,58 @@ def check_same_settings(runs):
             raise SmoosegError(f"will not average {runs[0]['checkpoint']} and {run['checkpoint']}: they were "
                                f"evaluated with different settings ({said}); evaluate them with the same "
                                "settings (dataset, split, eval_res, crop, flip, crf) or summarise them apart")
+
+
+def _read_result(path):
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SmoosegError(f"{path} not found; pass two metrics.json or summary.json files") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SmoosegError(f"{path} is unreadable ({' '.join(str(err).split())}); pass a metrics.json or "
+                           "summary.json written by eval_segmentation.py") from None
+    if not isinstance(data, dict):
+        raise SmoosegError(f"{path} is not a metrics.json or summary.json; pass one written by eval_segmentation.py")
+    return data
+
+
+def _headline(data, key):
+    value = data.get(key)
+    value = value.get("mean") if isinstance(value, dict) else value
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _flat(record, prefix=""):
+    rows = {}
+    for key, value in (record or {}).items():
+        if isinstance(value, dict):
+            rows.update(_flat(value, f"{prefix}{key}."))
+        else:
+            rows[f"{prefix}{key}"] = value
+    return rows
+
+
+def compare_files(first, second):
+    """``(text, same)``: two results (metrics.json or summary.json) side by side, every provenance
+    field and the headline numbers, differing rows marked ``*``; ``same`` when their evaluation
+    settings agree (:func:`setting_differences`)."""
+    a, b = _read_result(first), _read_result(second)
+    rows_a, rows_b = _flat(a.get("provenance")), _flat(b.get("provenance"))
+    keys = list(dict.fromkeys([*rows_a, *rows_b]))
+    width = max([len(k) for k in keys] + [len("Accuracy")])
+    lines = [f"  {'':<{width}}  A: {first}", f"  {'':<{width}}  B: {second}"]
+    for key in keys:
+        va, vb = rows_a.get(key), rows_b.get(key)
+        lines.append(f"{'*' if va != vb else ' '} {key:<{width}}  {va}  |  {vb}")
+    for key in ("mIoU", "Accuracy"):
+        lines.append(f"  {key:<{width}}  {_headline(a, key)}  |  {_headline(b, key)}")
+    diff = setting_differences(a.get("provenance"), b.get("provenance"))
+    if a.get("provenance") is None or b.get("provenance") is None:
+        lines.append("cannot compare settings: a file records no provenance (written by an older version)")
+        return "\n".join(lines), False
+    lines.append("same evaluation settings" if not diff else
+                 "different evaluation settings: " + ", ".join(diff) + " (do not average these)")
+    return "\n".join(lines), not diff
