@@ -3,7 +3,7 @@
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
 ``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``smooseg/configs/eval.yaml``) evaluates each
 checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
-in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
+in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
 
   * ``metrics.json``: the headline ``mIoU`` / ``Accuracy`` (after the CRF when it is on),
     ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
@@ -13,7 +13,8 @@ in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
     numbers for the supervised linear probe (identity class map, same flip-averaged code, no CRF).
   * ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for the first ``n_images`` images,
     label and prediction coloured with the data set's colour map (prediction through the
-    Hungarian cluster -> class map).
+    Hungarian cluster -> class map), and ``<source name>_side.png`` (image | overlay | prediction
+    | ground truth, legend of the classes present).
 
 and, over the checkpoints of ``model_paths`` (glob patterns expanded), ``<output_dir>/summary.json``:
 each checkpoint's headline and the mean, sample standard deviation (ddof=1), min and max of
@@ -103,7 +104,8 @@ def cpu_threads_beside(crf_pool):
 def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_pool=None, flip=True,
              n_images=0, device="cpu", precision="32", checkpoint=None, show_progress=True):
     """Evaluate ``net`` on ``dataloader``; returns ``(metrics, examples)``: the dict that
-    ``metrics.json`` holds and the first ``n_images`` (image, label, cluster prediction) triples.
+    ``metrics.json`` holds and the first ``n_images`` (image, label, cluster prediction) triples
+    (with the item's source name as a fourth element when the data set names its items).
 
     ``precision`` is the autocast of the whole pass, the frozen backbone included. ``crf_pool``
     is a CRF runner (:func:`smooseg.eval.crf_backend.open_crf`); with the pydensecrf pool the CRF
@@ -119,7 +121,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
     linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity", sync_on_compute=False).to(device)
               if net.linear_probe is not None else None)
-    images, labels, pending = [], [], deque()
+    images, labels, sources, pending = [], [], [], deque()
 
     def finish(handle, batch_labels):
         refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
@@ -140,6 +142,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
                 room = n_images - len(images)
                 images.extend(rgb[:room])
                 labels.extend(x.numpy() for x in label[:room].cpu())
+                sources.extend(list(batch.get("name") or [])[:room])
             if crf_pool is not None:
                 pending.append((crf_pool.submit(rgb, log_probs, labels=True), label.cpu()))
                 while pending and pending[0][0].done():
@@ -156,7 +159,10 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
         metrics["nocrf"] = summarize(plain.metric.compute(), names)
     if linear is not None:
         metrics["linear"] = summarize(linear.compute(), names)
-    return metrics, list(zip(images, labels, head.preds))
+    examples = list(zip(images, labels, head.preds))
+    if len(sources) == len(examples):  # (image, label, prediction, source name) when the set names its items
+        examples = [(*example, str(name)) for example, name in zip(examples, sources)]
+    return metrics, examples
 
 
 def eval_dataset(cfg, data: DatasetInfo):

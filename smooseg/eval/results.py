@@ -1,5 +1,6 @@
 """What an evaluation leaves behind: the JSON-ready metrics, the printed per-class table,
-the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the summary over
+the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, and
+``<source stem>_side.png``: image | overlay | prediction | ground truth) and the summary over
 several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``), each
 with its provenance (:mod:`smooseg.eval.provenance`).
 
@@ -16,11 +17,14 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from smooseg.errors import SmoosegError
 from smooseg.eval.metrics import cluster_to_class_map
 from smooseg.eval.provenance import check_same_settings
+from smooseg.eval.pictures import side_by_side
 from smooseg.io import write_json
-from smooseg.viz import colorize, colormap, save_png
+from smooseg.viz import colorize, colormap, legend_image, save_png
 
 
 def _clean(value):
@@ -71,24 +75,47 @@ def format_linear(metrics):
             f"Accuracy {cell(metrics['Accuracy'])}")
 
 
-def save_examples(examples, to_class, palette, output_dir):
-    """Write ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for each kept example."""
-    paths = []
-    for n, (image, label, pred) in enumerate(examples):
+def side_name(source, n, taken):
+    """``<source stem>_side.png`` (``<n>_<stem>_side.png`` when two sources share a stem)."""
+    stem = Path(str(source)).stem or str(n)
+    name = f"{stem}_side.png" if f"{stem}_side.png" not in taken else f"{n}_{stem}_side.png"
+    taken.add(name)
+    return name
+
+
+def save_side(image, label, pred_classes, palette, class_names, path):
+    """The side-by-side of one evaluated image: image | overlay | prediction | ground truth, with
+    a legend of the classes present in either (ignored pixels black, unlisted)."""
+    present = np.unique(np.concatenate([pred_classes.ravel(), np.asarray(label).ravel()]))
+    present = [int(c) for c in present if 0 <= c < len(class_names)]
+    legend = legend_image([class_names[c] for c in present], [palette[c] for c in present])
+    return save_png(side_by_side(image, colorize(pred_classes, palette), legend,
+                                 truth=colorize(label, palette)), path)
+
+
+def save_examples(examples, to_class, palette, output_dir, class_names=None):
+    """Write ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for each kept example, and, for
+    examples that carry their source name (a fourth element), ``<source stem>_side.png``."""
+    paths, taken = [], set()
+    for n, (image, label, pred, *source) in enumerate(examples):
+        pred_classes = to_class[pred].numpy()
         paths.append(save_png(image, Path(output_dir) / f"{n}_img.png"))
         paths.append(save_png(colorize(label, palette), Path(output_dir) / f"{n}_label.png"))
-        paths.append(save_png(colorize(to_class[pred].numpy(), palette), Path(output_dir) / f"{n}_pred.png"))
+        paths.append(save_png(colorize(pred_classes, palette), Path(output_dir) / f"{n}_pred.png"))
+        if source and class_names is not None:
+            paths.append(save_side(image, label, pred_classes, palette, class_names,
+                                   Path(output_dir) / side_name(source[0], n, taken)))
     return paths
 
 
 # What an evaluation writes into its folder (the report pictures: smooseg.eval.report.REPORT_FILES)
-EXAMPLE_PICTURE = re.compile(r"\d+_(img|label|pred)\.png")
+EXAMPLE_PICTURE = re.compile(r"\d+_(img|label|pred)\.png|.+_side\.png")
 REPORT_PICTURES = ("per_class_iou.png", "confusion.png", "examples.png")
 
 
 def clear_outputs(output_dir):
     """Remove what an earlier evaluation left in ``output_dir``: ``metrics.json``, the example
-    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the report pictures, so
+    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, ``*_side.png``) and the report pictures, so
     that nothing stale (another checkpoint's, or more examples than this run keeps) survives
     into the new evaluation's folder or report. Other files are left alone; returns the removed."""
     output_dir = Path(output_dir)
@@ -116,7 +143,7 @@ def write_outputs(metrics, examples, data, n_clusters, output_dir):
     assignment = [metrics["assignment"][name] for name in data.class_names]
     to_class = cluster_to_class_map(assignment, n_clusters)
     clear_outputs(output_dir)
-    save_examples(examples, to_class, colormap(data.name, data.n_classes), output_dir)
+    save_examples(examples, to_class, colormap(data.name, data.n_classes), output_dir, list(data.class_names))
     return write_json(metrics, output_dir / "metrics.json")
 
 
