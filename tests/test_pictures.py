@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from smooseg.data.datasets import DatasetInfo
-from smooseg.eval.pictures import cluster_names, present_legend, save_ids_png, side_by_side
+from smooseg.eval.pictures import cluster_names, present_legend, save_ids_png, side_by_side, titled_row
 from smooseg.eval.results import write_outputs
 from smooseg.viz import colormap
 
@@ -78,3 +78,13 @@ def test_evaluation_writes_a_side_by_side_per_named_example(tmp_path):
     found = _colours(Image.open(tmp_path / "top_0001_side.png").convert("RGB"))
     assert tuple(palette[0]) in found and tuple(palette[1]) in found
     assert tuple(palette[2]) not in found                               # class 2 occurs nowhere
+
+
+def test_titled_row_enlarges_small_panels_by_a_whole_factor():
+    a = np.zeros((32, 32, 3), np.uint8)
+    b = np.full((32, 32, 3), 255, np.uint8)
+    b[0, 0] = (9, 9, 9)
+    row = titled_row([a, b], ("image", "prediction"), min_side=100)
+    assert row.shape == (128 + 20, 2 * 128 + 4, 3)                   # ×4, a title strip of 20 px
+    assert (row[20:24, 132:136] == (9, 9, 9)).all()                  # one pixel became 4×4
+    assert (row[-1, :128] == 0).all() and (row[:20] < 255).any()     # the panel, and title text

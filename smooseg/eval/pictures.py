@@ -20,6 +20,8 @@ from smooseg.viz import legend_image, overlay
 
 TITLE_SIZE = 14
 PANEL_GAP = 4
+# Panels of TensorBoard example rows are enlarged (nearest neighbour) to at least this height.
+EXAMPLE_MIN_SIDE = 192
 
 
 def cluster_names(n_clusters, class_map=None, class_names=None):
@@ -77,3 +79,17 @@ def save_ids_png(ids, colors, path):
     with atomic_write(path) as tmp:
         picture.save(tmp, format="PNG")
     return path
+
+
+def titled_row(panels, titles, min_side=EXAMPLE_MIN_SIDE):
+    """H'×W'×3 uint8: equally sized H×W×3 ``panels`` side by side, each enlarged by a whole factor
+    (nearest neighbour) to at least ``min_side`` pixels high and titled above."""
+    font = ImageFont.load_default(size=TITLE_SIZE)
+    factor = max(1, -(-min_side // panels[0].shape[0]))
+    tiles = [_titled(np.asarray(p, np.uint8).repeat(factor, 0).repeat(factor, 1), t, font)
+             for p, t in zip(panels, titles, strict=True)]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + PANEL_GAP * (len(tiles) - 1), tiles[0].height),
+                       "white")
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (i * (tile.width + PANEL_GAP), 0))
+    return np.asarray(canvas)
