@@ -438,3 +438,32 @@ def test_entry_point_refuses_a_crf_that_cannot_fit_and_names_the_fix(tmp_path, c
                          ("crf_max_memory=lots", "crf_max_memory='lots' is not a memory size")):
         proc = _run(*args, bad, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_recursive_names_the_symlinked_folders_it_skips(tmp_path, module, data, caplog):
+    root = tmp_path / "in"
+    _write(root / "a.png", 20, 30, 0)
+    _write(tmp_path / "elsewhere" / "b.png", 20, 30, 1)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"):
+        found = list_images(root, recursive=True)
+    assert [p.name for p in found] == ["a.png"]
+    assert f"skipped symlinked folder {root / 'linked'}" in caplog.text
+
+
+def test_metrics_json_of_another_checkpoint_is_refused(tmp_path, checkpoint, folder):
+    from smooseg.eval.provenance import file_sha256
+
+    own = _metrics_json(tmp_path / "own.json", [1, 0, 3])
+    data = json.loads(own.read_text())
+    data["provenance"] = {"checkpoint": {"sha256": file_sha256(checkpoint)}}
+    own.write_text(json.dumps(data))
+    assert class_map_from_metrics(own, 4, 3, checkpoint_sha256=file_sha256(checkpoint))[0].tolist() == [1, 0, -1, 2]
+    data["provenance"]["checkpoint"]["sha256"] = "ab" * 32
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    proc = _run(f"model_path={checkpoint}", f"input_dir={folder}", "output_dir=seg", f"metrics_json={other}",
+                "progress=false", "device=cpu", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is the evaluation of another checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "seg").exists()
