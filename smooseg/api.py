@@ -89,20 +89,20 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(self, images, crf=False, flip=None):
-        """A :class:`Segmentation` of one image, or a list of them for a list of images (their
-        dense CRF, with ``crf``, runs as one batch). ``flip`` (default: the loaded options')
-        averages with the horizontally flipped image."""
+        """A :class:`Segmentation` of one image, or a list of them for a list of images (batched:
+        images of one size go through the network together, their dense CRF, with ``crf``, runs
+        as one batch). ``flip`` (default: the loaded options') averages with the horizontally
+        flipped image."""
         from dataclasses import replace
 
         from smooseg.eval.crf_memory import CRF_MAX_PIXELS, crf_image, crf_shape, refined_ids
-        from smooseg.eval.predict import predict_image
+        from smooseg.eval.predict import predict_images
 
         many = isinstance(images, (list, tuple))
         arrays = [as_rgb_array(image) for image in (images if many else [images])]
         options = self.options if flip is None else replace(self.options, flip=bool(flip))
         sizes = [crf_shape(*a.shape[:2], CRF_MAX_PIXELS) if crf else None for a in arrays]
-        predicted = [predict_image(self.net, a, options, keep_log_probs=crf, log_size=s)
-                     for a, s in zip(arrays, sizes, strict=True)]
+        predicted = predict_images(self.net, arrays, options, keep_log_probs=crf, log_sizes=sizes)
         if crf:
             handle = self._crf_pool().submit([crf_image(a, s) for a, s in zip(arrays, sizes, strict=True)],
                                              [log_probs for _, log_probs in predicted])

@@ -135,19 +135,8 @@ def _resized_code(net, img, size, flip, precision):
 def predict_resize(net, img, size, flip=True, keep_log_probs=False, precision="32", log_size=None):
     """Resize mode on one 1×3×H×W image -> (ids H×W int64 numpy, K×h×w float32 log-probs or None);
     the log-probabilities are at ``log_size`` = (h, w) (default the image's H×W)."""
-    height, width = img.shape[-2:]
     code = _resized_code(net, img, size, flip, precision)
-    log_size = (height, width) if log_size is None else tuple(log_size)
-    ids = np.empty((height, width), dtype=np.int64)
-    log_probs = np.empty((net.n_clusters, *log_size), np.float32) if keep_log_probs else None
-    for top, bottom, stripe in log_prob_stripes(net, code, (height, width)):
-        ids[top:bottom] = stripe[0].argmax(0).cpu().numpy()
-        if keep_log_probs and log_size == (height, width):
-            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
-    if keep_log_probs and log_size != (height, width):
-        for top, bottom, stripe in log_prob_stripes(net, code, log_size):
-            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
-    return ids, log_probs
+    return _stripes_of(net, code, tuple(img.shape[-2:]), keep_log_probs, log_size)
 
 
 def _window_boxes(padded, win_h, win_w, stride):
@@ -201,6 +190,45 @@ def predict_image(net, image, options: PredictOptions, keep_log_probs=False, log
         return predict_resize(net, img, size, options.flip, keep_log_probs, options.precision, log_size)
     return predict_window(net, img, size, stride, options.flip, options.batch_size, keep_log_probs,
                           options.precision, log_size)
+
+
+def _stripes_of(net, code, size, keep_log_probs, log_size):
+    """(ids, log-probs or None) of one 1×D×h×w ``code`` upsampled to ``size`` (as predict_resize)."""
+    ids = np.empty(size, dtype=np.int64)
+    log_size = tuple(size) if log_size is None else tuple(log_size)
+    log_probs = np.empty((net.n_clusters, *log_size), np.float32) if keep_log_probs else None
+    for top, bottom, stripe in log_prob_stripes(net, code, size):
+        ids[top:bottom] = stripe[0].argmax(0).cpu().numpy()
+        if keep_log_probs and log_size == tuple(size):
+            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
+    if keep_log_probs and log_size != tuple(size):
+        for top, bottom, stripe in log_prob_stripes(net, code, log_size):
+            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
+    return ids, log_probs
+
+
+@torch.no_grad()
+def predict_images(net, images, options: PredictOptions, keep_log_probs=False, log_sizes=None):
+    """:func:`predict_image` of each H×W×3 uint8 image of ``images``; in resize mode images of one
+    size go through the network together, ``options.batch_size`` at a time."""
+    log_sizes = [None] * len(images) if log_sizes is None else list(log_sizes)
+    if options.mode == "window":
+        return [predict_image(net, image, options, keep_log_probs, size)
+                for image, size in zip(images, log_sizes, strict=True)]
+    device = next(net.parameters()).device
+    size, _ = options.fitted(net.patch_size)
+    results = [None] * len(images)
+    groups = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape[:2], []).append(index)
+    for shape, indices in groups.items():
+        for first in range(0, len(indices), options.batch_size):
+            chunk = indices[first:first + options.batch_size]
+            img = torch.cat([to_input(images[i], device) for i in chunk])
+            code = _resized_code(net, img, size, options.flip, options.precision)
+            for row, i in enumerate(chunk):
+                results[i] = _stripes_of(net, code[row:row + 1], shape, keep_log_probs, log_sizes[i])
+    return results
 
 
 def upsampled_argmax(probs, size, max_elements=STRIPE_ELEMENTS):
