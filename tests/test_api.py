@@ -77,7 +77,7 @@ def test_segment_equals_segment_images(tmp_path, checkpoint, mode):
     for name, (h, w) in shapes.items():
         written = np.asarray(Image.open(tmp_path / "out" / f"{name}_ids.png"))
         pil = Image.open(photos / f"{name}.png")
-        array = np.asarray(pil.convert("RGB"))
+        array = np.array(pil.convert("RGB"))
         r = seg.segment(pil)
         assert r.clusters.shape == (h, w) and r.classes is None
         assert (r.clusters == written).all()

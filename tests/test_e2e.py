@@ -81,7 +81,8 @@ def test_eval_with_and_without_crf(trained_run, tmp_path):
     for picture in ("per_class_iou.png", "confusion.png", "examples.png"):  # report=true
         assert Image.open(crf_dir / picture).size[0] > 100
     assert not (plain_dir / "confusion.png").exists()  # report is off by default
-    sources = {p.stem for p in (trained_run["data_dir"] / "cityscapes" / "leftImg8bit" / "val").rglob("*.png")}
+    sources = {p.stem.removesuffix("_leftImg8bit")   # a Cityscapes item is named by its scene id
+               for p in (trained_run["data_dir"] / "cityscapes" / "leftImg8bit" / "val").rglob("*.png")}
     sides = sorted(p.name[:-len("_side.png")] for p in plain_dir.glob("*_side.png"))
     assert len(sides) == 2 and set(sides) <= sources      # named after the source files
     label = np.asarray(Image.open(last_dir / "0_label.png"))
