@@ -12,7 +12,7 @@ refused unless it records this checkpoint's sha256.
 """
 
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class Segmentation(NamedTuple):
     (H×W int64 class ids, −1 where the cluster is unmatched; None without a matching)."""
 
     clusters: np.ndarray
-    classes: Optional[np.ndarray]
+    classes: np.ndarray | None
 
 
 def as_rgb_array(image):

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_module, run_script
+
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_paths, output_names
 from smooseg.eval.provenance import check_same_settings, setting_differences
 from smooseg.eval.results import claim_results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATION_KEYS = {"dataset", "split", "eval_res", "crop", "flip", "crf", "crf_backend", "precision", "n_images"}
+EVALUATION_KEYS = {"dataset", "split", "eval_res", "crop", "flip", "crf", "crf_backend", "precision",
+                   "n_images"}
 
 
 def _checkpoint(path, seed, eval_res=64):
@@ -37,8 +38,8 @@ def runs(tmp_path_factory):
 
 
 def _eval(data, out, *paths, check=True, extra=()):
-    return run_script("eval_segmentation.py", f"model_paths=[{','.join(map(str, paths))}]", f"data_dir={data}",
-                      "crf=false", "n_images=1", "num_workers=0", "batch_size=4", "device=cpu",
+    return run_script("eval_segmentation.py", f"model_paths=[{','.join(map(str, paths))}]",
+                      f"data_dir={data}", "crf=false", "n_images=1", "num_workers=0", "batch_size=4", "device=cpu",
                       f"output_dir={out}", *extra, check=check)
 
 
@@ -104,7 +105,8 @@ def test_compare_two_results(synthetic_data, runs, tmp_path):
     same = subprocess.run([*script, a, b], capture_output=True, text=True, cwd=tmp_path)
     assert same.returncode == 0 and "same evaluation settings" in same.stdout
     assert any(line.startswith("* checkpoint.sha256") for line in same.stdout.splitlines())
-    bad = subprocess.run([*script, a, tmp_path / "missing.json"], capture_output=True, text=True, cwd=tmp_path)
+    bad = subprocess.run([*script, a, tmp_path / "missing.json"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing.json'} not found; pass two metrics.json or summary.json files"]
 
@@ -112,11 +114,13 @@ def test_compare_two_results(synthetic_data, runs, tmp_path):
 def test_setting_differences_by_hand():
     one = {"evaluation": {"eval_res": 320, "flip": True, "n_images": 500}}
     assert setting_differences(one, {"evaluation": {"eval_res": 320, "flip": True, "n_images": 3}}) == {}
-    assert setting_differences(one, {"evaluation": {"eval_res": 224, "flip": True}}) == {"eval_res": (320, 224)}
+    other_res = {"evaluation": {"eval_res": 224, "flip": True}}
+    assert setting_differences(one, other_res) == {"eval_res": (320, 224)}
     check_same_settings([{"checkpoint": "a", "provenance": one}, {"checkpoint": "b", "provenance": None}])
     with pytest.raises(SmoosegError, match="flip True vs False"):
+        no_flip = {"evaluation": {"eval_res": 320, "flip": False}}
         check_same_settings([{"checkpoint": "a", "provenance": one},
-                             {"checkpoint": "b", "provenance": {"evaluation": {"eval_res": 320, "flip": False}}}])
+                             {"checkpoint": "b", "provenance": no_flip}])
 
 
 def test_literal_paths_are_not_patterns_and_names_are_by_content(tmp_path, runs):

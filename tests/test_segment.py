@@ -8,16 +8,35 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_module
 from PIL import Image
 
-from conftest import make_module
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
-from smooseg.eval.crf_memory import crf_bytes_per_pixel, crf_shape, host_available_memory, parse_bytes
-from smooseg.eval.predict import (PredictOptions, bilinear_matrix, log_prob_stripes, predict_resize,
-                                  predict_window, resized_shape, upsampled_argmax, window_starts)
-from smooseg.eval.segment import class_map_from_metrics, list_images, output_stems, read_image, segment_folder
+from smooseg.eval.crf_memory import (
+    crf_bytes_per_pixel,
+    crf_shape,
+    host_available_memory,
+    parse_bytes,
+)
+from smooseg.eval.predict import (
+    PredictOptions,
+    bilinear_matrix,
+    log_prob_stripes,
+    predict_resize,
+    predict_window,
+    resized_shape,
+    upsampled_argmax,
+    window_starts,
+)
+from smooseg.eval.segment import (
+    class_map_from_metrics,
+    list_images,
+    output_stems,
+    read_image,
+    segment_folder,
+)
 from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.viz import class_colors, colormap, legend_image
@@ -181,8 +200,8 @@ def _read(path):
 
 def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
     out = tmp_path / "out"
-    results = segment_folder(module, data, folder, out, PredictOptions(mode="resize", size=64), recursive=True,
-                             save_ids=True, show_progress=False)
+    results = segment_folder(module, data, folder, out, PredictOptions(mode="resize", size=64),
+                             recursive=True, save_ids=True, show_progress=False)
     assert len(results) == 3
     palette = colormap("potsdam", K)
     for rel, (h, w) in [("a", (50, 70)), ("b", (97, 64)), ("nested/deep/c", (40, 33))]:
@@ -195,7 +214,8 @@ def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
         image = read_image(next(folder.glob(f"{rel}.*")))
         blend = (0.5 * image.astype(np.float32) + 0.5 * mask.astype(np.float32)).round()
         assert np.abs(over.astype(np.float32) - blend).max() <= 1
-    present = np.unique(np.concatenate([_read(out / f"{rel}_ids.png").ravel() for rel in ("a", "b", "nested/deep/c")]))
+    rels = ("a", "b", "nested/deep/c")
+    present = np.unique(np.concatenate([_read(out / f"{rel}_ids.png").ravel() for rel in rels]))
     legend_colours = {tuple(c) for c in _read(out / "legend.png").reshape(-1, 3)}
     assert all(tuple(palette[k]) in legend_colours for k in present)
     assert not any(tuple(palette[k]) in legend_colours for k in set(range(K)) - set(present.tolist()))
@@ -205,8 +225,9 @@ def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
 def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module, data):
     out = tmp_path / "out"
     class_map = torch.tensor([2, -1, 0, 1])         # cluster 1 is unmatched
-    results = segment_folder(module, data, folder, out, PredictOptions(mode="window", size=32, stride=16, flip=False),
-                             save_ids=True, class_map=class_map, show_progress=False)
+    options = PredictOptions(mode="window", size=32, stride=16, flip=False)
+    results = segment_folder(module, data, folder, out, options, save_ids=True, class_map=class_map,
+                             show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     palette = colormap("potsdam", K)
     colour_of_cluster = np.stack([palette[2], palette[3], palette[0], palette[1]])
@@ -225,9 +246,10 @@ def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, data, caplog)
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(SmoosegError, match="zz_broken.png"):
         segment_folder(module, data, folder, tmp_path / "o1", show_progress=False)
-    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"), open_crf("pydensecrf", "cpu") as pool:
-        results = segment_folder(module, data, folder, tmp_path / "o2", PredictOptions(size=32), crf_pool=pool,
-                                 save_ids=True, skip_bad=True, show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"), \
+            open_crf("pydensecrf", "cpu") as crf:
+        results = segment_folder(module, data, folder, tmp_path / "o2", PredictOptions(size=32),
+                                 crf_pool=crf, save_ids=True, skip_bad=True, show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     assert "zz_broken.png" in caplog.text
     assert _read(tmp_path / "o2" / "b_ids.png").shape == (97, 64)
@@ -238,8 +260,8 @@ def test_segment_folder_rejects_bad_options(folder, tmp_path, module, data):
     with pytest.raises(SmoosegError, match="mode=tile"):
         segment_folder(module, data, folder, tmp_path / "o", PredictOptions(mode="tile"), show_progress=False)
     with pytest.raises(SmoosegError, match="stride=40 is larger than the window"):
-        segment_folder(module, data, folder, tmp_path / "o", PredictOptions(mode="window", size=32, stride=40),
-                       show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o",
+                       PredictOptions(mode="window", size=32, stride=40), show_progress=False)
     with pytest.raises(SmoosegError, match="input folder"):
         segment_folder(module, data, folder, folder, show_progress=False)
     with pytest.raises(SmoosegError, match="class_map"):
@@ -249,7 +271,8 @@ def test_segment_folder_rejects_bad_options(folder, tmp_path, module, data):
 def test_output_inside_input_is_not_resegmented(folder, module, data):
     out = folder / "seg"
     segment_folder(module, data, folder, out, PredictOptions(size=32), recursive=True, show_progress=False)
-    again = segment_folder(module, data, folder, out, PredictOptions(size=32), recursive=True, show_progress=False)
+    again = segment_folder(module, data, folder, out, PredictOptions(size=32), recursive=True,
+                           show_progress=False)
     assert len(again) == 3
 
 
@@ -458,12 +481,14 @@ def test_metrics_json_of_another_checkpoint_is_refused(tmp_path, checkpoint, fol
     data = json.loads(own.read_text())
     data["provenance"] = {"checkpoint": {"sha256": file_sha256(checkpoint)}}
     own.write_text(json.dumps(data))
-    assert class_map_from_metrics(own, 4, 3, checkpoint_sha256=file_sha256(checkpoint))[0].tolist() == [1, 0, -1, 2]
+    class_map, _ = class_map_from_metrics(own, 4, 3, checkpoint_sha256=file_sha256(checkpoint))
+    assert class_map.tolist() == [1, 0, -1, 2]
     data["provenance"]["checkpoint"]["sha256"] = "ab" * 32
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     proc = _run(f"model_path={checkpoint}", f"input_dir={folder}", "output_dir=seg", f"metrics_json={other}",
                 "progress=false", "device=cpu", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "is the evaluation of another checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "is the evaluation of another checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "seg").exists()

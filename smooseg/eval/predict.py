@@ -15,7 +15,6 @@ Two ways to fit an image to the backbone's patch size (:class:`PredictOptions`):
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ class PredictOptions:
 
     mode: str = "resize"
     size: int = 320
-    stride: Optional[int] = None
+    stride: int | None = None
     flip: bool = True
     batch_size: int = 8
     precision: str = "32"
@@ -57,7 +56,8 @@ class PredictOptions:
         if not _positive_int(self.size):
             raise SmoosegError(f"size={self.size!r} must be a positive number of pixels")
         if self.stride is not None and not _positive_int(self.stride):
-            raise SmoosegError(f"stride={self.stride!r} must be a positive number of pixels or null (size // 2)")
+            raise SmoosegError(f"stride={self.stride!r} must be a positive number of pixels or null "
+                               "(size // 2)")
         if not _positive_int(self.batch_size):
             raise SmoosegError(f"batch_size={self.batch_size!r} must be a positive integer")
 
@@ -164,7 +164,7 @@ def predict_window(net, img, size, stride, flip=True, batch_size=8, keep_log_pro
     count = torch.zeros(tuple(padded.shape[-2:]), device=img.device)
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first:first + batch_size]
-        batch = torch.cat([padded[..., t:t + win_h, l:l + win_w] for t, l in chunk])
+        batch = torch.cat([padded[..., top:top + win_h, left:left + win_w] for top, left in chunk])
         with autocast(img.device, precision):
             probs = net(batch, flip=flip).float().exp()
         for (top, left), p in zip(chunk, probs, strict=True):

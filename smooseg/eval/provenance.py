@@ -140,7 +140,8 @@ def _read_result(path):
         raise SmoosegError(f"{path} is unreadable ({' '.join(str(err).split())}); pass a metrics.json or "
                            "summary.json written by eval_segmentation.py") from None
     if not isinstance(data, dict):
-        raise SmoosegError(f"{path} is not a metrics.json or summary.json; pass one written by eval_segmentation.py")
+        raise SmoosegError(f"{path} is not a metrics.json or summary.json; pass one written by "
+                           "eval_segmentation.py")
     return data
 
 

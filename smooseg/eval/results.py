@@ -21,8 +21,8 @@ import numpy as np
 
 from smooseg.errors import SmoosegError
 from smooseg.eval.metrics import cluster_to_class_map
-from smooseg.eval.provenance import check_same_settings
 from smooseg.eval.pictures import side_by_side
+from smooseg.eval.provenance import check_same_settings
 from smooseg.io import write_json
 from smooseg.viz import colorize, colormap, legend_image, save_png
 
@@ -36,8 +36,10 @@ def summarize(result, class_names):
     return {
         "mIoU": _clean(float(result["mIoU"])),
         "Accuracy": _clean(float(result["Accuracy"])),
-        "per_class_iou": {name: _clean(float(v)) for name, v in zip(class_names, result["iou"].tolist())},
-        "assignment": {name: int(k) for name, k in zip(class_names, result["assignment"].tolist())},
+        "per_class_iou": {name: _clean(float(v))
+                          for name, v in zip(class_names, result["iou"].tolist(), strict=True)},
+        "assignment": {name: int(k)
+                       for name, k in zip(class_names, result["assignment"].tolist(), strict=True)},
         "confusion": result["confusion"].tolist(),
     }
 
@@ -115,9 +117,9 @@ REPORT_PICTURES = ("per_class_iou.png", "confusion.png", "examples.png")
 
 def clear_outputs(output_dir):
     """Remove what an earlier evaluation left in ``output_dir``: ``metrics.json``, the example
-    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, ``*_side.png``) and the report pictures, so
-    that nothing stale (another checkpoint's, or more examples than this run keeps) survives
-    into the new evaluation's folder or report. Other files are left alone; returns the removed."""
+    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, ``*_side.png``) and the report
+    pictures, so that nothing stale (another checkpoint's, or more examples than this run keeps)
+    survives into the new evaluation's folder or report. Other files are left alone; returns the removed."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -191,7 +193,8 @@ def summarize_runs(runs):
     """
     runs = list(runs)
     check_same_settings(runs)
-    return {"n": len(runs), "std": STD_NOTE, **{key: spread(run.get(key) for run in runs) for key in HEADLINE},
+    spreads = {key: spread(run.get(key) for run in runs) for key in HEADLINE}
+    return {"n": len(runs), "std": STD_NOTE, **spreads,
             "provenance": shared_provenance(runs), "runs": runs}
 
 
@@ -206,7 +209,7 @@ def format_runs(summary, label):
     width = max([len(n) for n in names] + [len("Accuracy")])
     lines = [f"== summary over {summary['n']} {label}s (mean ± sample std, ddof=1)"]
     lines += [f"{name:<{width}}  mIoU {cell(run.get('mIoU')):>6}   Accuracy {cell(run.get('Accuracy')):>6}"
-              for name, run in zip(names, summary["runs"])]
+              for name, run in zip(names, summary["runs"], strict=True)]
     for key in HEADLINE:
         s = summary[key]
         lines.append(f"{key:<{width}}  {cell(s['mean'])} ± {cell(s['std'])}   "

@@ -32,8 +32,18 @@ from tqdm import tqdm
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
-from smooseg.eval.crf_memory import (CRF_MAX_PIXELS, check_crf_memory, check_max_pixels, crf_image, crf_limit,
-                                     crf_shape, parse_bytes, pool_backend, pool_concurrency, refined_ids)
+from smooseg.eval.crf_memory import (
+    CRF_MAX_PIXELS,
+    check_crf_memory,
+    check_max_pixels,
+    crf_image,
+    crf_limit,
+    crf_shape,
+    parse_bytes,
+    pool_backend,
+    pool_concurrency,
+    refined_ids,
+)
 from smooseg.eval.metrics import cluster_to_class_map
 from smooseg.eval.pictures import cluster_names, present_legend, save_ids_png, side_by_side
 from smooseg.eval.predict import PredictOptions, predict_image
@@ -152,7 +162,8 @@ class _Writer:
         legend = present_legend(ids, self.colors, self.names)
         out = {"image": path, "ids": None,
                "mask": save_png(mask, stem.parent / f"{stem.name}_mask.png"),
-               "overlay": save_png(overlay(image, mask, self.alpha), stem.parent / f"{stem.name}_overlay.png"),
+               "overlay": save_png(overlay(image, mask, self.alpha),
+                                   stem.parent / f"{stem.name}_overlay.png"),
                "side": save_png(side_by_side(image, mask, legend, self.alpha),
                                 stem.parent / f"{stem.name}_side.png")}
         if self.save_ids:
@@ -196,14 +207,15 @@ def _check_folders(input_dir, output_dir, alpha):
 
 
 @torch.no_grad()
-def segment_folder(net, data, input_dir, output_dir, options=PredictOptions(), *, recursive=False,
+def segment_folder(net, data, input_dir, output_dir, options=None, *, recursive=False,
                    crf_pool=None, crf_max_pixels=CRF_MAX_PIXELS, crf_max_memory="auto", class_map=None,
                    class_names=None, save_ids=False, alpha=0.5, skip_bad=False, show_progress=True):
     """Segment every image of ``input_dir`` into ``output_dir`` on the net's device; returns one
     dict per written image (keys ``image``, ``mask``, ``overlay``, ``side``, ``ids`` (None unless
     ``save_ids``)).
 
-    ``options`` (:class:`PredictOptions`) fit each image to the patch size. With a ``crf_pool``
+    ``options`` (:class:`PredictOptions`, None: its defaults) fit each image to the patch size.
+    With a ``crf_pool``
     (:func:`smooseg.eval.crf_backend.open_crf`) the dense CRF refines each image while the next
     goes through the network, on at most ``crf_max_pixels`` pixels, after a memory check against
     ``crf_max_memory`` (:mod:`smooseg.eval.crf_memory`). ``class_map`` (cluster -> class, −1
@@ -212,10 +224,12 @@ def segment_folder(net, data, input_dir, output_dir, options=PredictOptions(), *
     Unreadable images raise, or are skipped with a warning under ``skip_bad``.
     """
     output_dir = _check_folders(input_dir, output_dir, alpha)
+    options = PredictOptions() if options is None else options
     options.fitted(net.patch_size)
     paths = list_images(input_dir, recursive, exclude=output_dir)
     colors = cluster_palette(net.n_clusters, data.name, class_map)
-    names = cluster_names(net.n_clusters, class_map, data.class_names if class_names is None else class_names)
+    names = cluster_names(net.n_clusters, class_map,
+                          data.class_names if class_names is None else class_names)
     writer = _Writer(output_dir, colors, names, alpha, save_ids)
     crf = crf_pool is not None
     if crf:
