@@ -35,6 +35,7 @@ from smooseg.eval.segment import (
     list_images,
     output_stems,
     read_image,
+    run_segment,
     segment_folder,
 )
 from smooseg.model.backbone import patch_multiple
@@ -492,3 +493,24 @@ def test_metrics_json_of_another_checkpoint_is_refused(tmp_path, checkpoint, fol
     assert "is the evaluation of another checkpoint" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "seg").exists()
+
+
+def test_run_segment_reads_attributes_only(tmp_path, checkpoint):
+    """run_segment takes any object with the keys of segment.yaml as attributes (the typed settings)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
+        cfg = compose(config_name="segment", overrides=[f"model_path={checkpoint}"])
+    keys = {k: cfg[k] for k in cfg if k not in ("hydra", "defaults", "input_dir")}
+    _write(tmp_path / "in" / "a.png", 30, 41, 0)
+    keys.update(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), size=32, progress=False,
+                device="cpu", save_ids=True)
+    settings = dataclasses.make_dataclass("SegmentSettings", list(keys))(**keys)
+    (result,) = run_segment(settings)
+    assert _read(result["ids"]).shape == (30, 41)
+    assert result["side"].name == "a_side.png" and result["side"].is_file()
+    missing = dataclasses.replace(settings, model_path=None)
+    with pytest.raises(SmoosegError, match="model_path is required"):
+        run_segment(missing)
