@@ -52,7 +52,7 @@ def _natural(path):
 
 def job_headline(path, sweep_dir):
     """The summary entry of the job whose final evaluation is ``path``: its folder, seed (from its
-    ``config.yaml``), checkpoint, metrics file, CRF or not, mIoU and Accuracy."""
+    ``config.yaml``), checkpoint, metrics file, CRF or not, mIoU, Accuracy and provenance."""
     from omegaconf import OmegaConf
 
     job = Path(path).parents[1]
@@ -61,7 +61,7 @@ def job_headline(path, sweep_dir):
     seed = OmegaConf.load(config).get("seed") if config.is_file() else None
     return {"job": job.relative_to(sweep_dir).as_posix(), "seed": seed, "output_dir": str(job),
             "checkpoint": metrics.get("checkpoint"), "metrics": str(path), "crf": metrics.get("crf"),
-            "mIoU": metrics.get("mIoU"), "Accuracy": metrics.get("Accuracy")}
+            "mIoU": metrics.get("mIoU"), "Accuracy": metrics.get("Accuracy"), "provenance": metrics.get("provenance")}
 
 
 class SweepSummary(Callback):

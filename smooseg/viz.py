@@ -56,7 +56,7 @@ def read_metrics_json(path):
 
     Returns dict(class_names=list, iou=float64 ndarray (NaN where undefined), assignment=int64
     ndarray (matched cluster of each class), confusion=K×n int64 ndarray or None, mIoU, Accuracy,
-    checkpoint).
+    checkpoint, checkpoint_sha256 (None when not recorded)).
     """
     path = Path(path)
     hint = "pass the metrics.json written by eval_segmentation.py"
@@ -87,7 +87,15 @@ def read_metrics_json(path):
                            f"K×{len(names)} with K > {clusters.max()}; {hint}")
     return {"class_names": names, "iou": iou, "assignment": clusters, "confusion": confusion,
             "mIoU": data.get("mIoU"), "Accuracy": data.get("Accuracy"),
-            "checkpoint": data.get("checkpoint")}
+            "checkpoint": data.get("checkpoint"), "checkpoint_sha256": _recorded_sha256(data)}
+
+
+def _recorded_sha256(metrics):
+    """The checkpoint sha256 a metrics.json records (``provenance.checkpoint.sha256``), or None."""
+    provenance = metrics.get("provenance")
+    checkpoint = provenance.get("checkpoint") if isinstance(provenance, dict) else None
+    sha = checkpoint.get("sha256") if isinstance(checkpoint, dict) else None
+    return sha if isinstance(sha, str) else None
 
 
 def class_colors(cluster_to_class, palette):

@@ -1,9 +1,11 @@
 """End to end on CPU through the entry points: train -> checkpoints -> final evaluation -> eval with /
 without CRF; several seeds (multirun) and the summaries over jobs and checkpoints."""
 
+import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,12 @@ def test_training_writes_best_and_last_checkpoints(trained_run):
     assert ckpt["hyper_parameters"]["runtime"]["pretrained"] is False
 
 
+def _result_dir(output_dir, checkpoint):
+    """Where eval_segmentation.py puts a checkpoint's results: <stem>-<first 10 hex of its sha256>."""
+    sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    return Path(output_dir) / f"{Path(checkpoint).stem}-{sha[:10]}"
+
+
 def _check_eval_dir(folder, n_images, size):
     metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("mIoU", "Accuracy"):
@@ -60,18 +68,24 @@ def test_eval_with_and_without_crf(trained_run, tmp_path):
     # reference-style flags, two checkpoints in one run
     proc = run_script("eval_segmentation.py", "--model_paths", f"[{best},{last}]", "--crf", "false",
                       "--output_dir", tmp_path / "plain", *common)
-    with_crf = _check_eval_dir(tmp_path / "crf" / best.stem, 2, 64)
-    plain = _check_eval_dir(tmp_path / "plain" / best.stem, 2, 64)
-    _check_eval_dir(tmp_path / "plain" / "last", 2, 64)
+    crf_dir, plain_dir = _result_dir(tmp_path / "crf", best), _result_dir(tmp_path / "plain", best)
+    last_dir = _result_dir(tmp_path / "plain", last)
+    with_crf = _check_eval_dir(crf_dir, 2, 64)
+    plain = _check_eval_dir(plain_dir, 2, 64)
+    _check_eval_dir(last_dir, 2, 64)
     assert with_crf["crf"] is True and plain["crf"] is False and "nocrf" not in plain
     assert with_crf["n_evaluated"] == plain["n_evaluated"] == 8  # every val image counts
     assert with_crf["nocrf"]["mIoU"] == pytest.approx(plain["mIoU"])
     assert with_crf["nocrf"]["Accuracy"] == pytest.approx(plain["Accuracy"])
     assert "mIoU" in proc.stdout and "road" in proc.stdout  # the printed per-class table
     for picture in ("per_class_iou.png", "confusion.png", "examples.png"):  # report=true
-        assert Image.open(tmp_path / "crf" / best.stem / picture).size[0] > 100
-    assert not (tmp_path / "plain" / best.stem / "confusion.png").exists()  # report is off by default
-    label = np.asarray(Image.open(tmp_path / "plain" / "last" / "0_label.png"))
+        assert Image.open(crf_dir / picture).size[0] > 100
+    assert not (plain_dir / "confusion.png").exists()  # report is off by default
+    sources = {p.stem.removesuffix("_leftImg8bit")   # a Cityscapes item is named by its scene id
+               for p in (trained_run["data_dir"] / "cityscapes" / "leftImg8bit" / "val").rglob("*.png")}
+    sides = sorted(p.name[:-len("_side.png")] for p in plain_dir.glob("*_side.png"))
+    assert len(sides) == 2 and set(sides) <= sources      # named after the source files
+    label = np.asarray(Image.open(last_dir / "0_label.png"))
     assert (128, 64, 128) in {tuple(c) for c in label.reshape(-1, 3)}  # Cityscapes road colour
 
 
@@ -82,7 +96,7 @@ def test_crf_backends_give_the_same_metrics(trained_run, tmp_path):
     metrics = {}
     for backend in ("pydensecrf", "torch"):
         run_script("eval_segmentation.py", *common, f"crf_backend={backend}", f"output_dir={tmp_path / backend}")
-        metrics[backend] = json.loads((tmp_path / backend / "last" / "metrics.json").read_text())
+        metrics[backend] = json.loads((_result_dir(tmp_path / backend, trained_run["last"]) / "metrics.json").read_text())
     for key in ("mIoU", "Accuracy"):
         assert metrics["torch"][key] == pytest.approx(metrics["pydensecrf"][key], abs=0.05)
         assert metrics["torch"]["nocrf"][key] == metrics["pydensecrf"]["nocrf"][key]
@@ -173,7 +187,7 @@ def test_final_evaluation_equals_eval_script(trained_run, tmp_path):
     run_script("eval_segmentation.py", f"model_paths=[{trained_run['best']}]",
                f"data_dir={trained_run['data_dir']}", "eval_res=64", "crf=false", "flip=true", "n_images=0", "num_workers=0",
                f"output_dir={tmp_path}")
-    separate = json.loads((tmp_path / trained_run["best"].stem / "metrics.json").read_text())
+    separate = json.loads((_result_dir(tmp_path, trained_run["best"]) / "metrics.json").read_text())
     for key in HEADLINE_KEYS:
         assert final[key] == separate[key], key
     stdout = trained_run["stdout"]
@@ -278,8 +292,7 @@ def test_eval_summary_over_checkpoints_and_a_glob(trained_run, tmp_path):
     proc = run_script("eval_segmentation.py", f"model_paths=[{','.join(paths)}]", *common,
                       f"output_dir={tmp_path / 'list'}")
     listed = json.loads((tmp_path / "list" / "summary.json").read_text())
-    each = [json.loads((tmp_path / "list" / name / "metrics.json").read_text())
-            for name in ("a_trained", "b_perturbed")]
+    each = [json.loads((_result_dir(tmp_path / "list", path) / "metrics.json").read_text()) for path in paths]
     assert [r["checkpoint"] for r in listed["runs"]] == paths and listed["n"] == 2
     assert each[0]["mIoU"] != each[1]["mIoU"]
     for key in ("mIoU", "Accuracy"):

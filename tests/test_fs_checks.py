@@ -189,8 +189,10 @@ def test_eval_into_the_same_folder_keeps_only_its_own_pictures(tmp_path):
     common = [f"model_paths=[{ckpt}]", f"data_dir={data}", f"output_dir={tmp_path / 'eval'}", "crf=false",
               "num_workers=0", "batch_size=2", "device=cpu"]
     run_script("eval_segmentation.py", *common, "n_images=4", "report=true")
-    folder = tmp_path / "eval" / "model"
+    folder = next((tmp_path / "eval").glob("model-*"))
     assert {f"{n}_pred.png" for n in range(4)} <= {p.name for p in folder.iterdir()}
     run_script("eval_segmentation.py", *common, "n_images=1")
-    assert sorted(p.name for p in folder.iterdir()) == ["0_img.png", "0_label.png", "0_pred.png", "metrics.json"]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith("_side.png")) == [
+        "0_img.png", "0_label.png", "0_pred.png", "metrics.json"]
+    assert len(list(folder.glob("*_side.png"))) == 1
     assert not list(tmp_path.glob("*.log")) and not list((tmp_path / "eval").glob("*.log"))

@@ -152,7 +152,7 @@ def test_evaluation_on_cuda_equals_cpu(trained, gpu_data, tmp_path):
         run_script("eval_segmentation.py", f"model_paths=[{ckpt}]", f"data_dir={gpu_data}", "crf=true",
                    "crf_backend=torch", f"device={device}", "n_images=0", "batch_size=4", "num_workers=0",
                    f"output_dir={tmp_path / device}", timeout=300)
-        metrics[device] = json.loads((tmp_path / device / "last" / "metrics.json").read_text())
+        metrics[device] = json.loads(next((tmp_path / device).glob("last-*/metrics.json")).read_text())
     gpu, cpu = metrics["cuda"], metrics["cpu"]
     assert gpu["n_evaluated"] == cpu["n_evaluated"] == 4
     for key in ("mIoU", "Accuracy"):

@@ -84,7 +84,7 @@ def test_training_and_validation_logging(tmp_path):
     events.Reload()
     assert "val/examples" in events.Tags()["images"]
     picture = events.Images("val/examples")[-1]
-    assert (picture.width, picture.height) == (3 * 32, 2 * 32)  # image|label|pred, 2 rows
+    assert (picture.width, picture.height) == (3 * 192 + 2 * 4, 2 * (192 + 20))  # 3 titled panels enlarged ×6, 2 rows
 
 
 class RecordPrototypes(pl.Callback):

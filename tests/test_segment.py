@@ -8,15 +8,37 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_module
 from PIL import Image
 
-from conftest import make_module
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
-from smooseg.eval.segment import (bilinear_matrix, class_map_from_metrics, crf_bytes_per_pixel, crf_shape,
-                                  host_available_memory, list_images, log_prob_stripes, output_stems,
-                                  parse_bytes, patch_multiple, predict_resize, predict_window, read_image,
-                                  resized_shape, segment_folder, upsampled_argmax, window_starts)
+from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_memory import (
+    crf_bytes_per_pixel,
+    crf_shape,
+    host_available_memory,
+    parse_bytes,
+)
+from smooseg.eval.predict import (
+    PredictOptions,
+    bilinear_matrix,
+    log_prob_stripes,
+    predict_resize,
+    predict_window,
+    resized_shape,
+    upsampled_argmax,
+    window_starts,
+)
+from smooseg.eval.segment import (
+    class_map_from_metrics,
+    list_images,
+    output_stems,
+    read_image,
+    run_segment,
+    segment_folder,
+)
+from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.viz import class_colors, colormap, legend_image
 
@@ -179,8 +201,8 @@ def _read(path):
 
 def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
     out = tmp_path / "out"
-    results = segment_folder(module, data, folder, out, recursive=True, mode="resize", size=64,
-                             save_ids=True, device="cpu", show_progress=False)
+    results = segment_folder(module, data, folder, out, PredictOptions(mode="resize", size=64),
+                             recursive=True, save_ids=True, show_progress=False)
     assert len(results) == 3
     palette = colormap("potsdam", K)
     for rel, (h, w) in [("a", (50, 70)), ("b", (97, 64)), ("nested/deep/c", (40, 33))]:
@@ -193,15 +215,20 @@ def test_segment_folder_resize_recursive(folder, tmp_path, module, data):
         image = read_image(next(folder.glob(f"{rel}.*")))
         blend = (0.5 * image.astype(np.float32) + 0.5 * mask.astype(np.float32)).round()
         assert np.abs(over.astype(np.float32) - blend).max() <= 1
-    assert not (out / "legend.png").exists()
+    rels = ("a", "b", "nested/deep/c")
+    present = np.unique(np.concatenate([_read(out / f"{rel}_ids.png").ravel() for rel in rels]))
+    legend_colours = {tuple(c) for c in _read(out / "legend.png").reshape(-1, 3)}
+    assert all(tuple(palette[k]) in legend_colours for k in present)
+    assert not any(tuple(palette[k]) in legend_colours for k in set(range(K)) - set(present.tolist()))
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
 
 
 def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module, data):
     out = tmp_path / "out"
     class_map = torch.tensor([2, -1, 0, 1])         # cluster 1 is unmatched
-    results = segment_folder(module, data, folder, out, mode="window", size=32, stride=16, flip=False,
-                             save_ids=True, class_map=class_map, device="cpu", show_progress=False)
+    options = PredictOptions(mode="window", size=32, stride=16, flip=False)
+    results = segment_folder(module, data, folder, out, options, save_ids=True, class_map=class_map,
+                             show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     palette = colormap("potsdam", K)
     colour_of_cluster = np.stack([palette[2], palette[3], palette[0], palette[1]])
@@ -209,19 +236,21 @@ def test_segment_folder_window_class_map_and_legend(folder, tmp_path, module, da
         ids, mask = _read(out / f"{rel}_ids.png"), _read(out / f"{rel}_mask.png")
         assert ids.shape == (h, w) and ids.max() < K
         assert (mask == colour_of_cluster[ids]).all()
+    present = np.unique(np.concatenate([_read(out / f"{rel}_ids.png").ravel() for rel in ("a", "b")]))
     legend = _read(out / "legend.png")
-    assert legend.ndim == 3 and legend.shape[0] >= 4 * 20 and legend.shape[1] > 60
+    assert legend.ndim == 3 and legend.shape[0] >= len(present) * 20 and legend.shape[1] > 60
     colours_in_legend = {tuple(c) for c in legend.reshape(-1, 3)}
-    assert all(tuple(c) in colours_in_legend for c in colour_of_cluster)
+    assert {k for k in range(K) if tuple(colour_of_cluster[k]) in colours_in_legend} == set(present.tolist())
 
 
 def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, data, caplog):
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(SmoosegError, match="zz_broken.png"):
-        segment_folder(module, data, folder, tmp_path / "o1", device="cpu", show_progress=False)
-    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"):
-        results = segment_folder(module, data, folder, tmp_path / "o2", size=32, crf=True, save_ids=True,
-                                 skip_bad=True, device="cpu", show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o1", show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"), \
+            open_crf("pydensecrf", "cpu") as crf:
+        results = segment_folder(module, data, folder, tmp_path / "o2", PredictOptions(size=32),
+                                 crf_pool=crf, save_ids=True, skip_bad=True, show_progress=False)
     assert [r["image"].name for r in results] == ["a.png", "b.jpg"]
     assert "zz_broken.png" in caplog.text
     assert _read(tmp_path / "o2" / "b_ids.png").shape == (97, 64)
@@ -230,10 +259,10 @@ def test_segment_folder_crf_and_skip_bad(folder, tmp_path, module, data, caplog)
 
 def test_segment_folder_rejects_bad_options(folder, tmp_path, module, data):
     with pytest.raises(SmoosegError, match="mode=tile"):
-        segment_folder(module, data, folder, tmp_path / "o", mode="tile", show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o", PredictOptions(mode="tile"), show_progress=False)
     with pytest.raises(SmoosegError, match="stride=40 is larger than the window"):
-        segment_folder(module, data, folder, tmp_path / "o", mode="window", size=32, stride=40,
-                       show_progress=False)
+        segment_folder(module, data, folder, tmp_path / "o",
+                       PredictOptions(mode="window", size=32, stride=40), show_progress=False)
     with pytest.raises(SmoosegError, match="input folder"):
         segment_folder(module, data, folder, folder, show_progress=False)
     with pytest.raises(SmoosegError, match="class_map"):
@@ -242,8 +271,9 @@ def test_segment_folder_rejects_bad_options(folder, tmp_path, module, data):
 
 def test_output_inside_input_is_not_resegmented(folder, module, data):
     out = folder / "seg"
-    segment_folder(module, data, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
-    again = segment_folder(module, data, folder, out, recursive=True, size=32, device="cpu", show_progress=False)
+    segment_folder(module, data, folder, out, PredictOptions(size=32), recursive=True, show_progress=False)
+    again = segment_folder(module, data, folder, out, PredictOptions(size=32), recursive=True,
+                           show_progress=False)
     assert len(again) == 3
 
 
@@ -309,7 +339,7 @@ def test_trained_checkpoint_with_its_evaluation(trained_run, tmp_path):
     best, data_dir = trained_run["best"], trained_run["data_dir"]
     run_script("eval_segmentation.py", f"model_paths=['{best}']", f"data_dir={data_dir}", "crf=false",
                "n_images=0", "num_workers=0", f"output_dir={tmp_path / 'eval'}")
-    metrics = tmp_path / "eval" / best.stem / "metrics.json"
+    metrics, = (tmp_path / "eval").glob(f"{best.stem}-*/metrics.json")
     images = data_dir / "cityscapes" / "leftImg8bit" / "val"
     run_script("segment_images.py", f"model_path='{best}'", f"input_dir={images}",
                f"output_dir={tmp_path / 'seg'}", "recursive=true", "size=64", "save_ids=true",
@@ -389,12 +419,12 @@ class RecordingCRF:
 
 def test_crf_of_a_large_image_runs_at_crf_max_pixels(tmp_path, module, data):
     from smooseg.eval.crf import dense_crf
-    from smooseg.eval.segment import to_input
+    from smooseg.eval.predict import to_input
 
     _write(tmp_path / "in" / "big.png", 90, 120, 5)
     crf = RecordingCRF()
-    segment_folder(module, data, tmp_path / "in", tmp_path / "out", size=32, crf=True, crf_pool=crf,
-                   save_ids=True, device="cpu", show_progress=False, crf_max_pixels=2000)
+    segment_folder(module, data, tmp_path / "in", tmp_path / "out", PredictOptions(size=32), crf_pool=crf,
+                   save_ids=True, show_progress=False, crf_max_pixels=2000)
     (image_shape, lp_shape), = crf.shapes
     assert image_shape == crf_shape(90, 120, 2000) and lp_shape == (K, *image_shape)
     assert image_shape[0] * image_shape[1] <= 2000
@@ -432,3 +462,55 @@ def test_entry_point_refuses_a_crf_that_cannot_fit_and_names_the_fix(tmp_path, c
                          ("crf_max_memory=lots", "crf_max_memory='lots' is not a memory size")):
         proc = _run(*args, bad, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_recursive_names_the_symlinked_folders_it_skips(tmp_path, module, data, caplog):
+    root = tmp_path / "in"
+    _write(root / "a.png", 20, 30, 0)
+    _write(tmp_path / "elsewhere" / "b.png", 20, 30, 1)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="smooseg.eval.segment"):
+        found = list_images(root, recursive=True)
+    assert [p.name for p in found] == ["a.png"]
+    assert f"skipped symlinked folder {root / 'linked'}" in caplog.text
+
+
+def test_metrics_json_of_another_checkpoint_is_refused(tmp_path, checkpoint, folder):
+    from smooseg.eval.provenance import file_sha256
+
+    own = _metrics_json(tmp_path / "own.json", [1, 0, 3])
+    data = json.loads(own.read_text())
+    data["provenance"] = {"checkpoint": {"sha256": file_sha256(checkpoint)}}
+    own.write_text(json.dumps(data))
+    class_map, _ = class_map_from_metrics(own, 4, 3, checkpoint_sha256=file_sha256(checkpoint))
+    assert class_map.tolist() == [1, 0, -1, 2]
+    data["provenance"]["checkpoint"]["sha256"] = "ab" * 32
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    proc = _run(f"model_path={checkpoint}", f"input_dir={folder}", "output_dir=seg", f"metrics_json={other}",
+                "progress=false", "device=cpu", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is the evaluation of another checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "seg").exists()
+
+
+def test_run_segment_reads_attributes_only(tmp_path, checkpoint):
+    """run_segment takes any object with the keys of segment.yaml as attributes (the typed settings)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
+        cfg = compose(config_name="segment", overrides=[f"model_path={checkpoint}"])
+    keys = {k: cfg[k] for k in cfg if k not in ("hydra", "defaults", "input_dir")}
+    _write(tmp_path / "in" / "a.png", 30, 41, 0)
+    keys.update(input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), size=32, progress=False,
+                device="cpu", save_ids=True)
+    settings = dataclasses.make_dataclass("SegmentSettings", list(keys))(**keys)
+    (result,) = run_segment(settings)
+    assert _read(result["ids"]).shape == (30, 41)
+    assert result["side"].name == "a_side.png" and result["side"].is_file()
+    missing = dataclasses.replace(settings, model_path=None)
+    with pytest.raises(SmoosegError, match="model_path is required"):
+        run_segment(missing)

@@ -3,7 +3,7 @@
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
 ``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``smooseg/configs/eval.yaml``) evaluates each
 checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
-in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
+in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
 
   * ``metrics.json``: the headline ``mIoU`` / ``Accuracy`` (after the CRF when it is on),
     ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
@@ -13,7 +13,8 @@ in ``<output_dir>/<checkpoint stem>/`` (see :mod:`smooseg.eval.results`):
     numbers for the supervised linear probe (identity class map, same flip-averaged code, no CRF).
   * ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for the first ``n_images`` images,
     label and prediction coloured with the data set's colour map (prediction through the
-    Hungarian cluster -> class map).
+    Hungarian cluster -> class map), and ``<source name>_side.png`` (image | overlay | prediction
+    | ground truth, legend of the classes present).
 
 and, over the checkpoints of ``model_paths`` (glob patterns expanded), ``<output_dir>/summary.json``:
 each checkpoint's headline and the mean, sample standard deviation (ddof=1), min and max of
@@ -47,7 +48,10 @@ from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
 from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.eval.results import print_summary, summarize, write_outputs, write_summary
+from smooseg.eval import provenance
+from smooseg.eval.crf_memory import pool_backend
+from smooseg.eval.provenance import file_sha256
+from smooseg.eval.results import claim_results_dir, print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
@@ -101,7 +105,8 @@ def cpu_threads_beside(crf_pool):
 def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_pool=None, flip=True,
              n_images=0, device="cpu", precision="32", checkpoint=None, show_progress=True):
     """Evaluate ``net`` on ``dataloader``; returns ``(metrics, examples)``: the dict that
-    ``metrics.json`` holds and the first ``n_images`` (image, label, cluster prediction) triples.
+    ``metrics.json`` holds and the first ``n_images`` (image, label, cluster prediction) triples
+    (with the item's source name as a fourth element when the data set names its items).
 
     ``precision`` is the autocast of the whole pass, the frozen backbone included. ``crf_pool``
     is a CRF runner (:func:`smooseg.eval.crf_backend.open_crf`); with the pydensecrf pool the CRF
@@ -117,7 +122,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
     linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity", sync_on_compute=False).to(device)
               if net.linear_probe is not None else None)
-    images, labels, pending = [], [], deque()
+    images, labels, sources, pending = [], [], [], deque()
 
     def finish(handle, batch_labels):
         refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
@@ -138,6 +143,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
                 room = n_images - len(images)
                 images.extend(rgb[:room])
                 labels.extend(x.numpy() for x in label[:room].cpu())
+                sources.extend(list(batch.get("name") or [])[:room])
             if crf_pool is not None:
                 pending.append((crf_pool.submit(rgb, log_probs, labels=True), label.cpu()))
                 while pending and pending[0][0].done():
@@ -154,7 +160,10 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
         metrics["nocrf"] = summarize(plain.metric.compute(), names)
     if linear is not None:
         metrics["linear"] = summarize(linear.compute(), names)
-    return metrics, list(zip(images, labels, head.preds))
+    examples = list(zip(images, labels, head.preds))
+    if len(sources) == len(examples):  # (image, label, prediction, source name) when the set names its items
+        examples = [(*example, str(name)) for example, name in zip(examples, sources)]
+    return metrics, examples
 
 
 def eval_dataset(cfg, data: DatasetInfo):
@@ -197,10 +206,12 @@ def check_dataset_matches(dataset, data: DatasetInfo):
 
 
 def output_names(paths):
-    """A distinct output folder name per checkpoint: its stem, suffixed with _2, _3 on clashes."""
+    """A distinct output folder name per checkpoint: ``<stem>-<first 10 hex of its sha256>``, so
+    that two different files (every run's ``last.ckpt``) never share a folder; a name repeated
+    (two copies of one file) is suffixed with _2, _3."""
     names, seen = [], {}
     for path in paths:
-        stem = Path(path).stem
+        stem = f"{Path(path).stem}-{file_sha256(path)[:10]}"
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return names
@@ -210,7 +221,8 @@ def checkpoint_paths(model_paths):
     """The checkpoint files ``model_paths`` names: one path or a list, each entry a path or a glob
     pattern (``*``, ``?``, ``[...]``, ``**``) expanded in sorted order; a file named twice counts once.
 
-    A pattern that matches nothing is an error, so a mistyped pattern is not an empty evaluation.
+    An entry that exists as written is that file, never a pattern (``run[1]/last.ckpt``). A
+    pattern that matches nothing is an error, so a mistyped pattern is not an empty evaluation.
     """
     entries = list(model_paths) if OmegaConf.is_list(model_paths) or isinstance(
         model_paths, (list, tuple)) else [model_paths]
@@ -218,7 +230,7 @@ def checkpoint_paths(model_paths):
         raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
     paths = []
     for entry in map(str, entries):
-        if any(char in entry for char in "*?["):
+        if any(char in entry for char in "*?[") and not os.path.exists(os.path.expanduser(entry)):
             matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
             if not matches:
                 raise SmoosegError(f"model_paths pattern '{entry}' matches no file; check the pattern "
@@ -282,6 +294,9 @@ def evaluate_jobs(cfg, jobs):
                 net, loader, data, mask_extra_clusters=bool(hparams["metrics"]["mask_extra_clusters"]),
                 crf_pool=pool, flip=bool(cfg.flip), n_images=int(cfg.n_images), device=device,
                 precision=cfg.precision, checkpoint=path)
+            metrics["provenance"] = provenance.record(provenance.eval_record(
+                cfg, loader.dataset, data.name, pool and pool_backend(pool), cfg.precision),
+                provenance.checkpoint_record(path, hparams), device)
             print_summary(metrics, data.class_names)
             written = write_outputs(metrics, examples, data, net.n_clusters, out)
             print(f"results: {written}")
@@ -313,14 +328,15 @@ def run_eval(cfg, models=None):
         jobs = checkpoint_jobs(paths)
     else:
         jobs = [EvalJob(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
-    results = evaluate_jobs(cfg, jobs)
-    if models is None:
-        write_summary([run_headline(metrics, written) for metrics, written in results],
-                      Path(cfg.output_dir) / "summary.json", label="checkpoint")
+    with claim_results_dir(cfg.output_dir):
+        results = evaluate_jobs(cfg, jobs)
+        if models is None:
+            write_summary([run_headline(metrics, written) for metrics, written in results],
+                          Path(cfg.output_dir) / "summary.json", label="checkpoint")
     return [metrics for metrics, _ in results]
 
 
 def run_headline(metrics, written):
     """The summary entry of one evaluation: checkpoint, its metrics.json, CRF or not, mIoU, Accuracy."""
     return {"checkpoint": metrics["checkpoint"], "metrics": str(written), "crf": metrics["crf"],
-            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}
+            "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"], "provenance": metrics.get("provenance")}

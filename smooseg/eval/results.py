@@ -1,15 +1,30 @@
 """What an evaluation leaves behind: the JSON-ready metrics, the printed per-class table,
-the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the summary over
-several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``)."""
+the example pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, and
+``<source stem>_side.png``: image | overlay | prediction | ground truth) and the summary over
+several evaluations (mean ± sample std, min, max of mIoU and Accuracy: ``summary.json``), each
+with its provenance (:mod:`smooseg.eval.provenance`).
 
+One evaluation invocation holds ``<output_dir>/.eval.lock`` (:func:`claim_results_dir`) while it
+writes, so two evaluations into one folder at once cannot mix their results: the second is
+refused. The kernel drops the lock when its process dies, so a killed evaluation never blocks it.
+"""
+
+import contextlib
+import fcntl
 import math
+import os
 import re
 import statistics
 from pathlib import Path
 
+import numpy as np
+
+from smooseg.errors import SmoosegError
 from smooseg.eval.metrics import cluster_to_class_map
+from smooseg.eval.pictures import side_by_side
+from smooseg.eval.provenance import check_same_settings
 from smooseg.io import write_json
-from smooseg.viz import colorize, colormap, save_png
+from smooseg.viz import colorize, colormap, legend_image, save_png
 
 
 def _clean(value):
@@ -21,8 +36,10 @@ def summarize(result, class_names):
     return {
         "mIoU": _clean(float(result["mIoU"])),
         "Accuracy": _clean(float(result["Accuracy"])),
-        "per_class_iou": {name: _clean(float(v)) for name, v in zip(class_names, result["iou"].tolist())},
-        "assignment": {name: int(k) for name, k in zip(class_names, result["assignment"].tolist())},
+        "per_class_iou": {name: _clean(float(v))
+                          for name, v in zip(class_names, result["iou"].tolist(), strict=True)},
+        "assignment": {name: int(k)
+                       for name, k in zip(class_names, result["assignment"].tolist(), strict=True)},
         "confusion": result["confusion"].tolist(),
     }
 
@@ -60,26 +77,49 @@ def format_linear(metrics):
             f"Accuracy {cell(metrics['Accuracy'])}")
 
 
-def save_examples(examples, to_class, palette, output_dir):
-    """Write ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for each kept example."""
-    paths = []
-    for n, (image, label, pred) in enumerate(examples):
+def side_name(source, n, taken):
+    """``<source stem>_side.png`` (``<n>_<stem>_side.png`` when two sources share a stem)."""
+    stem = Path(str(source)).stem or str(n)
+    name = f"{stem}_side.png" if f"{stem}_side.png" not in taken else f"{n}_{stem}_side.png"
+    taken.add(name)
+    return name
+
+
+def save_side(image, label, pred_classes, palette, class_names, path):
+    """The side-by-side of one evaluated image: image | overlay | prediction | ground truth, with
+    a legend of the classes present in either (ignored pixels black, unlisted)."""
+    present = np.unique(np.concatenate([pred_classes.ravel(), np.asarray(label).ravel()]))
+    present = [int(c) for c in present if 0 <= c < len(class_names)]
+    legend = legend_image([class_names[c] for c in present], [palette[c] for c in present])
+    return save_png(side_by_side(image, colorize(pred_classes, palette), legend,
+                                 truth=colorize(label, palette)), path)
+
+
+def save_examples(examples, to_class, palette, output_dir, class_names=None):
+    """Write ``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png`` for each kept example, and, for
+    examples that carry their source name (a fourth element), ``<source stem>_side.png``."""
+    paths, taken = [], set()
+    for n, (image, label, pred, *source) in enumerate(examples):
+        pred_classes = to_class[pred].numpy()
         paths.append(save_png(image, Path(output_dir) / f"{n}_img.png"))
         paths.append(save_png(colorize(label, palette), Path(output_dir) / f"{n}_label.png"))
-        paths.append(save_png(colorize(to_class[pred].numpy(), palette), Path(output_dir) / f"{n}_pred.png"))
+        paths.append(save_png(colorize(pred_classes, palette), Path(output_dir) / f"{n}_pred.png"))
+        if source and class_names is not None:
+            paths.append(save_side(image, label, pred_classes, palette, class_names,
+                                   Path(output_dir) / side_name(source[0], n, taken)))
     return paths
 
 
 # What an evaluation writes into its folder (the report pictures: smooseg.eval.report.REPORT_FILES)
-EXAMPLE_PICTURE = re.compile(r"\d+_(img|label|pred)\.png")
+EXAMPLE_PICTURE = re.compile(r"\d+_(img|label|pred)\.png|.+_side\.png")
 REPORT_PICTURES = ("per_class_iou.png", "confusion.png", "examples.png")
 
 
 def clear_outputs(output_dir):
     """Remove what an earlier evaluation left in ``output_dir``: ``metrics.json``, the example
-    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``) and the report pictures, so
-    that nothing stale (another checkpoint's, or more examples than this run keeps) survives
-    into the new evaluation's folder or report. Other files are left alone; returns the removed."""
+    pictures (``<n>_img.png``, ``<n>_label.png``, ``<n>_pred.png``, ``*_side.png``) and the report
+    pictures, so that nothing stale (another checkpoint's, or more examples than this run keeps)
+    survives into the new evaluation's folder or report. Other files are left alone; returns the removed."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -105,7 +145,7 @@ def write_outputs(metrics, examples, data, n_clusters, output_dir):
     assignment = [metrics["assignment"][name] for name in data.class_names]
     to_class = cluster_to_class_map(assignment, n_clusters)
     clear_outputs(output_dir)
-    save_examples(examples, to_class, colormap(data.name, data.n_classes), output_dir)
+    save_examples(examples, to_class, colormap(data.name, data.n_classes), output_dir, list(data.class_names))
     return write_json(metrics, output_dir / "metrics.json")
 
 
@@ -132,15 +172,30 @@ def spread(values):
             "min": min(values), "max": max(values)}
 
 
+def shared_provenance(runs):
+    """The provenance all ``runs`` share: the first recorded one without its per-checkpoint part
+    and image count (each run keeps its own), or None when no run records one."""
+    recorded = [run["provenance"] for run in runs if run.get("provenance") is not None]
+    if not recorded:
+        return None
+    shared = {key: value for key, value in recorded[0].items() if key != "checkpoint"}
+    shared["evaluation"] = {key: value for key, value in shared["evaluation"].items() if key != "n_images"}
+    return shared
+
+
 def summarize_runs(runs):
     """The summary over several evaluations (checkpoints, or the jobs of a sweep over seeds).
 
-    ``runs`` are dicts holding at least the headline ``mIoU`` and ``Accuracy``; the result keeps
-    them under ``runs`` and adds the :func:`spread` of each headline number.
+    ``runs`` are dicts holding at least the headline ``mIoU`` and ``Accuracy``, and a
+    ``provenance`` where recorded; runs evaluated with different settings are refused
+    (:func:`smooseg.eval.provenance.check_same_settings`). The result keeps them under ``runs``
+    and adds the :func:`spread` of each headline number and the provenance they share.
     """
     runs = list(runs)
-    return {"n": len(runs), "std": STD_NOTE, **{key: spread(run.get(key) for run in runs) for key in HEADLINE},
-            "runs": runs}
+    check_same_settings(runs)
+    spreads = {key: spread(run.get(key) for run in runs) for key in HEADLINE}
+    return {"n": len(runs), "std": STD_NOTE, **spreads,
+            "provenance": shared_provenance(runs), "runs": runs}
 
 
 def format_runs(summary, label):
@@ -154,7 +209,7 @@ def format_runs(summary, label):
     width = max([len(n) for n in names] + [len("Accuracy")])
     lines = [f"== summary over {summary['n']} {label}s (mean ± sample std, ddof=1)"]
     lines += [f"{name:<{width}}  mIoU {cell(run.get('mIoU')):>6}   Accuracy {cell(run.get('Accuracy')):>6}"
-              for name, run in zip(names, summary["runs"])]
+              for name, run in zip(names, summary["runs"], strict=True)]
     for key in HEADLINE:
         s = summary[key]
         lines.append(f"{key:<{width}}  {cell(s['mean'])} ± {cell(s['std'])}   "
@@ -168,3 +223,23 @@ def write_summary(runs, path, label):
     print(format_runs(summary, label))
     print(f"summary: {write_json(summary, path)}")
     return summary
+
+
+@contextlib.contextmanager
+def claim_results_dir(output_dir):
+    """Hold ``<output_dir>/.eval.lock`` (``flock``) for the block; SmoosegError when another
+    evaluation holds it."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".eval.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SmoosegError(f"output_dir {folder} is being written by another evaluation (it holds {lock}); "
+                           "wait for it to finish or pass another output_dir") from None
+    try:
+        yield folder
+    finally:
+        os.close(fd)

@@ -1,76 +1,81 @@
-"""Segment a folder of your own images with a trained SmooSeg model.
+"""Segment a folder of your own images with a trained SmooSeg model (``segment_images.py``).
 
-For each image ``<stem>_mask.png`` (colour mask), ``<stem>_overlay.png`` (the mask blended over
-the image) and optionally ``<stem>_ids.png`` (raw cluster ids; uint8, uint16 beyond 256 clusters),
-all at the image's original size (after EXIF orientation). With ``recursive`` the input's
-subfolders are mirrored in the output. Two images with the same stem in one folder (``a.jpg``,
-``a.png``) are told apart by their extension (``a_jpg_mask.png``, ``a_png_mask.png``).
+For each image, at its original size (after EXIF orientation), named after the source file:
+``<stem>_mask.png`` (colour mask), ``<stem>_overlay.png`` (the mask blended over the image),
+``<stem>_side.png`` (image | overlay | mask with a legend of the colours present,
+:mod:`smooseg.eval.pictures`) and, with ``save_ids``, ``<stem>_ids.png`` (the raw cluster ids as a
+palette PNG, format in :mod:`smooseg.eval.pictures`). ``legend.png`` in the output folder lists
+every colour that occurs in any written mask. With ``recursive`` the input's subfolders are
+mirrored in the output; symlinked subfolders are not followed (each one skipped is named in a
+warning) and an output folder inside the input is never read as input. Two images with the same
+stem in one folder (``a.jpg``, ``a.png``) are told apart by their extension (``a_jpg_mask.png``).
 
-Any image size is handled in one of two ways:
-  * ``resize``: the shorter side is resized (bilinear, antialiased) to ``size`` and both sides
-    are rounded to the nearest multiple of the patch size; the code is upsampled back to the
-    original size and the teacher gives log_softmax(2·T) there (docs/method.md §5), in row stripes, so
-    a large image never holds its full-resolution code in memory.
-  * ``window``: ``size``×``size`` windows (``size`` rounded to a patch multiple; sides shorter
-    than a window are zero-padded, in normalised space, to a patch multiple) every ``stride``
-    pixels (default ``size // 2``), the last window flush with the border; cluster
-    probabilities are averaged over overlapping windows at full resolution.
+How an image is fitted to the patch size: :mod:`smooseg.eval.predict`; the CRF's memory bound:
+:mod:`smooseg.eval.crf_memory`.
 
-The dense CRF (``crf``) runs on at most ``crf_max_pixels`` pixels: a larger image is resized
-(bilinear, antialiased) to fit, together with its cluster log-probabilities, and the refined
-probabilities are upsampled (bilinear, in row stripes) back to the full size before the argmax.
-Before the first image, the CRF's memory is estimated for the largest image
-(:func:`crf_bytes_per_pixel`, times the CRF jobs that run at once) and the run is refused, naming
-the image, its size, the estimate and the settings to change, when it exceeds ``crf_max_memory``
-(``auto``: the memory available now: RAM, within a cgroup limit, or the GPU's for the torch CRF on CUDA).
-
-Colours: without a class map cluster k takes palette colour k. With a cluster -> class map (from
-an evaluation ``metrics.json``) a matched cluster takes its class colour and each unmatched
-(extra) cluster one of the palette colours after the classes; ``legend.png`` in the output
-folder lists the colours with their class names.
+Colours: without a class map cluster k takes palette colour k and is named ``cluster k``. With a
+cluster -> class map (from the ``metrics.json`` of an evaluation of the same checkpoint, checked
+by its recorded sha256) a matched cluster takes its class colour and name, and each unmatched
+(extra) cluster one of the palette colours after the classes.
 """
 
 import logging
-import math
-import re
+import os
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
-from PIL import Image
+from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
-from smooseg import settings
 from smooseg.data.datasets import DatasetInfo
-from smooseg.data.transforms import normalize
 from smooseg.errors import SmoosegError
-from smooseg.eval.crf_backend import TorchCRF, open_crf
+from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_memory import (
+    CRF_MAX_PIXELS,
+    check_crf_memory,
+    check_max_pixels,
+    crf_image,
+    crf_limit,
+    crf_shape,
+    parse_bytes,
+    pool_backend,
+    pool_concurrency,
+    refined_ids,
+)
 from smooseg.eval.metrics import cluster_to_class_map
+from smooseg.eval.pictures import cluster_names, present_legend, save_ids_png, side_by_side
+from smooseg.eval.predict import PredictOptions, predict_image
+from smooseg.eval.provenance import file_sha256
 from smooseg.io import IMAGE_EXTENSIONS, check_input_file, check_output_dir, image_size, read_rgb
-from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
-from smooseg.runtime import autocast, resolve_device
-from smooseg.settings import check_settings
+from smooseg.runtime import resolve_device
 from smooseg.viz import class_colors, colormap, legend_image, overlay, read_metrics_json, save_png
 
 log = logging.getLogger(__name__)
 
-MODES = ("resize", "window")
-# Largest number of float elements one stripe of upsampled code / logits may hold (64 MiB).
-STRIPE_ELEMENTS = 1 << 24
-# The dense CRF runs on at most this many pixels by default (crf_max_pixels); larger images are
-# refined at this size and the result upsampled.
-CRF_MAX_PIXELS = 4_000_000
-# Peak bytes per pixel of one dense CRF image with K clusters, as (per cluster, fixed): the whole
-# process's peak on colour noise (the worst case: its lattices have the most vertices; smooth
-# photos need about half), measured + 5 %. pydensecrf2: 69·K + 711 measured (1.1 kB at K = 6,
-# 2.6 kB at K = 27); torch (smooseg/eval/crf_torch.py states ~2.0 kB of live tensors at K = 27):
-# 53·K + 1616 measured, allocator included.
-CRF_BYTES_PER_PIXEL = {"pydensecrf": (72, 750), "torch": (56, 1700)}
 HINTS = ("fix or remove it, or set skip_bad=true to skip unreadable images")
+
+
+def _is_image(path, root):
+    rel = path.relative_to(root)
+    return not any(part.startswith(".") for part in rel.parts) and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root, exclude):
+    """Files under ``root``, not following symlinked folders (each named in a warning) and not
+    entering ``exclude``."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        folder = Path(folder)
+        for name in sorted(dirs):
+            sub = folder / name
+            if sub.is_symlink() and not name.startswith("."):
+                log.warning("skipped symlinked folder %s (recursive=true does not follow links; pass "
+                            "its target as input_dir to segment it)", sub)
+        dirs[:] = [d for d in dirs if not (folder / d).is_symlink()
+                   and (exclude is None or not (folder / d).resolve().is_relative_to(exclude))]
+        yield from (folder / name for name in files)
 
 
 def list_images(input_dir, recursive=False, exclude=None):
@@ -80,15 +85,9 @@ def list_images(input_dir, recursive=False, exclude=None):
     if not root.is_dir():
         raise SmoosegError(f"input_dir {root} is not a folder; pass input_dir=<folder of images>")
     exclude = None if exclude is None else Path(exclude).resolve()
-    found = []
-    for path in root.rglob("*") if recursive else root.iterdir():
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue
-        if path.is_file():
-            found.append(path)
+    candidates = _walk(root, exclude) if recursive else root.iterdir()
+    found = [path for path in candidates if _is_image(path, root) and path.is_file()
+             and (exclude is None or not path.resolve().is_relative_to(exclude))]
     if not found:
         hint = (" or set recursive=true to look in its subfolders"
                 if not recursive and any(p.is_dir() for p in root.iterdir()) else "")
@@ -103,7 +102,7 @@ def output_stems(paths, input_dir):
     keys = [(r.parent, r.stem) for r in rels]
     clash = {k for k in keys if keys.count(k) > 1}
     return [r.parent / (f"{r.stem}_{r.suffix[1:].lower()}" if k in clash else r.stem)
-            for r, k in zip(rels, keys)]
+            for r, k in zip(rels, keys, strict=True)]
 
 
 def read_image(path):
@@ -111,273 +110,29 @@ def read_image(path):
     return np.array(read_rgb(path, exif=True, fix=HINTS))
 
 
-def to_input(image, device):
-    """ImageNet-normalised 1×3×H×W float tensor of an H×W×3 uint8 image."""
-    img = torch.as_tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)
-    return normalize(img.float().div_(255))[None]
+def class_map_from_metrics(path, n_clusters, n_classes=None, checkpoint_sha256=None):
+    """(cluster -> class LongTensor[K] with −1 for unmatched clusters, class names) of a metrics.json.
 
-
-def resized_shape(height, width, size, patch):
-    """(H, W) with the shorter side scaled to ``size``, each side rounded to a patch multiple."""
-    scale = size / min(height, width)
-    return patch_multiple(height * scale, patch), patch_multiple(width * scale, patch)
-
-
-def window_starts(length, window, stride):
-    """Start offsets of windows covering ``length``; the last window ends at ``length``."""
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
-
-
-def bilinear_matrix(out_len, in_len, device=None):
-    """out_len×in_len weights W such that W @ x resamples x along one axis exactly like
-    ``F.interpolate(mode="bilinear", align_corners=False)`` (which is separable)."""
-    src = ((torch.arange(out_len, device=device, dtype=torch.float64) + 0.5) * (in_len / out_len) - 0.5)
-    src = src.clamp(min=0)
-    lo = src.floor().long().clamp(max=in_len - 1)
-    hi = (lo + 1).clamp(max=in_len - 1)
-    frac = (src - lo).to(torch.float32)
-    weights = torch.zeros(out_len, in_len, device=device)
-    rows = torch.arange(out_len, device=device)
-    weights.index_put_((rows, lo), 1 - frac, accumulate=True)
-    weights.index_put_((rows, hi), frac, accumulate=True)
-    return weights
-
-
-def log_prob_stripes(net, code, size, max_elements=STRIPE_ELEMENTS):
-    """Yield ``(top, bottom, log_probs)`` stripes (1×K×rows×W) of the cluster log-probabilities of
-    a 1×D×h×w ``code`` upsampled to ``size`` (the net's prediction, docs/method.md section 5)."""
-    height, width = size
-    weights_y = bilinear_matrix(height, code.shape[-2], code.device)
-    along_x = code @ bilinear_matrix(width, code.shape[-1], code.device).T   # 1×D×h×W
-    channels = max(code.shape[1], net.n_clusters)
-    rows = max(1, max_elements // (channels * width))
-    for top in range(0, height, rows):
-        stripe = weights_y[top:top + rows] @ along_x
-        yield top, top + stripe.shape[-2], net.log_probs_at(stripe)
-
-
-def _resized_code(net, img, size, flip, precision):
-    height, width = img.shape[-2:]
-    net_in = F.interpolate(img, size=resized_shape(height, width, size, net.patch_size), mode="bilinear",
-                           align_corners=False, antialias=True)
-    with autocast(img.device, precision):
-        return net.predict_code(net_in, flip).float()
-
-
-@torch.no_grad()
-def predict_resize(net, img, size, flip=True, keep_log_probs=False, precision="32", log_size=None):
-    """Resize mode on one 1×3×H×W image -> (ids H×W int64 numpy, K×h×w float32 log-probs or None);
-    the log-probabilities are at ``log_size`` = (h, w) (default the image's H×W)."""
-    height, width = img.shape[-2:]
-    code = _resized_code(net, img, size, flip, precision)
-    log_size = (height, width) if log_size is None else tuple(log_size)
-    ids = np.empty((height, width), dtype=np.int64)
-    log_probs = np.empty((net.n_clusters, *log_size), np.float32) if keep_log_probs else None
-    for top, bottom, stripe in log_prob_stripes(net, code, (height, width)):
-        ids[top:bottom] = stripe[0].argmax(0).cpu().numpy()
-        if keep_log_probs and log_size == (height, width):
-            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
-    if keep_log_probs and log_size != (height, width):
-        for top, bottom, stripe in log_prob_stripes(net, code, log_size):
-            log_probs[:, top:bottom] = stripe[0].cpu().numpy()
-    return ids, log_probs
-
-
-@torch.no_grad()
-def predict_window(net, img, size, stride, flip=True, batch_size=8, keep_log_probs=False,
-                   precision="32", log_size=None):
-    """Window mode on one 1×3×H×W image -> (ids H×W int64 numpy, K×h×w float32 log-probs or None).
-
-    The log-probabilities are the log of the cluster probabilities averaged over every window
-    that covers a pixel; at ``log_size`` = (h, w) (default H×W) those are area-averaged first.
+    With ``checkpoint_sha256`` the JSON must record that checkpoint (``provenance.checkpoint.sha256``):
+    a matching belongs to the checkpoint it was computed for. A JSON without a recorded hash
+    (written before it was recorded) is accepted with a warning.
     """
-    if not 1 <= stride <= size:
-        raise SmoosegError(f"stride={stride} must lie in [1, size={size}] so that windows leave no gaps")
-    height, width = img.shape[-2:]
-    patch = net.patch_size
-    win_h = min(size, -(-height // patch) * patch)
-    win_w = min(size, -(-width // patch) * patch)
-    padded = F.pad(img, (0, max(0, win_w - width), 0, max(0, win_h - height)))
-    boxes = [(top, left) for top in window_starts(padded.shape[-2], win_h, stride)
-             for left in window_starts(padded.shape[-1], win_w, stride)]
-    total = torch.zeros((net.n_clusters,) + tuple(padded.shape[-2:]), device=img.device)
-    count = torch.zeros(tuple(padded.shape[-2:]), device=img.device)
-    for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first:first + batch_size]
-        batch = torch.cat([padded[..., t:t + win_h, l:l + win_w] for t, l in chunk])
-        with autocast(img.device, precision):
-            probs = net(batch, flip=flip).float().exp()
-        for (top, left), p in zip(chunk, probs):
-            total[:, top:top + win_h, left:left + win_w] += p
-            count[top:top + win_h, left:left + win_w] += 1
-    probs = (total / count)[:, :height, :width]
-    del total
-    ids = probs.argmax(0).cpu().numpy()
-    if not keep_log_probs:
-        return ids, None
-    if log_size is not None and tuple(log_size) != (height, width):
-        probs = F.interpolate(probs[None], size=tuple(log_size), mode="area")[0]
-    return ids, probs.log().cpu().numpy()
-
-
-def upsampled_argmax(probs, size, max_elements=STRIPE_ELEMENTS):
-    """Argmax (H×W int64) of K×h×w probabilities resized bilinearly to ``size`` = (H, W), in row
-    stripes of at most ``max_elements`` values, so the K×H×W upsampled array never exists."""
-    probs = torch.as_tensor(np.asarray(probs, dtype=np.float32))
-    n, h, w = probs.shape
-    height, width = size
-    weights_y = bilinear_matrix(height, h)
-    weights_x = bilinear_matrix(width, w).T
-    ids = np.empty((height, width), dtype=np.int64)
-    rows = max(1, max_elements // (n * width))
-    for top in range(0, height, rows):
-        band = weights_y[top:top + rows]
-        used = torch.nonzero(band.abs().sum(0)).flatten()
-        lo, hi = int(used.min()), int(used.max()) + 1
-        stripe = torch.einsum("rh,khw->krw", band[:, lo:hi], probs[:, lo:hi]) @ weights_x
-        ids[top:top + band.shape[0]] = stripe.argmax(0).numpy()
-    return ids
-
-
-def crf_shape(height, width, max_pixels):
-    """(h, w): the image's size when it has at most ``max_pixels`` pixels, else the largest size of
-    the same aspect ratio that has (each side at least 1)."""
-    if height * width <= max_pixels:
-        return height, width
-    scale = math.sqrt(max_pixels / (height * width))
-    h, w = max(1, int(height * scale)), max(1, int(width * scale))
-    while h * w > max_pixels and max(h, w) > 1:
-        h, w = (h - 1, w) if h >= w else (h, w - 1)
-    return h, w
-
-
-def crf_bytes_per_pixel(backend, n_clusters):
-    """Peak bytes per pixel of one dense CRF image (:data:`CRF_BYTES_PER_PIXEL`)."""
-    per_cluster, fixed = CRF_BYTES_PER_PIXEL[backend]
-    return per_cluster * int(n_clusters) + fixed
-
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_bytes(value, key="crf_max_memory"):
-    """``auto`` -> None; a number of bytes, or a size such as ``8GB``, ``512MB``, ``1.5GiB`` -> bytes."""
-    if value is None or str(value).strip().lower() == "auto":
-        return None
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
-    if isinstance(value, bool) or not match or float(match.group(1)) <= 0:
-        raise SmoosegError(f"{key}={value!r} is not a memory size; use auto, a number of bytes or a size "
-                           f"such as {key}=8GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def _read_int(path):
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def host_available_memory():
-    """Bytes of RAM this process can still take: MemAvailable, within the cgroup's limit when there
-    is one (Linux); None where neither can be read."""
-    known = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                known.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    cgroup = Path("/sys/fs/cgroup")
-    limit, used = _read_int(cgroup / "memory.max"), _read_int(cgroup / "memory.current")
-    if limit is not None and used is not None:                      # cgroup v2
-        reclaimable = 0
-        try:
-            for line in (cgroup / "memory.stat").read_text().splitlines():
-                if line.startswith("inactive_file "):
-                    reclaimable = int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-        known.append(max(0, limit - used + reclaimable))
-    else:                                                            # cgroup v1
-        limit = _read_int(cgroup / "memory" / "memory.limit_in_bytes")
-        used = _read_int(cgroup / "memory" / "memory.usage_in_bytes")
-        if limit is not None and used is not None and limit < 2**60:
-            known.append(max(0, limit - used))
-    return min(known) if known else None
-
-
-def available_memory(device):
-    """Bytes free for the CRF on ``device``: the GPU's free memory (plus what torch holds cached)
-    for CUDA, else :func:`host_available_memory`."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return host_available_memory()
-
-
-def _gb(n_bytes):
-    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MB"
-
-
-def check_crf_memory(paths, sizes, n_clusters, backend, concurrent, max_pixels, limit, limit_text):
-    """SmoosegError unless the dense CRF of the largest image fits in ``limit`` bytes (None: no check).
-
-    ``sizes`` are (width, height) per path (None: skipped); ``concurrent`` CRF jobs run at once.
-    """
-    candidates = [(crf_shape(h, w, max_pixels), (w, h), path)
-                  for path, size in zip(paths, sizes) if size is not None for w, h in [size]]
-    if limit is None or not candidates:
-        return
-    (h, w), (width, height), path = max(candidates, key=lambda c: c[0][0] * c[0][1])
-    per_pixel = crf_bytes_per_pixel(backend, n_clusters) * concurrent
-    need = per_pixel * h * w
-    if need <= limit:
-        return
-    at = f", refined at {w}x{h} = crf_max_pixels={max_pixels}" if (h, w) != (height, width) else ""
-    jobs = f" ({concurrent} CRF jobs at once)" if concurrent > 1 else ""
-    fits = int(limit / per_pixel * 0.9) // 10_000 * 10_000
-    fix = (f"lower crf_max_pixels (e.g. crf_max_pixels={fits}), " if fits >= 10_000 else "")
-    fix += "use fewer crf_workers, " if concurrent > 1 else ""
-    raise SmoosegError(
-        f"the dense CRF of {path} ({width}x{height} px{at}) needs about {_gb(need)}{jobs} with the "
-        f"{backend} CRF at {n_clusters} clusters, but {limit_text.format(_gb(limit))}; {fix}or set crf=false")
-
-
-def _crf_limit(max_memory, backend, pool):
-    """(bytes the CRF may use or None, how to say it) for ``crf_max_memory=max_memory``."""
-    limit = parse_bytes(max_memory)
-    if limit is not None:
-        return limit, f"crf_max_memory={max_memory} allows {{}}"
-    device = pool.device if backend == "torch" else "cpu"
-    where = "GPU memory" if torch.device(device).type == "cuda" else "memory"
-    return available_memory(device), f"only {{}} of {where} are available (crf_max_memory=auto)"
-
-
-def _check_max_pixels(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SmoosegError(f"crf_max_pixels={value!r} must be a positive number of pixels, e.g. "
-                           f"crf_max_pixels={CRF_MAX_PIXELS}")
-    return value
-
-
-def class_map_from_metrics(path, n_clusters, n_classes=None):
-    """(cluster -> class LongTensor[K] with −1 for unmatched clusters, class names) of a metrics.json."""
     metrics = read_metrics_json(path)
     assignment, names = metrics["assignment"], metrics["class_names"]
+    fix = "pass the metrics.json of an evaluation of this checkpoint"
+    if checkpoint_sha256 is not None:
+        recorded = metrics["checkpoint_sha256"]
+        if recorded is None:
+            log.warning("metrics JSON %s records no checkpoint sha256: cannot check that it belongs to "
+                        "this checkpoint", path)
+        elif recorded != checkpoint_sha256:
+            raise SmoosegError(f"metrics JSON {path} is the evaluation of another checkpoint (sha256 "
+                               f"{recorded[:12]}…, this one {checkpoint_sha256[:12]}…); {fix}")
     if n_classes is not None and len(names) != n_classes:
-        raise SmoosegError(f"metrics JSON {path} has {len(names)} classes but the model {n_classes}; "
-                           "pass the metrics.json of an evaluation of this checkpoint")
+        raise SmoosegError(f"metrics JSON {path} has {len(names)} classes but the model {n_classes}; {fix}")
     if assignment.max() >= n_clusters:
         raise SmoosegError(f"metrics JSON {path} assigns cluster {assignment.max()} but the model has "
-                           f"{n_clusters} clusters; pass the metrics.json of an evaluation of this checkpoint")
+                           f"{n_clusters} clusters; {fix}")
     return cluster_to_class_map(assignment, n_clusters), names
 
 
@@ -393,175 +148,169 @@ def cluster_palette(n_clusters, palette_name, class_map=None):
     return class_colors(class_map, palette)
 
 
-def legend_entries(class_map, class_names, colors):
-    """(names, colours) for the legend: the classes in order, then each unmatched cluster."""
-    class_map = np.asarray(class_map, dtype=np.int64)
-    names, swatches = [], []
-    for c, name in enumerate(class_names):
-        clusters = np.flatnonzero(class_map == c)
-        if len(clusters):
-            names.append(f"{name} (cluster {clusters[0]})")
-            swatches.append(colors[clusters[0]])
-    for k in np.flatnonzero(class_map < 0):
-        names.append(f"cluster {k} (unmatched)")
-        swatches.append(colors[k])
-    return names, swatches
+class _Writer:
+    """Writes the pictures of each segmented image and remembers which clusters occurred."""
+
+    def __init__(self, output_dir, colors, names, alpha, save_ids):
+        self.output_dir, self.colors, self.names = Path(output_dir), colors, names
+        self.alpha, self.save_ids = alpha, save_ids
+        self.results, self.seen = [], set()
+
+    def write(self, image, ids, path, rel):
+        stem = self.output_dir / rel
+        mask = self.colors[ids]
+        legend = present_legend(ids, self.colors, self.names)
+        out = {"image": path, "ids": None,
+               "mask": save_png(mask, stem.parent / f"{stem.name}_mask.png"),
+               "overlay": save_png(overlay(image, mask, self.alpha),
+                                   stem.parent / f"{stem.name}_overlay.png"),
+               "side": save_png(side_by_side(image, mask, legend, self.alpha),
+                                stem.parent / f"{stem.name}_side.png")}
+        if self.save_ids:
+            out["ids"] = save_ids_png(ids, self.colors, stem.parent / f"{stem.name}_ids.png")
+        self.seen.update(np.unique(ids).tolist())
+        self.results.append(out)
+
+    def write_legend(self):
+        """``legend.png``: every colour that occurs in a written mask."""
+        if self.seen:
+            present = sorted(self.seen)
+            save_png(legend_image([self.names[k] for k in present], [self.colors[k] for k in present]),
+                     self.output_dir / "legend.png")
 
 
-def _check_options(mode, size, stride, batch_size, alpha):
-    if mode not in MODES:
-        raise SmoosegError(f"mode={mode} is unknown; use one of {', '.join(MODES)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise SmoosegError(f"size={size!r} must be a positive number of pixels")
-    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
-        raise SmoosegError(f"stride={stride!r} must be a positive number of pixels or null (size // 2)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SmoosegError(f"batch_size={batch_size!r} must be a positive integer")
+def _image_sizes(paths, skip_bad):
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(image_size(path, exif=True, fix=HINTS))
+        except SmoosegError:
+            if not skip_bad:
+                raise
+            sizes.append(None)  # skipped, with its warning, when its turn comes
+    return sizes
+
+
+def _check_crf_fits(paths, skip_bad, n_clusters, pool, max_pixels, max_memory):
+    limit, limit_text = crf_limit(max_memory, pool)
+    check_crf_memory(paths, _image_sizes(paths, skip_bad), n_clusters, pool_backend(pool),
+                     pool_concurrency(pool), max_pixels, limit, limit_text)
+
+
+def _check_folders(input_dir, output_dir, alpha):
     if not 0 <= alpha <= 1:
         raise SmoosegError(f"alpha={alpha!r} must lie in [0, 1] (mask opacity in the overlay)")
-
-
-@torch.no_grad()
-def segment_folder(net, data, input_dir, output_dir, recursive=False, mode="resize", size=320,
-                   stride=None, flip=True, crf=False, crf_pool=None, save_ids=False, class_map=None,
-                   class_names=None, alpha=0.5, device="auto", precision="32",
-                   batch_size=8, skip_bad=False, show_progress=True, crf_max_pixels=CRF_MAX_PIXELS,
-                   crf_max_memory="auto"):
-    """Segment every image of ``input_dir`` into ``output_dir``; returns one dict per written image
-    (keys ``image``, ``mask``, ``overlay``, ``ids`` (None unless ``save_ids``)).
-
-    ``size`` is the shorter side fed to the network (``resize``) or the window side (``window``);
-    ``stride`` the window step (None: ``size // 2``). ``batch_size`` windows go through the
-    network together. ``crf`` refines with the dense CRF in ``crf_pool`` (None: in-process);
-    the CRF of one image runs while the next goes through the network, on at most
-    ``crf_max_pixels`` pixels, after a memory check against ``crf_max_memory`` (``auto``: what is
-    available; see the module docstring). ``class_map``
-    (cluster -> class, −1 unmatched) colours by class and writes ``legend.png`` with
-    ``class_names`` (default: those of ``data``, the :class:`DatasetInfo` the net was trained for,
-    whose colour map is used). Unreadable images raise, or are skipped with a
-    warning under ``skip_bad``.
-    """
-    _check_options(mode, size, stride, batch_size, alpha)
     output_dir = check_output_dir(output_dir, "output_dir")
     if output_dir.resolve() == Path(input_dir).resolve():
         raise SmoosegError(f"output_dir {output_dir} is the input folder; pass another output_dir")
+    return output_dir
+
+
+@torch.no_grad()
+def segment_folder(net, data, input_dir, output_dir, options=None, *, recursive=False,
+                   crf_pool=None, crf_max_pixels=CRF_MAX_PIXELS, crf_max_memory="auto", class_map=None,
+                   class_names=None, save_ids=False, alpha=0.5, skip_bad=False, show_progress=True):
+    """Segment every image of ``input_dir`` into ``output_dir`` on the net's device; returns one
+    dict per written image (keys ``image``, ``mask``, ``overlay``, ``side``, ``ids`` (None unless
+    ``save_ids``)).
+
+    ``options`` (:class:`PredictOptions`, None: its defaults) fit each image to the patch size.
+    With a ``crf_pool``
+    (:func:`smooseg.eval.crf_backend.open_crf`) the dense CRF refines each image while the next
+    goes through the network, on at most ``crf_max_pixels`` pixels, after a memory check against
+    ``crf_max_memory`` (:mod:`smooseg.eval.crf_memory`). ``class_map`` (cluster -> class, −1
+    unmatched) colours and names clusters by class with ``class_names`` (default: those of
+    ``data``, the :class:`DatasetInfo` the net was trained for, whose colour map is used).
+    Unreadable images raise, or are skipped with a warning under ``skip_bad``.
+    """
+    output_dir = _check_folders(input_dir, output_dir, alpha)
+    options = PredictOptions() if options is None else options
+    options.fitted(net.patch_size)
     paths = list_images(input_dir, recursive, exclude=output_dir)
-    device = resolve_device(device)
-    net = net.to(device).eval()
-    net.backbone_precision = str(precision)  # the backbone runs at the precision asked for here
-    patch = net.patch_size
-    size = patch_multiple(size, patch)
-    stride = size // 2 if stride is None else stride
-    if mode == "window" and stride > size:
-        raise SmoosegError(f"stride={stride} is larger than the window (size={size}, a multiple of the "
-                           f"patch size {patch}); set stride <= size so that windows leave no gaps")
     colors = cluster_palette(net.n_clusters, data.name, class_map)
-    if class_map is not None:
-        names = data.class_names if class_names is None else list(class_names)
-        save_png(legend_image(*legend_entries(class_map, names, colors)), output_dir / "legend.png")
+    names = cluster_names(net.n_clusters, class_map,
+                          data.class_names if class_names is None else class_names)
+    writer = _Writer(output_dir, colors, names, alpha, save_ids)
+    crf = crf_pool is not None
     if crf:
-        crf_max_pixels = _check_max_pixels(crf_max_pixels)
+        check_max_pixels(crf_max_pixels)
         parse_bytes(crf_max_memory)
-    own_pool = crf_pool is None and crf
-    pool = open_crf("pydensecrf", device) if own_pool else crf_pool
-    results, pending = [], deque()
+        _check_crf_fits(paths, skip_bad, net.n_clusters, crf_pool, crf_max_pixels, crf_max_memory)
+    pending = deque()
 
-    def write(image, ids, base):
-        out = {"image": base[0], "ids": None}
-        stem = output_dir / base[1]
-        mask = colors[ids]
-        out["mask"] = save_png(mask, stem.parent / f"{stem.name}_mask.png")
-        out["overlay"] = save_png(overlay(image, mask, alpha), stem.parent / f"{stem.name}_overlay.png")
-        if save_ids:
-            dtype = np.uint8 if net.n_clusters <= 256 else np.uint16
-            out["ids"] = save_png(ids.astype(dtype), stem.parent / f"{stem.name}_ids.png")
-        results.append(out)
+    def finish(handle, image, path, rel):
+        writer.write(image, refined_ids(handle.result()[0], image.shape[:2]), path, rel)
 
-    def finish(handle, image, base):
-        probs = handle.result()[0]
-        if probs.shape[1:] == image.shape[:2]:
-            write(image, probs.argmax(0), base)
-        else:  # refined at crf_max_pixels: upsample the probabilities, then the argmax
-            write(image, upsampled_argmax(probs, image.shape[:2]), base)
-
-    try:
-        if crf:
-            backend = "torch" if isinstance(pool, TorchCRF) else "pydensecrf"
-            concurrent = 1 if backend == "torch" else max(1, min(int(getattr(pool, "num_workers", 0)),
-                                                                 int(getattr(pool, "max_in_flight", 1))))
-            limit, limit_text = _crf_limit(crf_max_memory, backend, pool)
-            sizes = []
-            for path in paths:
-                try:
-                    sizes.append(image_size(path, exif=True, fix=HINTS))
-                except SmoosegError:
-                    if not skip_bad:
-                        raise
-                    sizes.append(None)  # skipped, with its warning, when its turn comes
-            check_crf_memory(paths, sizes, net.n_clusters, backend, concurrent, crf_max_pixels, limit,
-                             limit_text)
-        for path, rel in tqdm(list(zip(paths, output_stems(paths, input_dir))), desc="segment",
-                              unit="img", disable=not show_progress):
-            try:
-                image = read_image(path)
-            except SmoosegError as err:
-                if not skip_bad:
-                    raise
-                log.warning("skipped: %s", str(err).split(";")[0])
-                continue
-            img = to_input(image, device)
-            crf_size = crf_shape(*image.shape[:2], crf_max_pixels) if crf else None
-            if mode == "resize":
-                ids, log_probs = predict_resize(net, img, size, flip, crf, precision, log_size=crf_size)
-            else:
-                ids, log_probs = predict_window(net, img, size, stride, flip, batch_size, crf,
-                                                precision, log_size=crf_size)
-            del img
-            if crf:
-                crf_image = image
-                if crf_size != image.shape[:2]:
-                    crf_image = np.asarray(Image.fromarray(image).resize(crf_size[::-1], Image.BILINEAR))
-                pending.append((pool.submit([crf_image], [log_probs]), image, (path, rel)))
-                while pending and pending[0][0].done():
-                    finish(*pending.popleft())
-            else:
-                write(image, ids, (path, rel))
-        while pending:
+    for path, rel in tqdm(list(zip(paths, output_stems(paths, input_dir), strict=True)), desc="segment",
+                          unit="img", disable=not show_progress):
+        try:
+            image = read_image(path)
+        except SmoosegError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipped: %s", str(err).split(";")[0])
+            continue
+        crf_size = crf_shape(*image.shape[:2], crf_max_pixels) if crf else None
+        ids, log_probs = predict_image(net, image, options, keep_log_probs=crf, log_size=crf_size)
+        if not crf:
+            writer.write(image, ids, path, rel)
+            continue
+        pending.append((crf_pool.submit([crf_image(image, crf_size)], [log_probs]), image, path, rel))
+        while pending and pending[0][0].done():
             finish(*pending.popleft())
-    finally:
-        if own_pool:
-            pool.close()
-    return results
+    while pending:
+        finish(*pending.popleft())
+    writer.write_legend()
+    return writer.results
 
 
-def run_segment(cfg):
-    """Entry point of ``segment_images.py`` (config ``smooseg/configs/segment.yaml``); returns the results."""
-    for key in ("model_path", "input_dir"):
-        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
-            raise SmoosegError(f"{key} is required; pass {key}=<path>")
-    check_settings(cfg, settings.SEGMENT)
-    list_images(cfg.input_dir, bool(cfg.recursive), exclude=cfg.output_dir)
-    check_output_dir(cfg.output_dir, "output_dir")
-    check_input_file(cfg.model_path, "model_path", missing="not found",
+def _required(settings, key):
+    try:
+        value = getattr(settings, key)
+    except (AttributeError, MissingMandatoryValue):
+        value = None
+    if value is None or value == "???" or not str(value):
+        raise SmoosegError(f"{key} is required; pass {key}=<path>")
+    return value
+
+
+def predict_options(settings):
+    """The :class:`PredictOptions` of segment settings (the keys of ``smooseg/configs/segment.yaml``)."""
+    return PredictOptions(mode=settings.mode, size=settings.size, stride=settings.stride,
+                          flip=bool(settings.flip), batch_size=settings.batch_size,
+                          precision=str(settings.precision))
+
+
+def run_segment(settings):
+    """Entry point of ``segment_images.py``: ``settings`` carries the keys of
+    ``smooseg/configs/segment.yaml`` as attributes (a DictConfig or the typed settings); returns
+    the results of :func:`segment_folder`."""
+    model_path, input_dir = _required(settings, "model_path"), _required(settings, "input_dir")
+    options = predict_options(settings)
+    list_images(input_dir, bool(settings.recursive), exclude=settings.output_dir)
+    check_output_dir(settings.output_dir, "output_dir")
+    check_input_file(model_path, "model_path", missing="not found",
                      fix="pass the path of a .ckpt file (a path with '=' quoted: 'model_path=\"a=b.ckpt\"')")
-    device = resolve_device(cfg.device)
-    net, hparams = load_net(cfg.model_path, map_location=device)
+    device = resolve_device(settings.device)
+    net, hparams = load_net(model_path, map_location=device)
+    net.backbone_precision = options.precision  # the backbone runs at the precision asked for here
     data = DatasetInfo(**hparams["data"])
     class_map = names = None
-    if cfg.metrics_json:
-        class_map, names = class_map_from_metrics(cfg.metrics_json, net.n_clusters, data.n_classes)
-    pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
+    if settings.metrics_json:
+        class_map, names = class_map_from_metrics(settings.metrics_json, net.n_clusters, data.n_classes,
+                                                  checkpoint_sha256=file_sha256(model_path))
+    pool = (open_crf(settings.crf_backend, device, settings.crf_workers, float(settings.crf_timeout))
+            if settings.crf else None)
     try:
         results = segment_folder(
-            net, data, cfg.input_dir, cfg.output_dir, recursive=bool(cfg.recursive), mode=cfg.mode,
-            size=cfg.size, stride=cfg.stride, flip=bool(cfg.flip), crf=bool(cfg.crf), crf_pool=pool,
-            save_ids=bool(cfg.save_ids), class_map=class_map, class_names=names,
-            alpha=float(cfg.alpha), device=device, precision=cfg.precision,
-            batch_size=cfg.batch_size, skip_bad=bool(cfg.skip_bad), show_progress=bool(cfg.progress),
-            crf_max_pixels=cfg.get("crf_max_pixels", CRF_MAX_PIXELS),
-            crf_max_memory=cfg.get("crf_max_memory", "auto"))
+            net, data, input_dir, settings.output_dir, options, recursive=bool(settings.recursive),
+            crf_pool=pool, crf_max_pixels=settings.crf_max_pixels, crf_max_memory=settings.crf_max_memory,
+            class_map=class_map, class_names=names, save_ids=bool(settings.save_ids),
+            alpha=float(settings.alpha), skip_bad=bool(settings.skip_bad),
+            show_progress=bool(settings.progress))
     finally:
         if pool is not None:
             pool.close()
-    print(f"segmented {len(results)} images into {cfg.output_dir}")
+    print(f"segmented {len(results)} images into {settings.output_dir}")
     return results
+

@@ -21,6 +21,7 @@ from smooseg.data.datasets import DatasetInfo
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
 from smooseg.eval.metrics import ClusterMetrics, cluster_to_class_map
+from smooseg.eval.pictures import titled_row
 from smooseg.model.checkpoints import CHECKPOINT_LAYOUT, upgrade_checkpoint
 from smooseg.model.losses import LossConfig, random_pairing, shift_histograms, smoothness_parts, total_loss
 from smooseg.model.net import NetConfig, SmooSegNet
@@ -38,10 +39,11 @@ class OptimConfig:
 
 
 def example_row(img, label, pred_classes, palette):
-    """One H×3W×3 uint8 row: the un-normalised image, its coloured label, the coloured prediction."""
+    """One uint8 row of TensorBoard's ``val/examples``: the un-normalised image, its coloured label
+    and the coloured prediction, titled and enlarged to a readable size (:func:`titled_row`)."""
     image = to_uint8_image(unnormalize(img.float()))
-    return np.concatenate(
-        [image, colorize(label.numpy(), palette), colorize(pred_classes.numpy(), palette)], axis=1)
+    return titled_row([image, colorize(label.numpy(), palette), colorize(pred_classes.numpy(), palette)],
+                      ("image", "ground truth", "prediction"))
 
 
 class NonFiniteLossError(SmoosegError):
