@@ -10,6 +10,7 @@ be glob patterns: model_paths='runs/*/checkpoints/best-*.ckpt'. Config: smooseg/
 import hydra
 
 from smooseg.cli import prepare_argv, report_errors
+from smooseg.settings import eval_settings
 
 
 @hydra.main(config_path="smooseg/configs", config_name="eval", version_base="1.3")
@@ -17,7 +18,7 @@ from smooseg.cli import prepare_argv, report_errors
 def main(cfg):
     from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
 
-    run_eval(cfg)
+    run_eval(eval_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ import hydra
 
 from smooseg.cli import prepare_argv, report_errors
 from smooseg.eval.segment import run_segment
+from smooseg.settings import segment_settings
 
 
 @hydra.main(config_path="smooseg/configs", config_name="segment", version_base="1.3")
 @report_errors
 def main(cfg):
-    run_segment(cfg)
+    run_segment(segment_settings(cfg))
 
 
 if __name__ == "__main__":

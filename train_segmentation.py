@@ -14,7 +14,8 @@ reached and exits with status 143.
 
 import hydra
 
-from smooseg.cli import prepare_argv, report_errors
+from smooseg.cli import prepare_argv, quiet_known_noise, report_errors
+from smooseg.settings import train_settings
 
 
 @hydra.main(config_path="smooseg/configs", config_name="train", version_base="1.3")
@@ -23,7 +24,9 @@ def main(cfg):
     from smooseg.sweep import job_output_dir
     from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
-    return train(job_output_dir(cfg))
+    settings = train_settings(job_output_dir(cfg))
+    quiet_known_noise()
+    return train(settings)
 
 
 if __name__ == "__main__":

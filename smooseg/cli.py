@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from hydra.experimental.callback import Callback
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
 
@@ -277,6 +277,26 @@ def typed_value(key, argv, fallback):
     return fallback
 
 
+def _bad_value_message(err, argv):
+    """``key=value is not allowed: key must be ...`` for an override of the wrong type (Hydra
+    checks it against the entry's schema, smooseg.settings), else None."""
+    from omegaconf.errors import ValidationError
+
+    from smooseg.settings import describe, field_rule
+
+    cause = err.__cause__
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    node = getattr(cause, "parent_node", None)
+    schema = node._get_root()._metadata.object_type if node is not None else None
+    found = field_rule(schema, cause.full_key) if schema is not None else None
+    if found is None:
+        return None
+    key = cause.full_key
+    value = typed_value(key, argv, cause.value if cause.value is not None else "...")
+    return f"{key}={value} is not allowed: {key} must be {describe(*found)}"
+
+
 def config_error_message(err, argv=None):
     """One line for a Hydra composition / override error (unknown key, group option or syntax).
 
@@ -298,10 +318,14 @@ def config_error_message(err, argv=None):
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         if group:
             return f"unknown {group} '{name}'; choose one of {', '.join(err.options)} ({group}=<name>)"
+    bad_value = _bad_value_message(err, argv)
+    if bad_value is not None:
+        return bad_value
     override = re.match(r"Could not override '([^']+)'", str(err))
     if override:
         key = override.group(1)
-        if "not in struct" in str(err.__cause__):
+        unknown = isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError))
+        if unknown or "not in struct" in str(err.__cause__):
             line = re.search(r"To append to your config use \+(.*)", str(err))
             value = typed_value(key, argv, line.group(1).split("=", 1)[1] if line and "=" in line.group(1)
                                 else "...")

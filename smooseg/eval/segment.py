@@ -39,11 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from smooseg import settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.transforms import normalize
 from smooseg.errors import SmoosegError
@@ -53,7 +51,6 @@ from smooseg.io import IMAGE_EXTENSIONS, check_input_file, check_output_dir, ima
 from smooseg.model.backbone import patch_multiple
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
-from smooseg.settings import check_settings
 from smooseg.viz import class_colors, colormap, legend_image, overlay, read_metrics_json, save_png
 
 log = logging.getLogger(__name__)
@@ -535,11 +532,11 @@ def segment_folder(net, data, input_dir, output_dir, recursive=False, mode="resi
 
 
 def run_segment(cfg):
-    """Entry point of ``segment_images.py`` (config ``smooseg/configs/segment.yaml``); returns the results."""
+    """Entry point of ``segment_images.py`` (resolved :class:`smooseg.settings.SegmentSettings`);
+    returns the results."""
     for key in ("model_path", "input_dir"):
-        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
+        if not getattr(cfg, key):
             raise SmoosegError(f"{key} is required; pass {key}=<path>")
-    check_settings(cfg, settings.SEGMENT)
     list_images(cfg.input_dir, bool(cfg.recursive), exclude=cfg.output_dir)
     check_output_dir(cfg.output_dir, "output_dir")
     check_input_file(cfg.model_path, "model_path", missing="not found",
@@ -558,8 +555,7 @@ def run_segment(cfg):
             save_ids=bool(cfg.save_ids), class_map=class_map, class_names=names,
             alpha=float(cfg.alpha), device=device, precision=cfg.precision,
             batch_size=cfg.batch_size, skip_bad=bool(cfg.skip_bad), show_progress=bool(cfg.progress),
-            crf_max_pixels=cfg.get("crf_max_pixels", CRF_MAX_PIXELS),
-            crf_max_memory=cfg.get("crf_max_memory", "auto"))
+            crf_max_pixels=cfg.crf_max_pixels, crf_max_memory=cfg.crf_max_memory)
     finally:
         if pool is not None:
             pool.close()

@@ -1,1 +1,1 @@
-"""Training with Lightning: the LightningModule, data module, callbacks, feature cache and train(cfg)."""
+"""Training with Lightning: the LightningModule, data module, callbacks, feature cache and train(settings)."""
