@@ -1,6 +1,7 @@
 """Shared plumbing for the Hydra entry points: reference-style flags and one-line errors (an
 unknown key answered with the key that was meant)."""
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -12,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
+from smooseg.settings import CropSource, describe, field_rule
 
 # Hydra's own command-line flags, passed through untouched.
 _HYDRA_FLAGS = {
@@ -158,8 +160,8 @@ REFERENCE_WITHOUT_COUNTERPART = {
     "use_ddp": "evaluation runs in one process on one device (device=cuda:N); training uses trainer=ddp",
 }
 # Sections that may be null in a config; setting one of their keys then means setting the whole
-# section, filled with these values (the published five-crop set).
-WHOLE_SECTIONS = {"dataset.train_crop_source": {"crop_type": "five", "ratio": 0.5}}
+# section, filled with its schema's defaults (smooseg.settings: the published five-crop set).
+WHOLE_SECTIONS = {"dataset.train_crop_source": CropSource}
 _MISSING = object()
 
 
@@ -211,7 +213,8 @@ def _format_value(value):
 
 
 def _whole_section(section, leaf, value):
-    return _override(section, _format_value({**WHOLE_SECTIONS.get(section, {}), leaf: value}))
+    defaults = dataclasses.asdict(WHOLE_SECTIONS[section]()) if section in WHOLE_SECTIONS else {}
+    return _override(section, _format_value({**defaults, leaf: value}))
 
 
 def _null_section(tree, key):
@@ -281,8 +284,6 @@ def _bad_value_message(err, argv):
     """``key=value is not allowed: key must be ...`` for an override of the wrong type (Hydra
     checks it against the entry's schema, smooseg.settings), else None."""
     from omegaconf.errors import ValidationError
-
-    from smooseg.settings import describe, field_rule
 
     cause = err.__cause__
     if not isinstance(cause, ValidationError) or not cause.full_key:

@@ -11,8 +11,10 @@ allowed value and range (one line naming the key and what it may be), and resolv
 into the concrete value the run uses; the library takes these instances, never a Hydra config.
 
 A setting's rule lives in its field's metadata (:func:`setting`): ``choices``, ``low`` / ``high``
-(inclusive) or ``above`` (exclusive lower bound), and ``each`` (the allowed values of a list's
-entries). A list setting given a bare string (``datasets=cityscapes``) is a one-element list.
+(inclusive) or ``above`` (exclusive lower bound), ``each`` (the allowed values of a list's
+entries) and ``section`` (the dataclass of a section that may be null: it is composed untyped, so
+that a key set under a null section is answered with how to set it whole, and typed here). A list
+setting given a bare string (``datasets=cityscapes``) is a one-element list.
 """
 
 import dataclasses
@@ -36,10 +38,11 @@ BACKBONE_PRECISIONS = ("auto", "32", "bf16", "16")
 LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
 
-def setting(default=MISSING, *, choices=None, low=None, high=None, above=None, each=None, factory=None):
+def setting(default=MISSING, *, choices=None, low=None, high=None, above=None, each=None, section=None,
+            factory=None):
     """A dataclass field with its rule (see the module docstring)."""
-    rule = {k: v for k, v in dict(choices=choices, low=low, high=high, above=above, each=each).items()
-            if v is not None}
+    rule = {k: v for k, v in dict(choices=choices, low=low, high=high, above=above, each=each,
+                                  section=section).items() if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rule)
     return field(default=default, metadata=rule)
@@ -84,7 +87,7 @@ class DatasetSettings:
     n_clusters: Optional[int] = setting(None, low=1)  # directory sets without labels: clusters to find
     dir_name: Optional[str] = None          # directory sets: <data_dir>/<dir_name> (null: data_dir)
     train_crop: str = setting("center", choices=CROPS)
-    train_crop_source: Optional[CropSource] = None  # null: the raw images
+    train_crop_source: Any = setting(None, section=CropSource)  # a CropSource; null: the raw images
     image_interp: str = setting("nearest", choices=("nearest", "bilinear"))
     train_unlabelled: bool = False          # potsdam: also the unlabelled tiles
 
@@ -223,7 +226,7 @@ class TrainSettings:
 class EvalSettings:
     """eval_segmentation.py."""
 
-    model_paths: Any = setting(factory=list, each=str)  # checkpoints or glob patterns (required)
+    model_paths: Any = setting(each=str)    # checkpoints or glob patterns (required)
     data_dir: str = "${oc.env:SMOOSEG_DATA,data}"
     dataset: Optional[DatasetSettings] = None  # null: the checkpoint's data set
     split: str = "val"
@@ -385,6 +388,9 @@ def check_values(settings, prefix=""):
             check_values(value, f"{key}.")
             continue
         rule = f.metadata
+        if "section" in rule and value is not None:
+            setattr(settings, f.name, check_values(_section(value, rule["section"], key), f"{key}."))
+            continue
         if "each" in rule:
             setattr(settings, f.name, _as_list(value, key, rule["each"]))
             continue
@@ -397,6 +403,29 @@ def check_values(settings, prefix=""):
     return settings
 
 
+def _section(value, cls, key):
+    """The dataclass ``cls`` from the plain dict ``value`` of the section ``key``."""
+    if dataclasses.is_dataclass(value):
+        return value
+    if not isinstance(value, dict):
+        raise SmoosegError(f"{key}={value} is not allowed: {key} must be null or a section "
+                           f"{{{', '.join(f.name + ':...' for f in dataclasses.fields(cls))}}}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value))
+    except Exception as err:
+        from omegaconf.errors import ConfigKeyError, ValidationError
+
+        if not isinstance(err, (ConfigKeyError, ValidationError)):
+            raise
+        inner = getattr(err, "full_key", None) or "?"
+        found = field_rule(cls, inner)
+        if found is None:
+            raise SmoosegError(f"unknown config key '{key}.{inner}'; {key} holds "
+                               f"{', '.join(f.name for f in dataclasses.fields(cls))}") from None
+        raise SmoosegError(f"{key}.{inner}={value.get(inner)} is not allowed: {key}.{inner} must be "
+                           f"{describe(*found)}") from None
+
+
 def field_rule(schema, dotted):
     """(rule, kind) of the setting ``dotted`` of the dataclass ``schema``, or None."""
     head, _, rest = dotted.partition(".")
@@ -405,7 +434,7 @@ def field_rule(schema, dotted):
         return None
     f = fields[head]
     if rest:
-        inner = f.type
+        inner = f.metadata.get("section", f.type)
         args = getattr(inner, "__args__", ())
         inner = next((a for a in args if a is not type(None)), inner) if args else inner
         return field_rule(inner, rest)
