@@ -324,7 +324,7 @@ def describe(rule, kind):
     """What a value of a setting with ``rule`` may be, e.g. "an integer >= 1", "a number in (0, 1]"."""
     if "choices" in rule:
         return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
-    noun = {"int": "an integer", "bool": "true or false"}.get(kind, "a number")
+    noun = {"int": "an integer", "bool": "true or false", "any": "auto or an integer"}.get(kind, "a number")
     low, high, above = rule.get("low"), rule.get("high"), rule.get("above")
     bound = above if above is not None else low
     opening = "(" if above is not None else "["
@@ -338,7 +338,7 @@ def describe(rule, kind):
 
 
 def _kind(annotation):
-    return {int: "int", float: "float", bool: "bool"}.get(annotation, "any")
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation, "any")
 
 
 def _field_kind(f):
@@ -352,11 +352,11 @@ def _field_kind(f):
 def _fits(value, rule, kind):
     if "choices" in rule:
         return any(value == c and type(value) is type(c) for c in rule["choices"])
-    if kind == "any" and value == "auto":  # e.g. crf_workers=auto
+    if kind == "any" and value == "auto":  # crf_workers: auto or a count
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    if kind == "int" and not isinstance(value, int) or not math.isfinite(value):
+    if kind in ("int", "any") and not isinstance(value, int) or not math.isfinite(value):
         return False
     if "above" in rule and value <= rule["above"]:
         return False
@@ -441,9 +441,33 @@ def field_rule(schema, dotted):
     return dict(f.metadata), _field_kind(f)
 
 
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")  # what OmegaConf reads as a boolean
+
+
+def check_bool_words(overrides, schema):
+    """Refuse a command-line override of a boolean setting whose value is not one of ``BOOL_WORDS``
+    (OmegaConf would read ``flip=2`` as true)."""
+    for word in overrides:
+        key, sep, value = word.partition("=")
+        key = key.lstrip("+~")
+        found = field_rule(_TrainerRoot if key.startswith("trainer.") and schema is TrainSettings else schema,
+                           key)
+        if sep and found is not None and found[1] == "bool" and value.strip("'\" ").lower() not in BOOL_WORDS:
+            raise SmoosegError(f"{key}={value} is not allowed: {key} must be true or false "
+                               "(also yes/no, on/off, 1/0)")
+
+
+def _hydra_overrides():
+    """The command-line overrides of the running Hydra job ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _to_object(cfg, schema):
     """The dataclass ``schema`` from the composed ``cfg``; an unset environment variable or other
     interpolation that cannot be resolved is one line naming it."""
+    check_bool_words(_hydra_overrides(), schema)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except InterpolationResolutionError as err:
@@ -531,7 +555,11 @@ def check_model(model):
     """The backbone triple must be one the backbone registry knows."""
     from smooseg.model.weights import timm_name
 
-    timm_name(model.arch, model.model_type, model.patch_size)
+    try:
+        timm_name(model.arch, model.model_type, model.patch_size)
+    except SmoosegError as err:
+        raise SmoosegError(f"{err}; set model.arch, model.model_type and model.patch_size, or choose a "
+                           "model=<preset>") from None
 
 
 def check_dataset(dataset):
@@ -600,7 +628,10 @@ def eval_settings(cfg):
 def segment_settings(cfg):
     """The :class:`SegmentSettings` of a composed segmentation config: checked, device, CRF backend
     and workers and precision resolved."""
+    from smooseg.eval.segment import parse_bytes
+
     settings = check_values(_to_object(cfg, SegmentSettings))
+    parse_bytes(settings.crf_max_memory)
     settings.device = _device(settings.device)
     settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
                                                             settings.device)
