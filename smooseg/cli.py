@@ -273,11 +273,12 @@ def unknown_key_message(key, value, tree):
 def typed_value(key, argv, fallback):
     """The value ``key`` was given on the command line ``argv`` (a multirun's whole sweep, where
     Hydra reports one job's value), else ``fallback``."""
-    for word in argv or ():
+    found = fallback
+    for word in argv or ():  # the last one counts, as in Hydra
         name, sep, value = word.partition("=")
         if sep and name.lstrip("+~") == key:
-            return value
-    return fallback
+            found = value
+    return found
 
 
 def _bad_value_message(err, argv):
@@ -319,6 +320,11 @@ def config_error_message(err, argv=None):
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         if group:
             return f"unknown {group} '{name}'; choose one of {', '.join(err.options)} ({group}=<name>)"
+    appended = re.match(r"Could not append to config\. An item is already at '([^']+)'", str(err))
+    if appended:
+        key = appended.group(1)
+        return (f"{key} is a setting already: pass {_override(key, typed_value(key, argv, '...'))} "
+                "(without the +)")
     bad_value = _bad_value_message(err, argv)
     if bad_value is not None:
         return bad_value

@@ -426,6 +426,18 @@ def _section(value, cls, key):
                            f"{describe(*found)}") from None
 
 
+def field_rule_section(schema, dotted):
+    """The dataclass of the section ``dotted`` of ``schema`` ("" is ``schema`` itself), or None."""
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            return None
+        inner = fields[part].metadata.get("section", fields[part].type)
+        args = getattr(inner, "__args__", ())
+        schema = next((a for a in args if a is not type(None)), inner) if args else inner
+    return schema if dataclasses.is_dataclass(schema) else None
+
+
 def field_rule(schema, dotted):
     """(rule, kind) of the setting ``dotted`` of the dataclass ``schema``, or None."""
     head, _, rest = dotted.partition(".")
@@ -481,12 +493,18 @@ def _to_object(cfg, schema):
                            f"{key}=...") from None
     except MissingMandatoryValue:
         raise
-    except Exception as err:  # a value of the wrong type (a YAML preset, a value set in code)
-        from omegaconf.errors import ValidationError
+    except Exception as err:  # a key the schema lacks (+key=...), a value of the wrong type
+        from omegaconf.errors import ConfigKeyError, ValidationError
 
-        if not isinstance(err, ValidationError):
+        if not isinstance(err, (ConfigKeyError, ValidationError)):
             raise
         key = getattr(err, "full_key", None) or "a config key"
+        if isinstance(err, ConfigKeyError):
+            section, _, _ = key.rpartition(".")
+            owner = field_rule_section(schema, section)
+            names = ", ".join(f.name for f in dataclasses.fields(owner)) if owner else ""
+            raise SmoosegError(f"{key} is not one of the {section or 'top-level'} settings ({names}); "
+                               "remove it") from None
         found = field_rule(schema, key)
         value = OmegaConf.select(cfg, key, default="?", throw_on_resolution_failure=False)
         what = describe(*found) if found else str(err).splitlines()[0]
@@ -616,8 +634,6 @@ def eval_settings(cfg):
     if isinstance(dataset, dict) and dataset.get("n_classes") == "???":
         dataset["n_classes"] = None
     settings = check_values(_to_object(OmegaConf.create(values), EvalSettings))
-    if not settings.model_paths:
-        raise SmoosegError("model_paths is empty; pass model_paths=[path/to/a.ckpt,...]")
     settings.device = _device(settings.device)
     settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
                                                             settings.device)

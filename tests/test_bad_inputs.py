@@ -378,7 +378,9 @@ CASES = [
          ["cropped/cityscapes_five_crop_0.5 does not exist", "python crop_datasets.py data_dir={data} "
           "datasets=[cityscapes] crop_types=[five] crop_ratio=0.5", "dataset.train_crop_source=null"]),
     Case("train: unlabelled tiles asked for outside Potsdam", valid, T,
-         TRAIN + ["+dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
+         TRAIN + ["dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
+    Case("train: + before a key that exists", valid, T, TRAIN + ["+dataset.train_unlabelled=true"],
+         ["dataset.train_unlabelled is a setting already", "pass dataset.train_unlabelled=true (without the +)"]),
     # sizes and numerics
     Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40"],
          ["40x40", "patch size 16", "model.fit"]),
@@ -390,7 +392,7 @@ CASES = [
          ["4 images", "batch_size=8"]),
     Case("train: non-finite loss", valid, T, TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
          ["non-finite", "step 2", "last good checkpoint"], check=last_good_checkpoint_kept,
-         keeps_checkpoint=True),
+         keeps_checkpoint=True, started=True),
     # part-written data and files that cannot be read right
     Case("train: cropped set left incomplete by a killed crop run", cut_short_crop_run, T,
          TRAIN + ["dataset=cityscapes"],

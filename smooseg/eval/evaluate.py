@@ -48,7 +48,7 @@ from smooseg.eval.metrics import ClusterMetrics
 from smooseg.eval.results import print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
-from smooseg.runtime import autocast
+from smooseg.runtime import autocast, resolve_device
 
 
 class _Collector:

@@ -192,15 +192,25 @@ def close_run_log(handler):
         handler.close()
 
 
-def check_final_eval(settings, net):
-    """Before training: the final evaluation's ``eval_res`` crops must fit the backbone's patch grid
-    (or ``model.fit`` adapt them), so a long run does not fail at its very end."""
-    patch, fit = net.backbone.patch_size, net.backbone.fit
+def check_patch_grid(settings, net):
+    """Before training: the training and validation crops (``res``, ``val_res``) and the final
+    evaluation's (``eval_res``) must fit the backbone's patch grid, or ``model.fit`` adapt them, so
+    a run does not fail once its folder is written, nor a long one at its very end."""
+    patch = net.backbone.patch_size
+    if net.backbone.fit != "error":
+        return
+    fix = f"use a multiple of {patch}, or set model.fit=resize or model.fit=pad"
+    crops = [("val_res", settings.val_res, "validation's")]
+    if settings.dataset.train_crop != "none":
+        crops.insert(0, ("res", settings.res, "training"))
+    for key, res, what in crops:
+        if res % patch:
+            raise SmoosegError(f"{key}={res}: the {what} {res}x{res} crops are not a multiple of the backbone "
+                               f"patch size {patch}; {fix}")
     res = settings.eval_res
-    if settings.final_eval.enabled and fit == "error" and res % patch:
+    if settings.final_eval.enabled and res % patch:
         raise SmoosegError(f"eval_res={res}: the final evaluation's {res}x{res} crops are not a multiple of "
-                           f"the backbone patch size {patch}; use a multiple of {patch}, set model.fit=resize "
-                           "or model.fit=pad, or final_eval.enabled=false")
+                           f"the backbone patch size {patch}; {fix}, or final_eval.enabled=false")
 
 
 def final_eval_settings(settings, checkpoint, device):
@@ -255,7 +265,7 @@ def train(settings, callbacks=()):
     check_output_dir(settings.output_dir, "output_dir")
     pl.seed_everything(settings.seed, workers=True)
     module = build_module(settings)
-    check_final_eval(settings, module.net)
+    check_patch_grid(settings, module.net)
     ckpt_path = resume_path(settings, module)
     datamodule = build_datamodule(settings, module.net)
     labelled_val = has_labels(datamodule.val_set)
