@@ -30,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from smooseg.data.transforms import CROPS
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import CRF_BACKENDS
-from smooseg.runtime import PRECISION_DTYPES
+from smooseg.runtime import PRECISION_DTYPES, accelerator_device, lightning_precision
 
 SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything feeds
 PRECISIONS = ("auto", *PRECISION_DTYPES)
@@ -126,7 +126,7 @@ class CacheSettings:
     """The backbone feature cache: the frozen backbone runs once per training image."""
 
     enabled: bool = False                   # needs deterministic crops (dataset.train_crop=center)
-    dir: str = "${data_dir}/feature_cache"  # one sub-folder per key (data set, crops, backbone, weights, dtype)
+    dir: str = "${data_dir}/feature_cache"  # a sub-folder per key (data set, crops, backbone, weights, dtype)
     dtype: str = setting("float16", choices=("float16", "float32"))  # float32: bit-exact features
     batch_size: Optional[int] = setting(None, low=1)  # images per backbone batch (null: batch_size)
 
@@ -202,7 +202,7 @@ class TrainSettings:
     num_workers: int = setting(4, low=0)    # DataLoader worker processes
     max_steps: int = setting(3000, low=1)
     val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
-    ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | a path
+    ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
     extra_clusters: int = setting(0, low=0)
     mask_extra_clusters: bool = False       # reference quirk: drop pixels predicted as extra clusters
     n_log_images: int = setting(4, low=0)   # validation images drawn to TensorBoard
@@ -323,7 +323,8 @@ register()
 def describe(rule, kind):
     """What a value of a setting with ``rule`` may be, e.g. "an integer >= 1", "a number in (0, 1]"."""
     if "choices" in rule:
-        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
+        names = (str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
+        return "one of " + ", ".join(names)
     noun = {"int": "an integer", "bool": "true or false", "any": "auto or an integer"}.get(kind, "a number")
     low, high, above = rule.get("low"), rule.get("high"), rule.get("above")
     bound = above if above is not None else low
@@ -473,7 +474,9 @@ def _hydra_overrides():
     """The command-line overrides of the running Hydra job ([] outside one)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not HydraConfig.initialized():
+        return []
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # words as typed
 
 
 def _to_object(cfg, schema):
@@ -516,29 +519,6 @@ def _plain(cfg):
 
 
 # ---------------------------------------------------------------- resolving each "auto" once
-def _device_of(accelerator):
-    import torch
-
-    if accelerator in ("gpu", "cuda"):
-        return "cuda"
-    if accelerator == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu" if accelerator == "cpu" else accelerator
-
-
-def long_precision(precision, device):
-    """Lightning's name of ``precision`` on ``device``: ``auto`` -> bf16-mixed on a CUDA GPU with
-    bf16, 16-mixed on other GPUs, 32-true elsewhere; short forms (32, bf16, 16) -> long forms."""
-    import torch
-
-    precision = str(precision)
-    if precision == "auto":
-        if str(device).startswith("cuda"):
-            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        return "32-true"
-    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
-
-
 def backbone_precision(requested, trainer_precision):
     """The frozen backbone's precision: ``auto`` follows the trainer's (32-true -> 32,
     bf16-mixed -> bf16, 16-mixed -> 16); anything else as requested."""
@@ -601,19 +581,16 @@ def train_settings(cfg):
     check_model(settings.model)
     check_dataset(settings.dataset)
     check_accelerator(trainer.accelerator)
-    device = _device_of(trainer.accelerator)
+    device = accelerator_device(trainer.accelerator)
     if trainer.accelerator == "auto":
         trainer.accelerator = "gpu" if device == "cuda" else "cpu"
-    trainer.precision = long_precision(trainer.precision, device)
-    if trainer.precision not in ("32-true", "bf16-mixed", "16-mixed"):
-        raise SmoosegError(f"trainer.precision={trainer.precision} is not allowed: trainer.precision must be "
-                           "one of auto, 32-true, bf16-mixed, 16-mixed (or 32, bf16, 16)")
+    trainer.precision = lightning_precision(trainer.precision, device)
     settings.perf.backbone_precision = backbone_precision(settings.perf.backbone_precision, trainer.precision)
     if settings.loader.pin_memory == "auto":
         settings.loader.pin_memory = device == "cuda"
     final = settings.final_eval
     final.crf_backend, final.crf_workers = crf_choice(final.crf_backend, final.crf_workers, device)
-    final.precision = long_precision(final.precision, device)
+    final.precision = lightning_precision(final.precision, device)
     if settings.cache.batch_size is None:
         settings.cache.batch_size = settings.batch_size
     return settings
@@ -637,7 +614,7 @@ def eval_settings(cfg):
     settings.device = _device(settings.device)
     settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
                                                             settings.device)
-    settings.precision = long_precision(settings.precision, settings.device)
+    settings.precision = lightning_precision(settings.precision, settings.device)
     return settings
 
 
@@ -651,7 +628,7 @@ def segment_settings(cfg):
     settings.device = _device(settings.device)
     settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
                                                             settings.device)
-    settings.precision = long_precision(settings.precision, settings.device)
+    settings.precision = lightning_precision(settings.precision, settings.device)
     return settings
 
 

@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_module, run_script
 from PIL import Image
 
-from conftest import ROOT, make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 
 pytestmark = pytest.mark.slow

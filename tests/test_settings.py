@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import compose_config, run_script, train_settings
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from test_crops import run_cli
 
-from conftest import compose_config, run_script, train_settings
 from smooseg import settings as S
 from smooseg.cli import config_error_message
 from smooseg.data.synthetic import write_cityscapes_layout
@@ -218,3 +218,24 @@ def test_a_bad_setting_leaves_no_output_folder(tmp_path):
         "error: final_eval.crf_backend=torhc is not allowed: final_eval.crf_backend must be one of auto, "
         "pydensecrf, torch"]
     assert not out.exists()
+
+
+def test_a_run_records_the_resolved_settings_and_opens_its_log_once_started(tmp_path):
+    """config.yaml holds the values the run used (no auto left); the log file is the run's own."""
+    from smooseg.train.train import train
+
+    data = write_cityscapes_layout(tmp_path / "data", n_train=4, n_val=2, size=(32, 64), seed=0)
+    out = tmp_path / "run"
+    settings = train_settings([
+        "experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=32", "eval_res=32",
+        "batch_size=2", "num_workers=0", "logger=none", "max_steps=2", "val_check_interval=2",
+        "trainer=default", "trainer.enable_progress_bar=false", "final_eval.crf_workers=auto",
+        f"data_dir={data}", f"output_dir={out}"])
+    train(settings)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == settings.trainer.precision
+    assert saved["perf"]["backbone_precision"] == S.backbone_precision("auto", settings.trainer.precision)
+    assert saved["trainer"]["accelerator"] in ("cpu", "gpu") and isinstance(saved["loader"]["pin_memory"], bool)
+    assert isinstance(saved["final_eval"]["crf_workers"], int) and saved["cache"]["batch_size"] == 2
+    assert "auto" not in yaml.safe_dump(saved).replace("strategy: auto", "")
+    assert "Seed set to 0" in (out / "train_segmentation.log").read_text()

@@ -15,10 +15,10 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from smooseg.data.datasets import CroppedDataset, build_dataset
+from smooseg.data.datasets import CroppedDataset, build_dataset, crop_dir_name, crop_set_error, dataset_key
 from smooseg.data.datasets import crop_command as data_crop_command
-from smooseg.data.datasets import crop_dir_name, crop_set_error, dataset_key
 from smooseg.errors import SmoosegError
+from smooseg.runtime import accelerator_device
 from smooseg.train.feature_cache import check_deterministic, open_or_build
 
 
@@ -97,7 +97,7 @@ def cached_train_set(settings, train_set, net):
     dataset, cache = settings.dataset, settings.cache
     check_deterministic(dataset.train_crop)
     source = train_crop_source(settings) if isinstance(train_set, CroppedDataset) else None
-    device = "cuda" if settings.trainer.accelerator in ("gpu", "cuda") else "cpu"
+    device = accelerator_device(settings.trainer.accelerator)
     return open_or_build(
         train_set, net.backbone, cache.dir, dataset_key(dataset.name, dataset.dir_name),
         "train", settings.res, dataset.train_crop, dataset.image_interp, crop_source=source,

@@ -21,13 +21,21 @@ from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_jobs, evaluate_jobs
 from smooseg.io import atomic_write, check_output_dir
-from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, read_checkpoint,
-                                       upgrade_checkpoint)
+from smooseg.model.checkpoints import (
+    check_state_dict,
+    is_reference_layout,
+    read_checkpoint,
+    upgrade_checkpoint,
+)
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.settings import EvalSettings, to_yaml
-from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
-                                     last_good_checkpoint)
+from smooseg.train.callbacks import (
+    SaveOnSigterm,
+    best_checkpoint_callback,
+    build_callbacks,
+    last_good_checkpoint,
+)
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
