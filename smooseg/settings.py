@@ -149,6 +149,8 @@ class FinalEvalSettings:
 
 @dataclass
 class PerfSettings:
+    """Speed: the frozen backbone's precision and torch.compile."""
+
     backbone_precision: str = setting("auto", choices=BACKBONE_PRECISIONS)  # auto: as the trainer
     compile: bool = False                   # torch.compile the frozen backbone and the heads + loss
 
@@ -174,6 +176,8 @@ class TrainerSettings:
 
 @dataclass
 class LoggerSettings:
+    """Where training logs its scalars and pictures (``logger`` group); ``none`` logs nowhere."""
+
     type: str = setting("tensorboard", choices=LOGGERS)
     project: Optional[str] = None
     entity: Optional[str] = None

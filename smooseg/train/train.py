@@ -195,6 +195,7 @@ def open_run_log(output_dir, name="train_segmentation.log"):
 
 
 def close_run_log(handler):
+    """Stop writing to the log file :func:`open_run_log` opened (None: nothing to close)."""
     if handler is not None:
         logging.getLogger().removeHandler(handler)
         handler.close()
