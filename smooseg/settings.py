@@ -207,6 +207,8 @@ class TrainSettings:
     max_steps: int = setting(3000, low=1)
     val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
     ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
+    resume_changes: bool = False            # resume with settings that alter the run (RUN_DEFINING) changed:
+                                            # apply them from the checkpoint's step on, instead of refusing
     extra_clusters: int = setting(0, low=0)
     mask_extra_clusters: bool = False       # reference quirk: drop pixels predicted as extra clusters
     n_log_images: int = setting(4, low=0)   # validation images drawn to TensorBoard
@@ -308,6 +310,14 @@ class DownloadSettings:
     timeout: float = setting(60.0, above=0.0)  # seconds without data before a connection counts as failed
     progress: bool = True
 
+
+# The training settings whose change alters a run (a resume compares them with the run's last
+# segment): sections by name, less the keys that only say how it runs (weights to start from, ...).
+RUN_DEFINING = ("seed", "res", "val_res", "eval_res", "batch_size", "extra_clusters", "mask_extra_clusters",
+                "linear_probe", "dataset", "model", "loss", "optim", "trainer.precision",
+                "trainer.accumulate_grad_batches", "perf.backbone_precision")
+HOW_IT_RUNS = ("model.pretrained", "model.weights_path", "model.weights_url", "model.weights_source",
+               "model.fused_attn")
 
 SCHEMAS = {"train": TrainSettings, "eval": EvalSettings, "segment": SegmentSettings,
            "crop": CropSettings, "download": DownloadSettings}

@@ -24,7 +24,7 @@ def test_changed_settings_names_what_alters_the_run():
     after = train_settings(OVERRIDES + ["optim.lr1=2e-4", "res=48", "max_steps=9", "num_workers=1",
                                         "loss.temperature=0.2", "final_eval.crf=true"])
     assert changed_settings(before, after) == {"loss.temperature": (0.1, 0.2), "optim.lr1": (1e-4, 2e-4),
-                                               "res": (32, 48)}
+                                               "res": (32, 48), "val_res": (32, 48)}  # val_res follows res
     assert changed_settings(before, train_settings(OVERRIDES)) == {}
 
 

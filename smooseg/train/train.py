@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -29,7 +30,7 @@ from smooseg.model.checkpoints import (
 )
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
-from smooseg.settings import EvalSettings, to_yaml
+from smooseg.settings import HOW_IT_RUNS, RUN_DEFINING, EvalSettings, to_yaml
 from smooseg.train.callbacks import (
     SaveOnSigterm,
     best_checkpoint_callback,
@@ -176,9 +177,59 @@ def print_data_sizes(datamodule):
     print(f"data: {len(datamodule.train_set)} training images, {len(datamodule.val_set)} validation images")
 
 
+def config_files(output_dir):
+    """The settings files of the run in ``output_dir``, one per segment, oldest first:
+    ``config.yaml``, then ``config.resume-<n>.yaml`` for the n-th resume."""
+    folder = Path(output_dir)
+    resumes = sorted(folder.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return [p for p in [folder / "config.yaml"] if p.is_file()] + resumes
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def changed_settings(before, after):
+    """``{key: (before, after)}`` of the settings in RUN_DEFINING that differ; ``before`` and
+    ``after`` are TrainSettings or the plain dicts of a run's settings file."""
+    def flat(settings):
+        tree = settings if isinstance(settings, dict) else yaml.safe_load(to_yaml(settings))
+        return dict(_flat(tree))
+
+    def defines_the_run(key):
+        return (key in RUN_DEFINING or key.startswith(tuple(f"{k}." for k in RUN_DEFINING))) and             not key.startswith(HOW_IT_RUNS)
+
+    old, new = flat(before), flat(after)
+    return {key: (old.get(key), value) for key, value in sorted(new.items())
+            if defines_the_run(key) and old.get(key) != value}
+
+
+def check_resume_changes(settings, ckpt_path):
+    """Resuming: refuse settings that alter the run against its last segment's settings file,
+    naming each changed key, unless ``resume_changes`` (then they apply from the checkpoint's step)."""
+    if ckpt_path is None:
+        return
+    files = config_files(Path(ckpt_path).parents[1])
+    if not files:
+        return
+    changes = changed_settings(yaml.safe_load(files[-1].read_text()), settings)
+    if changes and not settings.resume_changes:
+        listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
+        raise SmoosegError(f"ckpt_path={settings.ckpt_path}: these settings differ from the run's ({files[-1]}) "
+                           f"and would alter it: {listed}; resume with the run's settings, start a new "
+                           "output_dir, or pass resume_changes=true to apply them from here on")
+
+
 def save_config(settings):
-    """Write the resolved settings to ``<output_dir>/config.yaml``."""
+    """Write the resolved settings to ``<output_dir>/config.yaml``; a resumed run adds its
+    segment's settings as ``config.resume-<n>.yaml`` (earlier segments' files are kept)."""
     path = Path(settings.output_dir) / "config.yaml"
+    if settings.ckpt_path is not None and path.is_file():
+        path = path.with_name(f"config.resume-{len(config_files(settings.output_dir))}.yaml")
     with atomic_write(path) as tmp:
         Path(tmp).write_text(to_yaml(settings))
     return path
@@ -276,6 +327,7 @@ def train(settings, callbacks=()):
     module = build_module(settings)
     check_patch_grid(settings, module.net)
     ckpt_path = resume_path(settings, module)
+    check_resume_changes(settings, ckpt_path)
     datamodule = build_datamodule(settings, module.net)
     labelled_val = has_labels(datamodule.val_set)
     preemption = SaveOnSigterm(Path(settings.output_dir) / "checkpoints")
