@@ -201,7 +201,8 @@ def changed_settings(before, after):
         return dict(_flat(tree))
 
     def defines_the_run(key):
-        return (key in RUN_DEFINING or key.startswith(tuple(f"{k}." for k in RUN_DEFINING))) and             not key.startswith(HOW_IT_RUNS)
+        run_key = key in RUN_DEFINING or key.startswith(tuple(f"{k}." for k in RUN_DEFINING))
+        return run_key and not key.startswith(HOW_IT_RUNS)
 
     old, new = flat(before), flat(after)
     return {key: (old.get(key), value) for key, value in sorted(new.items())
@@ -219,9 +220,9 @@ def check_resume_changes(settings, ckpt_path):
     changes = changed_settings(yaml.safe_load(files[-1].read_text()), settings)
     if changes and not settings.resume_changes:
         listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
-        raise SmoosegError(f"ckpt_path={settings.ckpt_path}: these settings differ from the run's ({files[-1]}) "
-                           f"and would alter it: {listed}; resume with the run's settings, start a new "
-                           "output_dir, or pass resume_changes=true to apply them from here on")
+        raise SmoosegError(f"ckpt_path={settings.ckpt_path}: these settings differ from the run's "
+                           f"({files[-1]}) and would alter it: {listed}; resume with the run's settings, "
+                           "start a new output_dir, or pass resume_changes=true to apply them from here on")
 
 
 def save_config(settings):
@@ -265,8 +266,8 @@ def check_patch_grid(settings, net):
         crops.insert(0, ("res", settings.res, "training"))
     for key, res, what in crops:
         if res % patch:
-            raise SmoosegError(f"{key}={res}: the {what} {res}x{res} crops are not a multiple of the backbone "
-                               f"patch size {patch}; {fix}")
+            raise SmoosegError(f"{key}={res}: the {what} {res}x{res} crops are not a multiple of the "
+                               f"backbone patch size {patch}; {fix}")
     res = settings.eval_res
     if settings.final_eval.enabled and res % patch:
         raise SmoosegError(f"eval_res={res}: the final evaluation's {res}x{res} crops are not a multiple of "
