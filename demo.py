@@ -14,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 
+from smooseg.cli import quiet_known_noise
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import run_eval
@@ -65,6 +66,7 @@ def main(overrides):
         "model_paths=[]", f"data_dir={data_dir}", f"output_dir={OUT / 'eval'}", "device=cpu", "n_images=4",
         "report=true", *eval_overrides]))
 
+    quiet_known_noise()
     pl.seed_everything(cfg.seed, workers=True)
     untrained = build_module(cfg)  # the same initial weights train() starts from
     print("== evaluating the untrained model (flip + CRF)")
