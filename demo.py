@@ -14,11 +14,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 
+from smooseg.cli import quiet_known_noise
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import run_eval
 from smooseg.model.checkpoints import load_net
 from smooseg.model.weights import official_weights, weights_cache_path
+from smooseg.settings import eval_settings, train_settings
 from smooseg.train.train import build_module, train
 
 ROOT = Path(__file__).resolve().parent
@@ -55,15 +57,17 @@ def main(overrides):
         write_cityscapes_layout(data_dir, **SCENES)
     print(f"synthetic Cityscapes-layout data: {data_dir}")
     base = ["experiment=demo", f"data_dir={data_dir}", f"output_dir={OUT / 'train'}"]
-    cfg = compose_config("train", base + list(overrides))
+    cfg = train_settings(compose_config("train", base + list(overrides)))
     if cfg.model.pretrained and not weights_available(cfg.model):
         print("No DINO weights found: using a random-init backbone (demo only)")
-        cfg = compose_config("train", base + ["model.pretrained=false"] + list(overrides))
+        cfg = train_settings(compose_config("train", base + ["model.pretrained=false"] + list(overrides)))
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    eval_cfg = compose_config("eval", ["model_paths=[]", f"data_dir={data_dir}", f"output_dir={OUT / 'eval'}",
-                                       "device=cpu", "n_images=4", "report=true", *eval_overrides])
+    eval_cfg = eval_settings(compose_config("eval", [
+        "model_paths=[]", f"data_dir={data_dir}", f"output_dir={OUT / 'eval'}", "device=cpu", "n_images=4",
+        "report=true", *eval_overrides]))
 
-    pl.seed_everything(int(cfg.seed), workers=True)
+    quiet_known_noise()
+    pl.seed_everything(cfg.seed, workers=True)
     untrained = build_module(cfg)  # the same initial weights train() starts from
     print("== evaluating the untrained model (flip + CRF)")
     (before,) = run_eval(eval_cfg, models=[("untrained", untrained.net, dict(untrained.hparams))])

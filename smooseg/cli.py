@@ -1,6 +1,7 @@
 """Shared plumbing for the Hydra entry points: reference-style flags and one-line errors (an
 unknown key answered with the key that was meant)."""
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -9,9 +10,10 @@ import sys
 import warnings
 
 from hydra.experimental.callback import Callback
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
+from smooseg.settings import CropSource, describe, field_rule
 
 # Hydra's own command-line flags, passed through untouched.
 _HYDRA_FLAGS = {
@@ -158,8 +160,8 @@ REFERENCE_WITHOUT_COUNTERPART = {
     "use_ddp": "evaluation runs in one process on one device (device=cuda:N); training uses trainer=ddp",
 }
 # Sections that may be null in a config; setting one of their keys then means setting the whole
-# section, filled with these values (the published five-crop set).
-WHOLE_SECTIONS = {"dataset.train_crop_source": {"crop_type": "five", "ratio": 0.5}}
+# section, filled with its schema's defaults (smooseg.settings: the published five-crop set).
+WHOLE_SECTIONS = {"dataset.train_crop_source": CropSource}
 _MISSING = object()
 
 
@@ -211,7 +213,8 @@ def _format_value(value):
 
 
 def _whole_section(section, leaf, value):
-    return _override(section, _format_value({**WHOLE_SECTIONS.get(section, {}), leaf: value}))
+    defaults = dataclasses.asdict(WHOLE_SECTIONS[section]()) if section in WHOLE_SECTIONS else {}
+    return _override(section, _format_value({**defaults, leaf: value}))
 
 
 def _null_section(tree, key):
@@ -270,11 +273,30 @@ def unknown_key_message(key, value, tree):
 def typed_value(key, argv, fallback):
     """The value ``key`` was given on the command line ``argv`` (a multirun's whole sweep, where
     Hydra reports one job's value), else ``fallback``."""
-    for word in argv or ():
+    found = fallback
+    for word in argv or ():  # the last one counts, as in Hydra
         name, sep, value = word.partition("=")
         if sep and name.lstrip("+~") == key:
-            return value
-    return fallback
+            found = value
+    return found
+
+
+def _bad_value_message(err, argv):
+    """``key=value is not allowed: key must be ...`` for an override of the wrong type (Hydra
+    checks it against the entry's schema, smooseg.settings), else None."""
+    from omegaconf.errors import ValidationError
+
+    cause = err.__cause__
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    node = getattr(cause, "parent_node", None)
+    schema = node._get_root()._metadata.object_type if node is not None else None
+    found = field_rule(schema, cause.full_key) if schema is not None else None
+    if found is None:
+        return None
+    key = cause.full_key
+    value = typed_value(key, argv, cause.value if cause.value is not None else "...")
+    return f"{key}={value} is not allowed: {key} must be {describe(*found)}"
 
 
 def config_error_message(err, argv=None):
@@ -298,10 +320,19 @@ def config_error_message(err, argv=None):
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         if group:
             return f"unknown {group} '{name}'; choose one of {', '.join(err.options)} ({group}=<name>)"
+    appended = re.match(r"Could not append to config\. An item is already at '([^']+)'", str(err))
+    if appended:
+        key = appended.group(1)
+        return (f"{key} is a setting already: pass {_override(key, typed_value(key, argv, '...'))} "
+                "(without the +)")
+    bad_value = _bad_value_message(err, argv)
+    if bad_value is not None:
+        return bad_value
     override = re.match(r"Could not override '([^']+)'", str(err))
     if override:
         key = override.group(1)
-        if "not in struct" in str(err.__cause__):
+        unknown = isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError))
+        if unknown or "not in struct" in str(err.__cause__):
             line = re.search(r"To append to your config use \+(.*)", str(err))
             value = typed_value(key, argv, line.group(1).split("=", 1)[1] if line and "=" in line.group(1)
                                 else "...")

@@ -2,7 +2,8 @@
 
 Precision names follow Lightning (``32-true``, ``bf16-mixed``, ``16-mixed``) and accept their
 short forms (``32``, ``bf16``, ``16``); ``auto`` means bf16 on a CUDA GPU that supports it, else
-fp16 on a GPU, and fp32 on every other device.
+fp16 on a GPU, and fp32 on every other device (:func:`lightning_precision`, the one rule; the
+entry points resolve every ``auto`` with it once, smooseg.settings).
 """
 
 from contextlib import nullcontext
@@ -31,18 +32,24 @@ def resolve_device(device):
     return resolved
 
 
-def autocast_dtype(precision, device):
-    """Autocast dtype for ``precision`` on ``device``: None (float32), torch.bfloat16 or torch.float16."""
-    device = torch.device(device)
+def lightning_precision(precision, device):
+    """Lightning's long name of ``precision`` on ``device`` (the one rule for ``auto``): ``auto`` ->
+    bf16-mixed on a CUDA GPU with bf16, 16-mixed on other CUDA GPUs, 32-true elsewhere; the short
+    forms 32, bf16, 16 -> 32-true, bf16-mixed, 16-mixed."""
     key = str(precision)
     if key == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.device(device).type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if key not in PRECISION_DTYPES:
         raise SmoosegError(f"precision={precision} is unknown; use auto, 32, bf16 or 16 "
                            "(or 32-true, bf16-mixed, 16-mixed)")
-    return PRECISION_DTYPES[key]
+    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(key, key)
+
+
+def autocast_dtype(precision, device):
+    """Autocast dtype for ``precision`` on ``device``: None (float32), torch.bfloat16 or torch.float16."""
+    return PRECISION_DTYPES[lightning_precision(precision, device)]
 
 
 def fp32_region(device):
@@ -62,9 +69,13 @@ def autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def uses_cuda(accelerator):
-    """Whether Lightning will run on a CUDA GPU for this ``trainer.accelerator`` value."""
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+def accelerator_device(accelerator):
+    """The device type Lightning runs on for ``trainer.accelerator``: cuda for gpu / cuda (and auto
+    where CUDA is there), cpu for cpu (and auto elsewhere), anything else as it is (mps, ...)."""
+    accelerator = str(accelerator)
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if accelerator in ("cpu", "auto") else accelerator
 
 
 def check_accelerator(accelerator, key="trainer.accelerator"):
@@ -75,14 +86,3 @@ def check_accelerator(accelerator, key="trainer.accelerator"):
         raise SmoosegError(f"{key}={accelerator} (trainer=gpu / trainer=ddp): this machine has no CUDA GPU; "
                            "use trainer=cpu or trainer.accelerator=auto")
     return accelerator
-
-
-def resolve_precision(precision, accelerator="auto"):
-    """Lightning precision string: ``auto`` -> bf16-mixed on a GPU with bf16 support, 16-mixed on
-    other GPUs, 32-true on CPU."""
-    precision = str(precision)
-    if precision != "auto":
-        return precision
-    if uses_cuda(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"

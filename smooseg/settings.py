@@ -1,87 +1,664 @@
-"""The types and ranges of the command-line settings, declared in one place and checked once,
-before a run starts, so a bad value is one line naming the key and what it may be.
+"""The settings of the five entry points, one typed schema each: a setting's default, type, allowed
+values and range are declared here, together, once.
 
-Each rule is ``key: (kind, low, high)``: ``int`` / ``float`` / ``list``; ``low`` and ``high`` are
-inclusive bounds (None: unbounded) and a ``float`` rule with ``low`` given as ``(x,)`` excludes x
-itself. A key set to null is left alone (null means "the default" where a config allows it).
-A ``list`` key given a bare string (``datasets=cityscapes``) becomes a one-element list.
+Each schema is a dataclass registered with Hydra's ConfigStore (``<name>_schema``); the entry's YAML
+(``smooseg/configs/<name>.yaml``) lists it first in its defaults, so Hydra itself refuses a value
+of the wrong type (``batch_size=2.5``, ``flip=maybe``) and a key the schema lacks, and the presets
+(data sets, models, trainers, experiments) compose on top. :func:`train_settings`,
+:func:`eval_settings`, :func:`segment_settings`, :func:`crop_settings` and
+:func:`download_settings` then turn the composed config into the schema's dataclass, check every
+allowed value and range (one line naming the key and what it may be), and resolve each ``auto``
+into the concrete value the run uses; the library takes these instances, never a Hydra config.
+
+A setting's rule lives in its field's metadata (:func:`setting`): ``choices``, ``low`` / ``high``
+(inclusive) or ``above`` (exclusive lower bound), ``each`` (the allowed values of a list's
+entries) and ``section`` (the dataclass of a section that may be null: it is composed untyped, so
+that a key set under a null section is answered with how to set it whole, and typed here). A list
+setting given a bare string (``datasets=cityscapes``) is a one-element list.
 """
 
+import dataclasses
 import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from smooseg.data.transforms import CROPS
 from smooseg.errors import SmoosegError
+from smooseg.eval.crf_backend import CRF_BACKENDS
+from smooseg.runtime import PRECISION_DTYPES, accelerator_device, lightning_precision
 
-POSITIVE = (0.0,)  # a float bound that excludes 0
-
-TRAIN = {
-    "batch_size": ("int", 1, None), "res": ("int", 1, None), "val_res": ("int", 1, None),
-    "eval_res": ("int", 1, None), "max_steps": ("int", 1, None), "val_check_interval": ("int", 1, None),
-    "num_workers": ("int", 0, None), "seed": ("int", 0, None), "extra_clusters": ("int", 0, None),
-    "n_log_images": ("int", 0, None), "hist_freq": ("int", 0, None),
-    "loss.temperature": ("float", POSITIVE, None), "loss.ema_alpha": ("float", 0.0, 1.0),
-    "loss.pos_intra_shift": ("float", None, None), "loss.neg_inter_shift": ("float", None, None),
-    "optim.lr1": ("float", POSITIVE, None), "optim.lr2": ("float", POSITIVE, None),
-    "optim.linear_lr": ("float", POSITIVE, None), "model.dim": ("int", 1, None),
-    "cache.batch_size": ("int", 1, None), "final_eval.batch_size": ("int", 1, None),
-    "final_eval.n_images": ("int", 0, None),
-}
-EVAL = {
-    "model_paths": ("list", None, None), "eval_res": ("int", 1, None), "batch_size": ("int", 1, None),
-    "num_workers": ("int", 0, None), "n_images": ("int", 0, None), "crf_timeout": ("float", POSITIVE, None),
-}
-SEGMENT = {
-    "size": ("int", 1, None), "stride": ("int", 1, None), "batch_size": ("int", 1, None),
-    "alpha": ("float", 0.0, 1.0), "crf_timeout": ("float", POSITIVE, None),
-}
-CROP = {
-    "datasets": ("list", None, None), "splits": ("list", None, None), "crop_types": ("list", None, None),
-    "crop_ratio": ("float", POSITIVE, 1.0), "seed": ("int", 0, None), "num_workers": ("int", 0, None),
-    "jpeg_quality": ("int", 1, 100),
-}
-DOWNLOAD = {"datasets": ("list", None, None)}
+SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything feeds
+PRECISIONS = ("auto", *PRECISION_DTYPES)
+BACKBONE_PRECISIONS = ("auto", "32", "bf16", "16")
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
 
-def _range(kind, low, high):
-    """E.g. "an integer >= 1", "a number > 0", "a number in [0, 1]"."""
-    noun = "an integer" if kind == "int" else "a number"
-    strict = isinstance(low, tuple)
-    low = low[0] if strict else low
-    if low is not None and high is not None:
-        return f"{noun} in {'(' if strict else '['}{low}, {high}]"
-    if low is not None:
-        return f"{noun} {'>' if strict else '>='} {low}"
+def setting(default=MISSING, *, choices=None, low=None, high=None, above=None, each=None, section=None,
+            factory=None):
+    """A dataclass field with its rule (see the module docstring)."""
+    rule = {k: v for k, v in dict(choices=choices, low=low, high=high, above=above, each=each,
+                                  section=section).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rule)
+    return field(default=default, metadata=rule)
+
+
+# ---------------------------------------------------------------- sections shared by the schemas
+@dataclass
+class ModelSettings:
+    """The backbone and heads. The (arch, model_type, patch_size) triple is checked against the
+    backbone registry (:func:`smooseg.model.weights.timm_name`), not listed here."""
+
+    arch: str = "dino"                      # dino | dinov2
+    model_type: str = "vit_small"           # vit_small | vit_base (dinov2 also vit_large | vit_giant)
+    patch_size: int = setting(8, low=1)     # dino 8 | 16, dinov2 14
+    feat_type: str = setting("feat", choices=("feat", "KK"))  # last block (final norm) | last attention keys
+    pretrained: bool = True                 # false: random init (testing only)
+    weights_path: Optional[str] = None      # null: torch hub cache, downloaded on first use
+    weights_url: Optional[str] = None       # null: the official release's URL
+    weights_source: str = setting("official", choices=("official", "timm"))
+    weights_data: Optional[str] = None      # the data the weights were trained on (provenance)
+    fit: str = setting("error", choices=("error", "resize", "pad"))  # H/W not a multiple of the patch
+    fused_attn: bool = True                 # timm's fused attention kernel (same features, faster)
+    dim: int = setting(64, low=1)           # code dimension D
+    projection_type: str = setting("nonlinear", choices=("nonlinear", "linear"))
+    dropout: bool = True                    # Dropout2d(0.2) on the projector inputs and the smoothness signal
+
+
+@dataclass
+class CropSource:
+    """A pre-cropped training set written by ``crop_datasets.py``."""
+
+    crop_type: str = setting("five", choices=("five", "random"))
+    ratio: float = setting(0.5, above=0.0, high=1.0)
+
+
+@dataclass
+class DatasetSettings:
+    """A data set (the ``dataset`` group); its name is checked against the data set registry."""
+
+    name: str = MISSING
+    n_classes: Optional[int] = setting(None, low=1)   # directory sets with labels: the number of classes
+    n_clusters: Optional[int] = setting(None, low=1)  # directory sets without labels: clusters to find
+    dir_name: Optional[str] = None          # directory sets: <data_dir>/<dir_name> (null: data_dir)
+    train_crop: str = setting("center", choices=CROPS)
+    train_crop_source: Any = setting(None, section=CropSource)  # a CropSource; null: the raw images
+    image_interp: str = setting("nearest", choices=("nearest", "bilinear"))
+    train_unlabelled: bool = False          # potsdam: also the unlabelled tiles
+
+
+@dataclass
+class LossSettings:
+    """The loss (docs/method.md section 4) and the teacher's EMA decay (section 3)."""
+
+    temperature: float = setting(0.1, above=0.0)
+    ema_alpha: float = setting(0.998, low=0.0, high=1.0)
+    pos_intra_shift: float = -0.02
+    neg_inter_shift: float = 0.5
+    pointwise: bool = True
+
+
+@dataclass
+class OptimSettings:
+    """Adam learning rates."""
+
+    lr1: float = setting(1.0e-4, above=0.0)        # projector
+    lr2: float = setting(5.0e-4, above=0.0)        # student prototypes
+    linear_lr: float = setting(5.0e-3, above=0.0)  # linear probe (STEGO's value; only with linear_probe)
+
+
+@dataclass
+class LoaderSettings:
+    """DataLoader settings that keep the GPU fed."""
+
+    persistent_workers: bool = True         # keep worker processes alive between epochs (num_workers > 0)
+    pin_memory: Any = setting("auto", choices=("auto", True, False))  # auto: on a CUDA GPU
+    prefetch_factor: Optional[int] = setting(2, low=1)  # batches each worker loads ahead (num_workers > 0)
+
+
+@dataclass
+class CacheSettings:
+    """The backbone feature cache: the frozen backbone runs once per training image."""
+
+    enabled: bool = False                   # needs deterministic crops (dataset.train_crop=center)
+    dir: str = "${data_dir}/feature_cache"  # a sub-folder per key (data set, crops, backbone, weights, dtype)
+    dtype: str = setting("float16", choices=("float16", "float32"))  # float32: bit-exact features
+    batch_size: Optional[int] = setting(None, low=1)  # images per backbone batch (null: batch_size)
+
+
+@dataclass
+class FinalEvalSettings:
+    """When training ends: the best checkpoint (else last.ckpt) evaluated as eval_segmentation.py
+    would (val split, eval_res, centre crops) into ``<output_dir>/final_eval/metrics.json``."""
+
+    enabled: bool = True
+    crf: bool = False                       # true: dense CRF on top (the headline is then after it)
+    crf_backend: str = setting("auto", choices=CRF_BACKENDS)  # auto: torch on a CUDA GPU, else pydensecrf
+    crf_workers: Any = setting("auto", low=0)  # pydensecrf processes: auto (one per core) | 0 | n
+    crf_timeout: float = setting(120.0, above=0.0)  # seconds without any CRF job finishing
+    flip: bool = True                       # horizontal-flip averaging
+    n_images: int = setting(0, low=0)       # example pictures saved next to metrics.json
+    batch_size: int = setting(8, low=1)
+    precision: str = setting("32", choices=PRECISIONS)  # autocast of the evaluation pass
+
+
+@dataclass
+class PerfSettings:
+    """Speed: the frozen backbone's precision and torch.compile."""
+
+    backbone_precision: str = setting("auto", choices=BACKBONE_PRECISIONS)  # auto: as the trainer
+    compile: bool = False                   # torch.compile the frozen backbone and the heads + loss
+
+
+@dataclass
+class TrainerSettings:
+    """The Lightning Trainer arguments this project sets; ``extra`` holds any other one given as
+    ``+trainer.<argument>=...``, passed to the Trainer as it is."""
+
+    accelerator: str = "auto"               # auto (gpu when CUDA is there, else cpu) | cpu | gpu | ...
+    devices: Any = 1                        # n | -1 (all) | auto | [0, 1]
+    num_nodes: int = setting(1, low=1)
+    strategy: str = "auto"
+    precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16-mixed on bf16 GPUs, 16-mixed on
+                                            # other GPUs, 32-true on CPU
+    accumulate_grad_batches: int = setting(1, low=1)
+    log_every_n_steps: int = setting(10, low=1)
+    num_sanity_val_steps: int = setting(2, low=-1)
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerSettings:
+    """Where training logs its scalars and pictures (``logger`` group); ``none`` logs nowhere."""
+
+    type: str = setting("tensorboard", choices=LOGGERS)
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    tracking_uri: Optional[str] = None
+
+
+def trainer_defaults():
+    """TrainerSettings' defaults as a plain dict (without ``extra``), the composed ``trainer`` node."""
+    return {f.name: f.default for f in dataclasses.fields(TrainerSettings) if f.name != "extra"}
+
+
+# ---------------------------------------------------------------- one schema per entry point
+@dataclass
+class TrainSettings:
+    """train_segmentation.py (``smooseg/configs/train.yaml`` composes the groups on top)."""
+
+    data_dir: str = "${oc.env:SMOOSEG_DATA,data}"   # holds cityscapes/, cocostuff/, potsdam/, cropped/
+    output_dir: str = "outputs/train/${dataset.name}_${now:%Y-%m-%d_%H-%M-%S}"
+    seed: int = setting(0, low=0, high=SEED_MAX)
+    res: int = setting(224, low=1)          # training crop size
+    val_res: int = setting("${res}", low=1)  # validation during training: centre crops at this size
+    eval_res: int = setting(320, low=1)     # the final evaluation's resolution, recorded in checkpoints
+    batch_size: int = setting(32, low=1)
+    num_workers: int = setting(4, low=0)    # DataLoader worker processes
+    max_steps: int = setting(3000, low=1)
+    val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
+    ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
+    resume_changes: bool = False            # resume with settings that alter the run (RUN_DEFINING) changed:
+                                            # apply them from the checkpoint's step on, instead of refusing
+    extra_clusters: int = setting(0, low=0)
+    mask_extra_clusters: bool = False       # reference quirk: drop pixels predicted as extra clusters
+    n_log_images: int = setting(4, low=0)   # validation images drawn to TensorBoard
+    linear_probe: bool = False              # supervised diagnostic (docs/shift_tuning.md)
+    hist_freq: int = setting(0, low=0)      # every N steps the smoothness terms' histograms; 0 = off
+    dataset: DatasetSettings = MISSING
+    model: ModelSettings = field(default_factory=ModelSettings)
+    trainer: Any = field(default_factory=lambda: trainer_defaults())  # composed as a dict (so
+                                            # +trainer.<arg>=... adds any Lightning argument);
+                                            # train_settings makes it a TrainerSettings
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    final_eval: FinalEvalSettings = field(default_factory=FinalEvalSettings)
+    perf: PerfSettings = field(default_factory=PerfSettings)
+
+
+@dataclass
+class EvalSettings:
+    """eval_segmentation.py."""
+
+    model_paths: Any = setting(each=str)    # checkpoints or glob patterns (required)
+    data_dir: str = "${oc.env:SMOOSEG_DATA,data}"
+    dataset: Optional[DatasetSettings] = None  # null: the checkpoint's data set
+    split: str = "val"
+    eval_res: Optional[int] = setting(None, low=1)  # null: the checkpoint's evaluation resolution
+    image_interp: Optional[str] = setting(None, choices=("nearest", "bilinear"))  # null: as in training
+    batch_size: int = setting(8, low=1)
+    num_workers: int = setting(2, low=0)
+    crf: bool = True                        # dense CRF on top (metrics without it are reported too)
+    crf_backend: str = setting("auto", choices=CRF_BACKENDS)  # auto: torch on a CUDA GPU, else pydensecrf
+    crf_workers: Any = setting("auto", low=0)  # pydensecrf processes: auto (one per core, at most 32) | n
+    crf_timeout: float = setting(120.0, above=0.0)  # seconds without any CRF job finishing
+    flip: bool = True                       # horizontal-flip averaging
+    n_images: int = setting(8, low=0)       # pictures saved for the first n images
+    report: bool = False                    # also per_class_iou.png, confusion.png and examples.png
+    output_dir: str = "outputs/eval"
+    device: str = "auto"                    # auto | cpu | cuda | cuda:1
+    precision: str = setting("32", choices=PRECISIONS)
+
+
+@dataclass
+class SegmentSettings:
+    """segment_images.py."""
+
+    model_path: str = MISSING               # a checkpoint (this package's or the reference release's)
+    input_dir: str = MISSING                # folder of images
+    output_dir: str = "outputs/segment"
+    recursive: bool = False                 # also images in subfolders (mirrored in output_dir)
+    mode: str = setting("resize", choices=("resize", "window"))
+    size: int = setting(320, low=1)         # resize: shorter side fed to the network; window: window side
+    stride: Optional[int] = setting(None, low=1)  # window step in pixels (null: size // 2)
+    batch_size: int = setting(8, low=1)     # windows per forward pass (window mode)
+    flip: bool = True
+    crf: bool = False
+    crf_backend: str = setting("auto", choices=CRF_BACKENDS)
+    crf_workers: Any = setting(0, low=0)    # pydensecrf processes: 0 (in-process) | n | auto
+    crf_timeout: float = setting(120.0, above=0.0)
+    crf_max_pixels: int = setting(4_000_000, low=1)  # larger images are refined at this many pixels
+    crf_max_memory: Any = "auto"            # auto (the memory available now) | bytes | 8GB
+    save_ids: bool = False                  # also the raw cluster ids (<stem>_ids.png)
+    metrics_json: Optional[str] = None      # metrics.json of an evaluation: colour by class, legend
+    alpha: float = setting(0.5, low=0.0, high=1.0)  # mask opacity in the overlay
+    skip_bad: bool = False                  # skip unreadable images with a warning
+    progress: bool = True
+    device: str = "auto"
+    precision: str = setting("32", choices=PRECISIONS)
+
+
+@dataclass
+class CropSettings:
+    """crop_datasets.py."""
+
+    data_dir: str = "data"                  # folder holding cityscapes/, cocostuff/, potsdam/, <dir_name>/
+    datasets: Any = setting(factory=lambda: ["cityscapes", "cocostuff27"], each=str)  # any data set name
+                                            # (one module each in smooseg/data/sets/)
+    splits: Any = setting(factory=lambda: ["train"], each=str)
+    crop_types: Any = setting(factory=lambda: ["five"], each=("five", "random"))
+    crop_ratio: float = setting(0.5, above=0.0, high=1.0)  # crop side = crop_ratio x each image side
+    seed: int = setting(0, low=0, high=SEED_MAX)  # random crops of an image depend only on (seed, its name)
+    num_workers: int = setting(4, low=0)    # worker processes (0 = in-process)
+    jpeg_quality: int = setting(75, low=1, high=100)  # Pillow's default, as the reference saves crops
+    dir_dataset_name: Optional[str] = None  # directory data set: folder <data_dir>/<dir_dataset_name>
+    dir_dataset_n_classes: Optional[int] = setting(None, low=1)  # directory data set: number of classes
+                                            # (without labels: the clusters)
+    progress: bool = True
+
+
+@dataclass
+class DownloadSettings:
+    """download_datasets.py."""
+
+    data_dir: str = "data"
+    datasets: Any = setting(factory=lambda: ["cityscapes", "cocostuff", "potsdam", "potsdamraw"], each=str)
+                                            # archive names, or data set names (their archives)
+    base_url: str = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/"
+    keep_archive: bool = False              # keep <name>.zip after extraction
+    sizes: Dict[str, int] = field(default_factory=dict)  # expected archive sizes in bytes
+    sha256: Dict[str, str] = field(default_factory=dict)  # archive checksums
+    timeout: float = setting(60.0, above=0.0)  # seconds without data before a connection counts as failed
+    progress: bool = True
+
+
+# The training settings whose change alters a run (a resume compares them with the run's last
+# segment): sections by name, less the keys that only say how it runs (weights to start from, ...).
+RUN_DEFINING = ("seed", "res", "val_res", "eval_res", "batch_size", "extra_clusters", "mask_extra_clusters",
+                "linear_probe", "dataset", "model", "loss", "optim", "trainer.precision",
+                "trainer.accumulate_grad_batches", "perf.backbone_precision")
+HOW_IT_RUNS = ("model.pretrained", "model.weights_path", "model.weights_url", "model.weights_source",
+               "model.fused_attn")
+
+SCHEMAS = {"train": TrainSettings, "eval": EvalSettings, "segment": SegmentSettings,
+           "crop": CropSettings, "download": DownloadSettings}
+
+
+def register():
+    """Register each schema with Hydra's ConfigStore as ``<entry>_schema`` (idempotent)."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema)
+
+
+register()
+
+
+# ---------------------------------------------------------------- checking
+def describe(rule, kind):
+    """What a value of a setting with ``rule`` may be, e.g. "an integer >= 1", "a number in (0, 1]"."""
+    if "choices" in rule:
+        names = (str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
+        return "one of " + ", ".join(names)
+    noun = {"int": "an integer", "bool": "true or false", "any": "auto or an integer"}.get(kind, "a number")
+    low, high, above = rule.get("low"), rule.get("high"), rule.get("above")
+    bound = above if above is not None else low
+    opening = "(" if above is not None else "["
+    if bound is not None and high is not None:
+        return f"{noun} in {opening}{bound}, {high}]"
+    if bound is not None:
+        return f"{noun} {'>' if above is not None else '>='} {bound}"
+    if high is not None:
+        return f"{noun} <= {high}"
     return noun
 
 
-def _fits(value, kind, low, high):
-    if isinstance(value, bool):
-        return False
-    if kind == "int" and not isinstance(value, int):
-        return False
-    if kind == "float" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-        return False
-    strict = isinstance(low, tuple)
-    bound = low[0] if strict else low
-    if bound is not None and (value <= bound if strict else value < bound):
-        return False
-    return high is None or value <= high
+def _kind(annotation):
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation, "any")
 
 
-def check_settings(cfg, rules):
-    """Check every key of ``rules`` present in ``cfg`` (SmoosegError on the first bad one); bare
-    strings of ``list`` keys are turned into one-element lists in place. Returns ``cfg``."""
-    for key, (kind, low, high) in rules.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
+def _field_kind(f):
+    annotation = f.type
+    args = getattr(annotation, "__args__", ())
+    if args and type(None) in args:  # Optional[X]
+        annotation = next(a for a in args if a is not type(None))
+    return _kind(annotation)
+
+
+def _fits(value, rule, kind):
+    if "choices" in rule:
+        return any(value == c and type(value) is type(c) for c in rule["choices"])
+    if kind == "any" and value == "auto":  # crf_workers: auto or a count
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind in ("int", "any") and not isinstance(value, int) or not math.isfinite(value):
+        return False
+    if "above" in rule and value <= rule["above"]:
+        return False
+    if "low" in rule and value < rule["low"]:
+        return False
+    return "high" not in rule or value <= rule["high"]
+
+
+def _as_list(value, key, each):
+    """A list setting's value as a list of strings (a bare string is a one-element list)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise SmoosegError(f"{key}={value} must be a list, e.g. {key}=[a,b]")
+    for entry in value:
+        allowed = each if isinstance(each, tuple) else None
+        if not isinstance(entry, str) or (allowed and entry not in allowed):
+            what = f"one of {', '.join(allowed)}" if allowed else "a name or path"
+            raise SmoosegError(f"{key}={value} is not allowed: each entry of {key} must be {what}")
+    return list(value)
+
+
+def check_values(settings, prefix=""):
+    """Check every field of the dataclass ``settings`` (and its sections) against its rule; raises
+    SmoosegError naming the first bad key. List settings are normalised in place. Returns ``settings``."""
+    for f in dataclasses.fields(settings):
+        key, value = f"{prefix}{f.name}", getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{key}.")
             continue
-        if kind == "list":
-            if isinstance(value, str):
-                OmegaConf.update(cfg, key, [value], merge=False)
-            elif not OmegaConf.is_list(value) and not isinstance(value, (list, tuple)):
-                raise SmoosegError(f"{key}={value} must be a list, e.g. {key}=[a,b]")
+        rule = f.metadata
+        if "section" in rule and value is not None:
+            setattr(settings, f.name, check_values(_section(value, rule["section"], key), f"{key}."))
             continue
-        if not _fits(value, kind, low, high):
-            raise SmoosegError(f"{key}={value} is not allowed: {key} must be {_range(kind, low, high)}")
-    return cfg
+        if "each" in rule:
+            setattr(settings, f.name, _as_list(value, key, rule["each"]))
+            continue
+        if value is None or not rule:
+            continue
+        kind = _field_kind(f)
+        if not _fits(value, rule, kind):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise SmoosegError(f"{key}={shown} is not allowed: {key} must be {describe(rule, kind)}")
+    return settings
+
+
+def _section(value, cls, key):
+    """The dataclass ``cls`` from the plain dict ``value`` of the section ``key``."""
+    if dataclasses.is_dataclass(value):
+        return value
+    if not isinstance(value, dict):
+        raise SmoosegError(f"{key}={value} is not allowed: {key} must be null or a section "
+                           f"{{{', '.join(f.name + ':...' for f in dataclasses.fields(cls))}}}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value))
+    except Exception as err:
+        from omegaconf.errors import ConfigKeyError, ValidationError
+
+        if not isinstance(err, (ConfigKeyError, ValidationError)):
+            raise
+        inner = getattr(err, "full_key", None) or "?"
+        found = field_rule(cls, inner)
+        if found is None:
+            raise SmoosegError(f"unknown config key '{key}.{inner}'; {key} holds "
+                               f"{', '.join(f.name for f in dataclasses.fields(cls))}") from None
+        raise SmoosegError(f"{key}.{inner}={value.get(inner)} is not allowed: {key}.{inner} must be "
+                           f"{describe(*found)}") from None
+
+
+def field_rule_section(schema, dotted):
+    """The dataclass of the section ``dotted`` of ``schema`` ("" is ``schema`` itself), or None."""
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            return None
+        inner = fields[part].metadata.get("section", fields[part].type)
+        args = getattr(inner, "__args__", ())
+        schema = next((a for a in args if a is not type(None)), inner) if args else inner
+    return schema if dataclasses.is_dataclass(schema) else None
+
+
+def field_rule(schema, dotted):
+    """(rule, kind) of the setting ``dotted`` of the dataclass ``schema``, or None."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    if head not in fields:
+        return None
+    f = fields[head]
+    if rest:
+        inner = f.metadata.get("section", f.type)
+        args = getattr(inner, "__args__", ())
+        inner = next((a for a in args if a is not type(None)), inner) if args else inner
+        return field_rule(inner, rest)
+    return dict(f.metadata), _field_kind(f)
+
+
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")  # what OmegaConf reads as a boolean
+
+
+def check_bool_words(overrides, schema):
+    """Refuse a command-line override of a boolean setting whose value is not one of ``BOOL_WORDS``
+    (OmegaConf would read ``flip=2`` as true)."""
+    for word in overrides:
+        key, sep, value = word.partition("=")
+        key = key.lstrip("+~")
+        found = field_rule(_TrainerRoot if key.startswith("trainer.") and schema is TrainSettings else schema,
+                           key)
+        if sep and found is not None and found[1] == "bool" and value.strip("'\" ").lower() not in BOOL_WORDS:
+            raise SmoosegError(f"{key}={value} is not allowed: {key} must be true or false "
+                               "(also yes/no, on/off, 1/0)")
+
+
+def _hydra_overrides():
+    """The command-line overrides of the running Hydra job ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # words as typed
+
+
+def _to_object(cfg, schema):
+    """The dataclass ``schema`` from the composed ``cfg``; an unset environment variable or other
+    interpolation that cannot be resolved is one line naming it."""
+    check_bool_words(_hydra_overrides(), schema)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except InterpolationResolutionError as err:
+        key = getattr(err, "full_key", None) or "a config key"
+        variable = re.search(r"Environment variable '([^']+)' not found", str(err))
+        if variable:
+            raise SmoosegError(f"config key '{key}' reads the environment variable {variable.group(1)}, "
+                               f"which is not set; set it (export {variable.group(1)}=...) or pass "
+                               f"{key}=...") from None
+        raise SmoosegError(f"config key '{key}' cannot be resolved ({str(err).splitlines()[0]}); pass "
+                           f"{key}=...") from None
+    except MissingMandatoryValue:
+        raise
+    except Exception as err:  # a key the schema lacks (+key=...), a value of the wrong type
+        from omegaconf.errors import ConfigKeyError, ValidationError
+
+        if not isinstance(err, (ConfigKeyError, ValidationError)):
+            raise
+        key = getattr(err, "full_key", None) or "a config key"
+        if isinstance(err, ConfigKeyError):
+            section, _, _ = key.rpartition(".")
+            owner = field_rule_section(schema, section)
+            names = ", ".join(f.name for f in dataclasses.fields(owner)) if owner else ""
+            raise SmoosegError(f"{key} is not one of the {section or 'top-level'} settings ({names}); "
+                               "remove it") from None
+        found = field_rule(schema, key)
+        value = OmegaConf.select(cfg, key, default="?", throw_on_resolution_failure=False)
+        what = describe(*found) if found else str(err).splitlines()[0]
+        raise SmoosegError(f"{key}={value} is not allowed: {key} must be {what}") from None
+
+
+def _plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+# ---------------------------------------------------------------- resolving each "auto" once
+def backbone_precision(requested, trainer_precision):
+    """The frozen backbone's precision: ``auto`` follows the trainer's (32-true -> 32,
+    bf16-mixed -> bf16, 16-mixed -> 16); anything else as requested."""
+    if requested != "auto":
+        return requested
+    return {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16"}[trainer_precision]
+
+
+def crf_choice(backend, workers, device):
+    """(backend, worker count) of a CRF setting pair on ``device``, each ``auto`` resolved."""
+    from smooseg.eval.crf_backend import resolve_backend
+    from smooseg.eval.crf_pool import resolve_workers
+
+    return resolve_backend(backend, device), resolve_workers(workers)
+
+
+def _trainer(values):
+    known = {f.name for f in dataclasses.fields(TrainerSettings)} - {"extra"}
+    values = dict(values or {})
+    extra = {k: values.pop(k) for k in list(values) if k not in known}
+    trainer = _to_object(OmegaConf.create({"trainer": values}), _TrainerRoot).trainer
+    trainer.extra = {**extra, **trainer.extra}
+    return trainer
+
+
+@dataclass
+class _TrainerRoot:
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+
+
+def check_model(model):
+    """The backbone triple must be one the backbone registry knows."""
+    from smooseg.model.weights import timm_name
+
+    try:
+        timm_name(model.arch, model.model_type, model.patch_size)
+    except SmoosegError as err:
+        raise SmoosegError(f"{err}; set model.arch, model.model_type and model.patch_size, or choose a "
+                           "model=<preset>") from None
+
+
+def check_dataset(dataset):
+    """The data set name must be one the data set registry knows (directory sets need a count)."""
+    from smooseg.data.datasets import n_classes_of
+
+    count = dataset.n_classes if dataset.n_classes is not None else dataset.n_clusters
+    n_classes_of(dataset.name, count)
+
+
+def train_settings(cfg):
+    """The :class:`TrainSettings` of a composed training config: checked, every ``auto`` resolved."""
+    from smooseg.runtime import check_accelerator
+
+    values = _plain(cfg)
+    trainer = _trainer(OmegaConf.to_container(cfg.trainer, resolve=True) if OmegaConf.is_config(cfg)
+                       else values.get("trainer"))
+    values["trainer"] = None
+    settings = check_values(_to_object(OmegaConf.create(values), TrainSettings))
+    settings.trainer = check_values(trainer, "trainer.")
+    check_model(settings.model)
+    check_dataset(settings.dataset)
+    check_accelerator(trainer.accelerator)
+    device = accelerator_device(trainer.accelerator)
+    if trainer.accelerator == "auto":
+        trainer.accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer.precision = lightning_precision(trainer.precision, device)
+    settings.perf.backbone_precision = backbone_precision(settings.perf.backbone_precision, trainer.precision)
+    if settings.loader.pin_memory == "auto":
+        settings.loader.pin_memory = device == "cuda"
+    final = settings.final_eval
+    final.crf_backend, final.crf_workers = crf_choice(final.crf_backend, final.crf_workers, device)
+    final.precision = lightning_precision(final.precision, device)
+    if settings.cache.batch_size is None:
+        settings.cache.batch_size = settings.batch_size
+    return settings
+
+
+def _device(device):
+    from smooseg.runtime import resolve_device
+
+    return str(resolve_device(device))
+
+
+def eval_settings(cfg):
+    """The :class:`EvalSettings` of a composed evaluation config: checked, device, CRF backend and
+    workers and precision resolved. A ``dataset`` group without its ``n_classes`` takes the
+    checkpoint's."""
+    values = _plain(cfg)
+    dataset = values.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("n_classes") == "???":
+        dataset["n_classes"] = None
+    settings = check_values(_to_object(OmegaConf.create(values), EvalSettings))
+    settings.device = _device(settings.device)
+    settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
+                                                            settings.device)
+    settings.precision = lightning_precision(settings.precision, settings.device)
+    return settings
+
+
+def segment_settings(cfg):
+    """The :class:`SegmentSettings` of a composed segmentation config: checked, device, CRF backend
+    and workers and precision resolved."""
+    from smooseg.eval.segment import parse_bytes
+
+    settings = check_values(_to_object(cfg, SegmentSettings))
+    parse_bytes(settings.crf_max_memory)
+    settings.device = _device(settings.device)
+    settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
+                                                            settings.device)
+    settings.precision = lightning_precision(settings.precision, settings.device)
+    return settings
+
+
+def crop_settings(cfg):
+    """The checked :class:`CropSettings` of a composed crop config."""
+    return check_values(_to_object(cfg, CropSettings))
+
+
+def download_settings(cfg):
+    """The checked :class:`DownloadSettings` of a composed download config."""
+    return check_values(_to_object(cfg, DownloadSettings))
+
+
+def to_yaml(settings):
+    """The settings as YAML (what a run writes to its ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(settings))

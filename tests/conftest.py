@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import smooseg.settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A short CPU run: the demo preset with a ViT-S/16 (4x4 patch grid at 64 px) for speed.
@@ -31,10 +33,25 @@ def run_script(script, *args, timeout=300, check=True):
     return proc
 
 
-def train_config(overrides):
-    """Compose smooseg/configs/train.yaml with ``overrides`` (as the entry point would)."""
+def compose_config(name, overrides=()):
+    """Compose smooseg/configs/<name>.yaml with ``overrides`` (as the entry point would)."""
     with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def train_config(overrides):
+    """The composed training config (a DictConfig, as Hydra hands it to the entry point)."""
+    return compose_config("train", overrides)
+
+
+def train_settings(overrides):
+    """The checked and resolved TrainSettings of ``overrides``, as train_segmentation.py makes them."""
+    return smooseg.settings.train_settings(train_config(overrides))
+
+
+def eval_settings(overrides):
+    """The checked and resolved EvalSettings of ``overrides``, as eval_segmentation.py makes them."""
+    return smooseg.settings.eval_settings(compose_config("eval", overrides))
 
 
 @pytest.fixture(scope="session")

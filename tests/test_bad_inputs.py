@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_module, run_script
 from PIL import Image
 
-from conftest import ROOT, make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 
 pytestmark = pytest.mark.slow
@@ -265,6 +265,7 @@ class Case:
     expect: list  # substrings of the error line
     check: Optional[Callable] = None  # (tmp_path, output_dir, error line) -> asserts more
     keeps_checkpoint: bool = False
+    started: bool = False  # the error comes while the run works (its folder claimed), not before
 
 
 # ---- filesystem setups (output_dir / data_dir / checkpoints / cache that are files or folders)
@@ -312,9 +313,9 @@ CASES = [
     Case("train: more labels than images", directory_extra_label, T,
          TRAIN + ["dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine"],
          ["4 images", "5 labels"]),
-    Case("train: corrupt image", corrupt_train_image, T, TRAIN, ["cannot read image", "{bad}"]),
+    Case("train: corrupt image", corrupt_train_image, T, TRAIN, ["cannot read image", "{bad}"], started=True),
     Case("train: corrupt image read by a DataLoader worker", corrupt_train_image, T,
-         TRAIN + ["num_workers=2"], ["cannot read image", "{bad}"]),
+         TRAIN + ["num_workers=2"], ["cannot read image", "{bad}"], started=True),
     Case("eval: corrupt image", lambda t, p: {**corrupt_val_image(t, p), "ckpt": p["ckpt"]}, E, EVAL,
          ["cannot read image", "{bad}"]),
     Case("train: label id out of range", directory_label_out_of_range, T,
@@ -347,7 +348,7 @@ CASES = [
     Case("train: key added to a section that does not take it", valid, T, TRAIN + ["+loss.temprature=0.2"],
          ["loss.temprature is not one of the loss settings", "temperature"]),
     Case("eval: bad CRF worker count", valid_checkpoint, E, EVAL[:4] + ["crf=true", "crf_workers=many"] + EVAL[5:],
-         ["crf_workers must be an integer >= 0 or auto", "'many'"]),
+         ["crf_workers=many is not allowed", "crf_workers must be auto or an integer >= 0"]),
     Case("train: unparsable override", valid, T, TRAIN + ["seed=["], ["cannot parse", "seed=["]),
     Case("train: not a Trainer argument", valid, T, TRAIN + ["+trainer.gpus=2"], ["trainer.*", "gpus"]),
     Case("eval: required key missing", valid_checkpoint, E, EVAL[1:], ["model_paths", "required"]),
@@ -377,7 +378,9 @@ CASES = [
          ["cropped/cityscapes_five_crop_0.5 does not exist", "python crop_datasets.py data_dir={data} "
           "datasets=[cityscapes] crop_types=[five] crop_ratio=0.5", "dataset.train_crop_source=null"]),
     Case("train: unlabelled tiles asked for outside Potsdam", valid, T,
-         TRAIN + ["+dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
+         TRAIN + ["dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
+    Case("train: + before a key that exists", valid, T, TRAIN + ["+dataset.train_unlabelled=true"],
+         ["dataset.train_unlabelled is a setting already", "pass dataset.train_unlabelled=true (without the +)"]),
     # sizes and numerics
     Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40"],
          ["40x40", "patch size 16", "model.fit"]),
@@ -389,7 +392,7 @@ CASES = [
          ["4 images", "batch_size=8"]),
     Case("train: non-finite loss", valid, T, TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
          ["non-finite", "step 2", "last good checkpoint"], check=last_good_checkpoint_kept,
-         keeps_checkpoint=True),
+         keeps_checkpoint=True, started=True),
     # part-written data and files that cannot be read right
     Case("train: cropped set left incomplete by a killed crop run", cut_short_crop_run, T,
          TRAIN + ["dataset=cityscapes"],
@@ -417,9 +420,39 @@ CASES = [
                           ("val_check_interval=0", "an integer >= 1"), ("max_steps=-1", "an integer >= 1"),
                           ("optim.lr1=-0.001", "a number > 0"), ("num_workers=-1", "an integer >= 0"),
                           ("loss.temperature=0", "a number > 0"), ("loss.ema_alpha=1.5", "in [0.0, 1.0]")]],
+    # every setting is checked before anything is written, also those used only at the run's end
+    *[Case(f"train: {arg}", valid, T, TRAIN + [arg], [f"{arg} is not allowed", expect])
+      for arg, expect in [
+          ("final_eval.crf_backend=torhc", "one of auto, pydensecrf, torch"),
+          ("final_eval.precision=bf17", "final_eval.precision must be one of auto, 32"),
+          ("perf.backbone_precision=bf17", "one of auto, 32, bf16, 16"),
+          ("final_eval.crf_workers=-1", "auto or an integer >= 0"),
+          ("cache.dtype=float8", "one of float16, float32"),
+          ("loader.pin_memory=maybe", "one of auto, true, false"),
+          # booleans written another way are understood (off, no, 0) or refused, never read as true
+          ("model.dropout=maybe", "true or false"), ("final_eval.flip=2", "true or false"),
+          # an integer setting given a fraction is refused, not truncated
+          ("dataset.n_classes=2.5", "an integer >= 1"), ("extra_clusters=1.5", "an integer >= 0"),
+          ("seed=4294967296", "seed must be an integer in [0, 4294967295]"), ("seed=-1", "[0, 4294967295]"),
+          ("trainer.precision=32-tru", "trainer.precision must be one of auto"),
+          ("trainer.precision=bf17", "bf16-mixed"),
+          ("trainer.accumulate_grad_batches=0", "an integer >= 1"),
+          ("trainer.num_nodes=1.5", "an integer >= 1"),
+      ]],
+    Case("train: unset environment variable", valid, T,
+         [a for a in TRAIN if not a.startswith("data_dir=")] + ["data_dir=${{oc.env:SMOOSEG_UNSET_FOR_TEST}}"],
+         ["data_dir", "environment variable SMOOSEG_UNSET_FOR_TEST", "not set"]),
+    *[Case(f"eval: {arg}", valid_checkpoint, E, EVAL + [arg], [f"{arg} is not allowed", expect])
+      for arg, expect in [("crf_backend=torhc", "one of auto, pydensecrf, torch"), ("flip=maybe", "true or false"),
+                          ("precision=bf17", "one of auto"), ("batch_size=2.5", "an integer >= 1")]],
+    *[Case(f"segment: {arg}", large_photo, "segment_images.py",
+           ["model_path={ckpt}", "input_dir={photos}", "output_dir={out}", "device=cpu", arg],
+           [f"{arg} is not allowed", expect], check=nothing_at_all)
+      for arg, expect in [("precision=bf17", "one of auto"), ("mode=tiles", "one of resize, window"),
+                          ("alpha=1.5", "in [0.0, 1.0]"), ("progress=perhaps", "true or false")]],
     # a reference-style flag left without its value reads as true: a typed key refuses it
     Case("train: --max_steps with no value", valid, T, TRAIN + ["--max_steps"],
-         ["max_steps=True is not allowed", "an integer >= 1"]),
+         ["max_steps=true is not allowed", "an integer >= 1"]),
     *[Case(f"eval: {arg}", valid_checkpoint, E, EVAL + [arg], [arg, expect])
       for arg, expect in [("eval_res=0", "an integer >= 1"), ("n_images=-1", "an integer >= 0")]],
     # filesystem: output folders that are files, inputs that are folders, checks before any work
@@ -490,7 +523,7 @@ def run_entry_point(script, args, monkeypatch, capfd):
     return stopped.value.code, out, err
 
 
-def check_failure(case, values, tmp, out, status, stderr):
+def check_failure(case, values, tmp, out, status, stderr, existed=False):
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert status == 2, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -501,6 +534,8 @@ def check_failure(case, values, tmp, out, status, stderr):
         assert not list(out.rglob("*.ckpt"))
     assert not [p for p in tmp.rglob("*") if p.name.endswith(".tmp")]
     assert not list(tmp.rglob("metrics.json"))
+    if not (case.started or existed):  # nothing written before a run can start: no folder, no log
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
     if case.check is not None:
         case.check(tmp, out, lines[0])
 
@@ -510,8 +545,9 @@ def test_bad_input_gives_one_line_error(case, pristine, tmp_path, monkeypatch, c
     out = tmp_path / "out"
     values = {"out": out, "tmp": tmp_path, "ckpt": pristine["ckpt"], **case.setup(tmp_path, pristine)}
     args = [arg.format(**values) for arg in case.args]
+    existed = out.exists()
     status, _, stderr = run_entry_point(case.script, args, monkeypatch, capfd)
-    check_failure(case, values, tmp_path, out, status, stderr)
+    check_failure(case, values, tmp_path, out, status, stderr, existed)
 
 
 @pytest.mark.parametrize("name", ["train: unknown config key", "train: key of the reference's config",

@@ -78,3 +78,12 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 def test_smooseg_error_is_runtime_error():
     assert issubclass(SmoosegError, RuntimeError)
+
+
+def test_the_value_quoted_back_is_the_one_hydra_took():
+    """Hydra applies the last of two overrides of one key; the error line quotes that one."""
+    from smooseg.cli import typed_value
+
+    assert typed_value("batch_size", ["batch_size=2", "seed=1", "batch_size=abc"], "?") == "abc"
+    assert typed_value("loss.temperature", ["+loss.temperature=0.5"], "?") == "0.5"
+    assert typed_value("res", ["seed=1"], "fallback") == "fallback"

@@ -10,6 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, run_script
 from smooseg.cli import config_error_message, translate_args
+from smooseg.errors import SmoosegError
+from smooseg.settings import train_settings
 
 CONFIGS = ROOT / "smooseg" / "configs"
 
@@ -95,6 +97,11 @@ def test_directory_dataset_needs_n_classes_or_n_clusters():
     assert cfg.dataset.n_classes is None and cfg.dataset.n_clusters is None
     with pytest.raises(SmoosegError, match="dataset.n_clusters is not set"):
         n_classes_of(cfg.dataset.name, cfg.dataset.n_classes, n_clusters=cfg.dataset.n_clusters)
+
+
+def test_directory_dataset_needs_n_classes():
+    with pytest.raises(SmoosegError, match="dataset.n_c.* a directory data set needs"):
+        train_settings(compose_cfg("train", ["dataset=directory"]))
 
 
 def test_unknown_keys_fail():
@@ -304,8 +311,8 @@ def test_sweep_with_ddp_is_refused(tmp_path):
 def test_final_eval_defaults():
     cfg = compose_cfg("train")
     assert OmegaConf.to_container(cfg.final_eval) == {
-        "enabled": True, "crf": False, "crf_backend": "auto", "crf_workers": "auto", "flip": True,
-        "n_images": 0, "batch_size": 8, "precision": "32"}
+        "enabled": True, "crf": False, "crf_backend": "auto", "crf_workers": "auto", "crf_timeout": 120.0,
+        "flip": True, "n_images": 0, "batch_size": 8, "precision": "32"}
     hydra = yaml.safe_load((CONFIGS / "train.yaml").read_text())["hydra"]
     # -m: job n trains in <output_dir>/<n>
     assert hydra["sweep"] == {"dir": "${output_dir}", "subdir": "${hydra.job.num}"}

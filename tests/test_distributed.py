@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent('''
     from hydra import compose, initialize_config_dir
     from pytorch_lightning.callbacks import Callback
 
+    from smooseg.settings import train_settings
     from smooseg.train.train import train
 
 
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent('''
     config_dir, folder, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    train(cfg, callbacks=[SaveRankState(folder)])
+    train(train_settings(cfg), callbacks=[SaveRankState(folder)])
 ''')
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import TRAIN_OVERRIDES, run_script, train_config
+from conftest import TRAIN_OVERRIDES, run_script, train_settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.eval.evaluate import evaluate
@@ -104,7 +104,7 @@ def test_crf_backends_give_the_same_metrics(trained_run, tmp_path):
 
 
 def test_trained_beats_untrained(trained_run):
-    cfg = train_config(trained_run["overrides"])
+    cfg = train_settings(trained_run["overrides"])
     pl.seed_everything(int(cfg.seed), workers=True)
     untrained = build_module(cfg)  # the initial weights of the training run
     _, val_set = build_datasets(cfg)
@@ -197,7 +197,7 @@ def test_final_evaluation_equals_eval_script(trained_run, tmp_path):
 
 
 def tiny_train_cfg(data_dir, output_dir, *extra):
-    return train_config(["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=32",
+    return train_settings(["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=32",
                          "eval_res=32", "batch_size=2", "num_workers=0", "logger=none", "max_steps=2",
                          "val_check_interval=2", "trainer.enable_progress_bar=false",
                          "+trainer.enable_model_summary=false", f"data_dir={data_dir}",

@@ -19,6 +19,7 @@ from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.model.backbone import Backbone, frozen_features
 from smooseg.runtime import autocast_dtype
+from smooseg.settings import train_settings
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.train import build_module, train
 
@@ -47,11 +48,12 @@ def build(data_dir, backbone, cache_dir, res=RES, crop="center", dtype="float32"
 
 
 def train_config(data_dir, cache_dir, *overrides):
+    """Checked, resolved training settings (as train_segmentation.py makes them)."""
     with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=[
+        return train_settings(compose(config_name="train", overrides=[
             "dataset=synthetic", "model=dino_vits16", "model.pretrained=false", f"res={RES}",
             f"eval_res={RES}", "batch_size=4", "num_workers=0", "seed=7", f"data_dir={data_dir}",
-            f"cache.dir={cache_dir}", "logger=none", *overrides])
+            f"cache.dir={cache_dir}", "logger=none", *overrides]))
 
 
 class LossRecorder(Callback):
@@ -253,5 +255,5 @@ def test_train_entry_trains_from_the_cache_and_validates_on_images(data_dir, tmp
     assert "feature cache: 8 images × 384×3×3 float16" in capsys.readouterr().out
     assert result["best_mIoU"] is not None and 0 <= result["best_mIoU"] <= 100  # validated on images
     ckpt = torch.load(result["last"], map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["runtime"]["backbone_precision"] == "auto"
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["runtime"]["backbone_precision"] == "32"
     assert len(list((tmp_path / "cache").iterdir())) == 1

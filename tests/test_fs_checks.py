@@ -19,6 +19,7 @@ from smooseg.eval.evaluate import check_checkpoints, check_dataset_matches, chec
 from smooseg.eval.results import REPORT_PICTURES, clear_outputs, write_outputs
 from smooseg.io import check_input_dir, check_input_file, check_output_dir
 from smooseg.runtime import check_accelerator, resolve_device
+from smooseg.settings import DatasetSettings
 
 
 def one_line(err):
@@ -120,7 +121,7 @@ def test_cuda_accelerator_without_cuda(monkeypatch):
 
 def test_dataset_must_match_the_checkpoint():
     cityscapes = DatasetInfo(n_classes=27, name="cityscapes")
-    group = lambda **kw: OmegaConf.create({"name": "directory", "n_classes": "???", **kw})  # noqa: E731
+    group = lambda **kw: DatasetSettings(**{"name": "directory", "n_classes": None, **kw})  # noqa: E731
     check_dataset_matches(group(), cityscapes)  # n_classes left unset: the checkpoint's
     check_dataset_matches(group(n_classes=27), cityscapes)
     check_dataset_matches(group(name="cityscapes", n_classes=None), cityscapes)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from conftest import run_script, train_config
+from conftest import run_script, train_settings
 from smooseg.data.synthetic import write_cityscapes_layout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -60,11 +60,11 @@ class Recorder(Callback):
 
 
 def fit(data, out, *extra):
-    """train(cfg) of the demo preset on the GPU; returns (Recorder, last.ckpt contents, train's result)."""
+    """train(settings) of the demo preset on the GPU; returns (Recorder, last.ckpt contents, train's result)."""
     from smooseg.train.train import train
 
     recorder = Recorder()
-    cfg = train_config(OVERRIDES + [f"data_dir={data}", f"output_dir={out}", *extra])
+    cfg = train_settings(OVERRIDES + [f"data_dir={data}", f"output_dir={out}", *extra])
     result = train(cfg, callbacks=[recorder])
     last = torch.load(Path(out) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return recorder, last, result
@@ -130,8 +130,6 @@ def test_precisions_agree_on_the_first_steps(trained):
 @pytest.mark.parametrize("precision,dtype,atol", [("32-true", "float32", 1e-4), ("bf16-mixed", "float16", 2e-2)])
 def test_cached_training_matches_uncached_on_cuda(gpu_data, tmp_path, precision, dtype, atol):
     extra = [f"trainer.precision={precision}", f"cache.dir={tmp_path / 'cache'}", f"cache.dtype={dtype}"]
-    if precision == "32-true":
-        extra.append("perf.backbone_precision=32")  # auto would run the frozen backbone in bf16 on a GPU
     plain, _, _ = fit(gpu_data, tmp_path / "plain", "cache.enabled=false", *extra)
     cached, _, _ = fit(gpu_data, tmp_path / "cached", "cache.enabled=true", *extra)
     assert plain.backbone_calls == STEPS and cached.backbone_calls == 0  # cached steps never run the backbone
@@ -225,7 +223,7 @@ def test_compiled_matches_eager_on_cuda(gpu_data, backbone_precision, tol):
     from smooseg.train.train import build_module
 
     def module(compile_):
-        cfg = train_config(OVERRIDES + [f"data_dir={gpu_data}", f"perf.compile={str(compile_).lower()}",
+        cfg = train_settings(OVERRIDES + [f"data_dir={gpu_data}", f"perf.compile={str(compile_).lower()}",
                                         f"perf.backbone_precision={backbone_precision}", "model.dropout=false"])
         pl.seed_everything(0)
         return build_module(cfg).cuda().train()

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, make_module
+from smooseg.settings import eval_settings, train_settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
@@ -24,7 +25,15 @@ from smooseg.train.train import build_module, train
 N_CLASSES = 3
 
 
+TO_SETTINGS = {"train": train_settings, "eval": eval_settings}
+
+
 def compose_cfg(name, overrides):
+    """The checked, resolved settings of smooseg/configs/<name>.yaml with ``overrides``."""
+    return TO_SETTINGS[name](compose_config(name, overrides))
+
+
+def compose_config(name, overrides):
     with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
 
@@ -113,7 +122,7 @@ def test_probe_is_off_by_default_and_not_in_the_state():
     assert module.net.linear_probe is None and module.val_linear_metrics is None
     assert not any("linear_probe" in k for k in module.state_dict())
     assert len(module.configure_optimizers().param_groups) == 2
-    cfg = compose_cfg("train", [])
+    cfg = compose_cfg("train", ["experiment=demo"])
     assert cfg.linear_probe is False and cfg.optim.linear_lr == 5e-3 and cfg.hist_freq == 0
 
 

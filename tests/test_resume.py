@@ -9,7 +9,7 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from conftest import train_config
+from conftest import train_settings
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.train.callbacks import RandomStateCheckpoint
 from smooseg.train.train import train
@@ -36,7 +36,7 @@ class StepCounter(Callback):
 
 
 def run(data, out, *extra, callbacks=()):
-    cfg = train_config(OVERRIDES + [f"data_dir={data}", f"output_dir={out}", *extra])
+    cfg = train_settings(OVERRIDES + [f"data_dir={data}", f"output_dir={out}", *extra])
     train(cfg, callbacks=list(callbacks))
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 

@@ -367,7 +367,8 @@ def test_entry_point_crf_backends_agree(folder, tmp_path, checkpoint):
     assert (ids["torch"] == ids["pydensecrf"]).mean() >= 0.999
     bad = _run(f"model_path={checkpoint}", f"input_dir={folder}", "crf=true", "crf_backend=opencl",
                "progress=false", cwd=tmp_path)
-    assert bad.returncode == 2 and "crf_backend=opencl is unknown" in bad.stderr
+    assert bad.returncode == 2
+    assert "crf_backend=opencl is not allowed: crf_backend must be one of auto, pydensecrf, torch" in bad.stderr
 
 
 # ---- the CRF's memory: bounded resolution, estimated and refused before starting
@@ -458,7 +459,8 @@ def test_entry_point_refuses_a_crf_that_cannot_fit_and_names_the_fix(tmp_path, c
     proc = _run(*args, "crf_max_memory=50MB", "crf_max_pixels=40000", cwd=tmp_path)   # the fix it names
     assert proc.returncode == 0, proc.stderr
     assert _read(tmp_path / "out" / "large_ids.png").shape == (300, 400)
-    for bad, message in (("crf_max_pixels=0", "crf_max_pixels=0 must be a positive number of pixels"),
+    for bad, message in (("crf_max_pixels=0", "crf_max_pixels=0 is not allowed: crf_max_pixels must be an "
+                                              "integer >= 1"),
                          ("crf_max_memory=lots", "crf_max_memory='lots' is not a memory size")):
         proc = _run(*args, bad, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -14,7 +14,8 @@ from conftest import ROOT, make_module
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.model.losses import LossConfig, shift_histograms, smoothness_parts, total_loss
-from smooseg.train.train import diagnostic_options, train
+from smooseg.settings import train_settings
+from smooseg.train.train import train
 
 # ---- pure functions ---------------------------------------------------------------------------
 
@@ -188,10 +189,10 @@ def test_histogram_logging_leaves_training_unchanged_and_off_logs_nothing(tmp_pa
 def test_hist_freq_from_the_config():
     with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hist_freq=50"])
-        assert diagnostic_options(cfg) == {"linear_probe": False, "hist_freq": 50}
+        assert (train_settings(cfg).hist_freq, train_settings(cfg).linear_probe) == (50, False)
         bad = compose(config_name="train", overrides=["hist_freq=-1"])
-    with pytest.raises(SmoosegError, match="hist_freq=-1"):
-        diagnostic_options(bad)
+    with pytest.raises(SmoosegError, match="hist_freq=-1 is not allowed: hist_freq must be an integer >= 0"):
+        train_settings(bad)
 
 
 def test_training_entry_logs_histograms(tmp_path):
@@ -201,7 +202,7 @@ def test_training_entry_logs_histograms(tmp_path):
             "experiment=demo", "model=dino_vits16", "model.pretrained=false", f"data_dir={data_dir}",
             f"output_dir={tmp_path / 'out'}", "res=32", "eval_res=32", "batch_size=2", "max_steps=3",
             "val_check_interval=3", "hist_freq=2", "trainer.enable_progress_bar=false"])
-    train(cfg)
+    train(train_settings(cfg))
     acc = events(tmp_path / "out" / "tensorboard")
     assert sorted(acc.Tags()["histograms"]) == HIST_TAGS
     assert [e.step for e in acc.Histograms("hist/intra_distance")] == [0, 2]

@@ -19,15 +19,15 @@ EXAMPLES = (
 @report_errors
 def task(cfg):
     from smooseg.data.crops import crop_datasets
-    from smooseg.settings import CROP, check_settings
+    from smooseg.settings import crop_settings
 
-    check_settings(cfg, CROP)
+    settings = crop_settings(cfg)
     summary = crop_datasets(
-        data_dir=cfg.data_dir, datasets=list(cfg.datasets), splits=list(cfg.splits),
-        crop_types=list(cfg.crop_types), ratio=cfg.crop_ratio, seed=cfg.seed,
-        num_workers=cfg.num_workers, jpeg_quality=cfg.jpeg_quality,
-        dir_name=cfg.dir_dataset_name, n_classes=cfg.dir_dataset_n_classes,
-        progress=cfg.progress)
+        data_dir=settings.data_dir, datasets=settings.datasets, splits=settings.splits,
+        crop_types=settings.crop_types, ratio=settings.crop_ratio, seed=settings.seed,
+        num_workers=settings.num_workers, jpeg_quality=settings.jpeg_quality,
+        dir_name=settings.dir_dataset_name, n_classes=settings.dir_dataset_n_classes,
+        progress=settings.progress)
     for folder, result in summary.items():
         print(f"{folder}: {result['images']} images, {result['written']} files written")
 

@@ -19,16 +19,16 @@ EXAMPLES = (
 @report_errors
 def task(cfg):
     from smooseg.data.download import download_datasets
-    from smooseg.settings import DOWNLOAD, check_settings
+    from smooseg.settings import download_settings
 
-    check_settings(cfg, DOWNLOAD)
+    settings = download_settings(cfg)
     status = download_datasets(
-        data_dir=cfg.data_dir, names=list(cfg.datasets), base_url=cfg.base_url,
-        keep_archive=cfg.keep_archive, sizes=cfg.sizes, checksums=cfg.sha256,
-        progress=cfg.progress, timeout=cfg.timeout)
+        data_dir=settings.data_dir, names=settings.datasets, base_url=settings.base_url,
+        keep_archive=settings.keep_archive, sizes=settings.sizes, checksums=settings.sha256,
+        progress=settings.progress, timeout=settings.timeout)
     for name, state in status.items():
         print(f"{name}: {'already present' if state == 'present' else 'downloaded'} "
-              f"in {cfg.data_dir}/{name}")
+              f"in {settings.data_dir}/{name}")
 
 
 def main():

@@ -29,7 +29,9 @@ EXAMPLES = (
 def task(cfg):
     from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
 
-    run_eval(cfg)
+    from smooseg.settings import eval_settings
+
+    run_eval(eval_settings(cfg))
 
 
 def compare(argv):

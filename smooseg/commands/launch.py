@@ -19,6 +19,8 @@ def launch(task, name, description, examples):
         print(help_page(name, description, examples))
         return
     prepare_argv()
+    import smooseg.settings  # noqa: F401  (registers the typed schemas the configs compose on)
+
     task()
 
 

@@ -20,11 +20,10 @@ EXAMPLES = (
 @hydra.main(config_path=str(CONFIG_DIR), config_name="segment", version_base="1.3")
 @report_errors
 def task(cfg):
-    from smooseg import settings
     from smooseg.eval.segment import run_segment  # heavy imports only once a run starts (not for --help)
+    from smooseg.settings import segment_settings
 
-    settings.check_settings(cfg, settings.SEGMENT)
-    run_segment(cfg)
+    run_segment(segment_settings(cfg))
 
 
 def main():

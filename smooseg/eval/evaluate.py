@@ -1,7 +1,7 @@
 """Evaluation (docs/method.md sections 5-6): flip averaging, optional dense CRF, Hungarian metrics.
 
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
-``run_eval(cfg)`` (what ``eval_segmentation.py`` runs, config ``smooseg/configs/eval.yaml``) evaluates each
+``run_eval(settings)`` (what ``eval_segmentation.py`` runs, :class:`smooseg.settings.EvalSettings`) evaluates each
 checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
 in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
 
@@ -40,7 +40,6 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from smooseg import settings
 from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.registry import dataset_spec, find_spec
 from smooseg.data.transforms import to_uint8_image, unnormalize
@@ -55,7 +54,6 @@ from smooseg.eval.results import claim_results_dir, print_summary, summarize, wr
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
 from smooseg.runtime import autocast, resolve_device
-from smooseg.settings import check_settings
 
 
 class _Collector:
@@ -166,19 +164,19 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     return metrics, examples
 
 
-def eval_dataset(cfg, data: DatasetInfo):
+def eval_dataset(settings, data: DatasetInfo):
     """The evaluation set: the checkpoint's data set (or the ``dataset`` group chosen) at ``eval_res``.
 
     Centre crops; ``eval_res`` / ``image_interp`` default to what the checkpoint was validated with.
     """
-    if cfg.get("dataset") is not None:
-        name, dir_name = cfg.dataset.name, cfg.dataset.get("dir_name")
-        check_dataset_matches(cfg.dataset, data)
+    if settings.dataset is not None:
+        name, dir_name = settings.dataset.name, settings.dataset.dir_name
+        check_dataset_matches(settings.dataset, data)
     else:
         name, dir_name = data.name, data.dir_name
-    res = cfg.eval_res or data.eval_res or dataset_spec(name).eval_res
-    dataset = build_dataset(name, cfg.data_dir, cfg.split, int(res), crop="center",
-                            image_interp=cfg.image_interp or data.image_interp,
+    res = settings.eval_res or data.eval_res or dataset_spec(name).eval_res
+    dataset = build_dataset(name, settings.data_dir, settings.split, int(res), crop="center",
+                            image_interp=settings.image_interp or data.image_interp,
                             n_classes=data.n_classes if dataset_spec(name).n_classes is None else None,
                             dir_name=dir_name)
     if dataset.n_classes != data.n_classes:
@@ -192,8 +190,8 @@ def check_dataset_matches(dataset, data: DatasetInfo):
     checkpoint's :class:`DatasetInfo` ``data``: a ``dataset.n_classes`` other than the
     checkpoint's class count, or another named data set (its classes are other classes; directory
     sets have no class names of their own, so only their count must agree)."""
-    n_classes = None if OmegaConf.is_missing(dataset, "n_classes") else dataset.get("n_classes")
-    if n_classes is not None and int(n_classes) != data.n_classes:
+    n_classes = dataset.n_classes
+    if n_classes is not None and n_classes != data.n_classes:
         raise SmoosegError(f"dataset.n_classes={n_classes} contradicts the checkpoint, trained for "
                            f"{data.n_classes} classes ({data.name}); pass dataset.n_classes={data.n_classes} "
                            "or evaluate a checkpoint trained for these classes")
@@ -271,37 +269,38 @@ def checkpoint_jobs(paths, names=None):
             for path, name in zip(paths, names)]
 
 
-def evaluate_jobs(cfg, jobs):
-    """Evaluate each :class:`EvalJob` with the settings of ``cfg`` (the keys of ``smooseg/configs/eval.yaml``)
+def evaluate_jobs(settings, jobs):
+    """Evaluate each :class:`EvalJob` with ``settings`` (resolved :class:`smooseg.settings.EvalSettings`)
     and one CRF runner; returns ``(metrics, metrics.json path)`` per job.
 
     For each: the per-class table is printed, ``metrics.json`` and the pictures are written to
     ``<output_dir>/<name>/`` and, with ``report``, the report pictures next to them.
     """
-    check_output_dir(cfg.output_dir, "output_dir")
-    device = resolve_device(cfg.device)
-    pool = open_crf(cfg.crf_backend, device, cfg.crf_workers, float(cfg.crf_timeout)) if cfg.crf else None
+    check_output_dir(settings.output_dir, "output_dir")
+    device = torch.device(settings.device)
+    pool = (open_crf(settings.crf_backend, device, settings.crf_workers, settings.crf_timeout)
+            if settings.crf else None)
     results = []
     try:
         for name, path, load in jobs:
             net, hparams = load(device)
             data = DatasetInfo(**hparams["data"])
-            loader = DataLoader(eval_dataset(cfg, data), batch_size=int(cfg.batch_size),
-                                shuffle=False, drop_last=False, num_workers=int(cfg.num_workers))
-            out = Path(cfg.output_dir) / name
+            loader = DataLoader(eval_dataset(settings, data), batch_size=settings.batch_size,
+                                shuffle=False, drop_last=False, num_workers=settings.num_workers)
+            out = Path(settings.output_dir) / name
             print(f"== {path or name}")
             metrics, examples = evaluate(
                 net, loader, data, mask_extra_clusters=bool(hparams["metrics"]["mask_extra_clusters"]),
-                crf_pool=pool, flip=bool(cfg.flip), n_images=int(cfg.n_images), device=device,
-                precision=cfg.precision, checkpoint=path)
+                crf_pool=pool, flip=settings.flip, n_images=settings.n_images, device=device,
+                precision=settings.precision, checkpoint=path)
             metrics["provenance"] = provenance.record(provenance.eval_record(
-                cfg, loader.dataset, data.name, pool and pool_backend(pool), cfg.precision),
+                settings, loader.dataset, data.name, pool and pool_backend(pool), settings.precision),
                 provenance.checkpoint_record(path, hparams), device)
             print_summary(metrics, data.class_names)
             written = write_outputs(metrics, examples, data, net.n_clusters, out)
             print(f"results: {written}")
             results.append((metrics, written))
-            if cfg.get("report"):
+            if settings.report:
                 from smooseg.eval.report import write_report
 
                 for part, picture in write_report(written).items():
@@ -312,27 +311,26 @@ def evaluate_jobs(cfg, jobs):
     return results
 
 
-def run_eval(cfg, models=None):
-    """Evaluate every checkpoint of ``cfg.model_paths`` (globs expanded), or the ``models`` given
+def run_eval(settings, models=None):
+    """Evaluate every checkpoint of ``settings.model_paths`` (globs expanded), or the ``models`` given
     as ``(name, net, hparams)`` triples; returns a list of metrics dicts.
 
     Each is evaluated by :func:`evaluate_jobs`. For ``model_paths`` the summary over the
     checkpoints follows (each headline, mean ± sample standard deviation, min and max of mIoU
     and Accuracy), printed and written to ``<output_dir>/summary.json``.
     """
-    check_settings(cfg, settings.EVAL)
-    check_output_dir(cfg.output_dir, "output_dir")
+    check_output_dir(settings.output_dir, "output_dir")
     if models is None:
-        paths = checkpoint_paths(cfg.model_paths)
+        paths = checkpoint_paths(settings.model_paths)
         check_checkpoints(paths)
         jobs = checkpoint_jobs(paths)
     else:
         jobs = [EvalJob(name, None, lambda device, net=net, hp=hp: (net, hp)) for name, net, hp in models]
-    with claim_results_dir(cfg.output_dir):
-        results = evaluate_jobs(cfg, jobs)
+    with claim_results_dir(settings.output_dir):
+        results = evaluate_jobs(settings, jobs)
         if models is None:
             write_summary([run_headline(metrics, written) for metrics, written in results],
-                          Path(cfg.output_dir) / "summary.json", label="checkpoint")
+                          Path(settings.output_dir) / "summary.json", label="checkpoint")
     return [metrics for metrics, _ in results]
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
 from smooseg.data.datasets import DatasetInfo
@@ -265,26 +264,22 @@ def segment_folder(net, data, input_dir, output_dir, options=None, *, recursive=
 
 
 def _required(settings, key):
-    try:
-        value = getattr(settings, key)
-    except (AttributeError, MissingMandatoryValue):
-        value = None
-    if value is None or value == "???" or not str(value):
+    value = getattr(settings, key)
+    if not value:
         raise SmoosegError(f"{key} is required; pass {key}=<path>")
     return value
 
 
 def predict_options(settings):
-    """The :class:`PredictOptions` of segment settings (the keys of ``smooseg/configs/segment.yaml``)."""
+    """The :class:`PredictOptions` of :class:`smooseg.settings.SegmentSettings`."""
     return PredictOptions(mode=settings.mode, size=settings.size, stride=settings.stride,
                           flip=bool(settings.flip), batch_size=settings.batch_size,
                           precision=str(settings.precision))
 
 
 def run_segment(settings):
-    """Entry point of ``segment_images.py``: ``settings`` carries the keys of
-    ``smooseg/configs/segment.yaml`` as attributes (a DictConfig or the typed settings); returns
-    the results of :func:`segment_folder`."""
+    """Entry point of ``segment_images.py`` (resolved :class:`smooseg.settings.SegmentSettings`);
+    returns the results of :func:`segment_folder`."""
     model_path, input_dir = _required(settings, "model_path"), _required(settings, "input_dir")
     options = predict_options(settings)
     list_images(input_dir, bool(settings.recursive), exclude=settings.output_dir)

@@ -1,4 +1,4 @@
-"""Training with Lightning: the LightningModule, data module, callbacks, feature cache and train(cfg).
+"""Training with Lightning: the LightningModule, data module, callbacks, feature cache and train(settings).
 
 The package itself is callable as ``smooseg.train(*overrides)`` (:func:`smooseg.api.train`): once
 this package is imported it is the ``train`` attribute of ``smooseg``, so it answers that call.

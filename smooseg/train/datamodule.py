@@ -6,11 +6,11 @@ Potsdam's ``labelled_train.txt``; docs/method.md section 7) and validates on cen
 ``val_res``. With ``cache.enabled`` the training set is the frozen backbone's cached features.
 """
 
+import dataclasses
 import math
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -19,81 +19,75 @@ from smooseg.data.cropped import crop_command as data_crop_command
 from smooseg.data.datasets import build_dataset, check_crop_source, dataset_key, dataset_spec
 from smooseg.data.registry import dataset_names
 from smooseg.errors import SmoosegError
-from smooseg.runtime import uses_cuda
+from smooseg.runtime import accelerator_device
 from smooseg.train.feature_cache import check_deterministic, open_or_build
 
 
-def crop_command(cfg, source):
-    """The ``crop_datasets.py`` command that writes the cropped training set ``source`` of ``cfg``."""
-    count = cfg.dataset.get("n_classes") or cfg.dataset.get("n_clusters")
-    return data_crop_command(cfg.data_dir, dataset_spec(cfg.dataset.name), source["crop_type"],
-                             source["ratio"], dir_name=cfg.dataset.get("dir_name"), n_classes=count)
+def crop_command(settings, source):
+    """The ``crop_datasets.py`` command that writes the cropped training set ``source`` (a dict)."""
+    dataset = settings.dataset
+    return data_crop_command(settings.data_dir, dataset_spec(dataset.name), source["crop_type"], source["ratio"],
+                             dir_name=dataset.dir_name, n_classes=dataset.n_classes or dataset.n_clusters)
 
 
-def train_crop_source(cfg):
+def train_crop_source(settings):
     """The pre-cropped training set to read, or None when ``dataset.train_crop_source`` is null.
 
     The published Cityscapes / COCO-Stuff runs train on the five-crop sets; a missing set stops
     training with the command that writes it, rather than training on other data (an incomplete
     one stops when it is read, :class:`CroppedDataset`, with the same message).
     """
-    source = cfg.dataset.get("train_crop_source")
-    if source is None:
+    dataset = settings.dataset
+    if dataset.train_crop_source is None:
         return None
-    source = OmegaConf.to_container(source, resolve=True)
+    source = dataclasses.asdict(dataset.train_crop_source)
     check_crop_source(source)
-    folder = crop_folder(cfg.data_dir, dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")),
+    folder = crop_folder(settings.data_dir, dataset_key(dataset.name, dataset.dir_name),
                          source["crop_type"], source["ratio"])
     if not folder.is_dir():
-        raise crop_set_error(folder, "does not exist", crop_command(cfg, source), verb="write")
+        raise crop_set_error(folder, "does not exist", crop_command(settings, source), verb="write")
     return source
 
 
-def train_split(cfg):
+def train_split(settings):
     """The training split: Potsdam adds its unlabelled tiles only with ``dataset.train_unlabelled``."""
-    if cfg.dataset.get("train_unlabelled", False):
-        split = dataset_spec(cfg.dataset.name).train_unlabelled_split
+    if settings.dataset.train_unlabelled:
+        split = dataset_spec(settings.dataset.name).train_unlabelled_split
         if split is None:
             able = [n for n in dataset_names() if dataset_spec(n).train_unlabelled_split]
             raise SmoosegError(f"dataset.train_unlabelled=true is for {', '.join(able)} only, not "
-                               f"{cfg.dataset.name}; remove it")
+                               f"{settings.dataset.name}; remove it")
         return split
     return "train"
 
 
-def build_datasets(cfg):
+def build_datasets(settings):
     """(train set, validation set); validation uses centre crops at ``val_res`` (the training
     resolution unless set, as the reference validates)."""
-    common = dict(name=cfg.dataset.name, data_dir=cfg.data_dir, image_interp=cfg.dataset.image_interp,
-                  n_classes=cfg.dataset.get("n_classes"), n_clusters=cfg.dataset.get("n_clusters"),
-                  dir_name=cfg.dataset.get("dir_name"),
-                  seed=int(cfg.seed))
-    train_set = build_dataset(split=train_split(cfg), res=int(cfg.res), crop=cfg.dataset.train_crop,
-                              crop_source=train_crop_source(cfg), **common)
-    val_set = build_dataset(split="val", res=int(cfg.val_res), crop="center", **common)
+    dataset = settings.dataset
+    common = dict(name=dataset.name, data_dir=settings.data_dir, image_interp=dataset.image_interp,
+                  n_classes=dataset.n_classes, n_clusters=dataset.n_clusters, dir_name=dataset.dir_name,
+                  seed=settings.seed)
+    train_set = build_dataset(split=train_split(settings), res=settings.res, crop=dataset.train_crop,
+                              crop_source=train_crop_source(settings), **common)
+    val_set = build_dataset(split="val", res=settings.val_res, crop="center", **common)
     return train_set, val_set
 
 
-def loader_options(cfg):
-    """DataLoader keyword arguments from ``num_workers`` and the ``loader`` section."""
-    workers = int(cfg.num_workers)
-    loader = cfg.get("loader") or {}
-    pin = loader.get("pin_memory", "auto")
-    if pin not in (True, False, "auto"):
-        raise SmoosegError(f"loader.pin_memory={pin} is not allowed; use auto, true or false")
-    if pin == "auto":
-        pin = uses_cuda(cfg.trainer.get("accelerator", "auto"))
-    options = dict(num_workers=workers, pin_memory=pin)
+def loader_options(settings):
+    """DataLoader keyword arguments from ``num_workers`` and the (resolved) ``loader`` section."""
+    workers, loader = settings.num_workers, settings.loader
+    options = dict(num_workers=workers, pin_memory=bool(loader.pin_memory))
     if workers > 0:
-        options["persistent_workers"] = bool(loader.get("persistent_workers", True))
-        if loader.get("prefetch_factor") is not None:
-            options["prefetch_factor"] = int(loader.get("prefetch_factor"))
+        options["persistent_workers"] = loader.persistent_workers
+        if loader.prefetch_factor is not None:
+            options["prefetch_factor"] = loader.prefetch_factor
     return options
 
 
-def check_probe_labels(cfg, train_set):
+def check_probe_labels(settings, train_set):
     """With ``linear_probe`` every training image needs a label (the probe is supervised)."""
-    if not cfg.get("linear_probe", False):
+    if not settings.linear_probe:
         return
     unlabelled = [entry[0] for entry in getattr(train_set, "entries", ()) if entry[2] is None]
     if unlabelled:
@@ -101,26 +95,20 @@ def check_probe_labels(cfg, train_set):
                            f"have no label (e.g. {unlabelled[0]}); add labels or set linear_probe=false")
 
 
-def cache_enabled(cfg):
-    """Whether training reads backbone features from the feature cache (``cache.enabled``)."""
-    return bool((cfg.get("cache") or {}).get("enabled", False))
-
-
-def cached_train_set(cfg, train_set, net):
+def cached_train_set(settings, train_set, net):
     """The training set's backbone features from the feature cache, built on first use.
 
     Refuses random crops (the cache would not match what training sees) before building anything.
     """
-    check_deterministic(cfg.dataset.train_crop)
-    cache = cfg.cache
-    source = train_crop_source(cfg) if isinstance(train_set, CroppedDataset) else None
-    device = "cuda" if uses_cuda(cfg.trainer.get("accelerator", "auto")) else "cpu"
+    dataset, cache = settings.dataset, settings.cache
+    check_deterministic(dataset.train_crop)
+    source = train_crop_source(settings) if isinstance(train_set, CroppedDataset) else None
+    device = accelerator_device(settings.trainer.accelerator)
     return open_or_build(
-        train_set, net.backbone, cache.dir, dataset_key(cfg.dataset.name, cfg.dataset.get("dir_name")),
-        "train", int(cfg.res), cfg.dataset.train_crop, cfg.dataset.image_interp, crop_source=source,
-        dtype=str(cache.get("dtype", "float16")), batch_size=int(cache.get("batch_size") or cfg.batch_size),
-        num_workers=int(cfg.num_workers), device=device, precision=net.backbone_precision,
-        data_dir=cfg.data_dir)
+        train_set, net.backbone, cache.dir, dataset_key(dataset.name, dataset.dir_name),
+        "train", settings.res, dataset.train_crop, dataset.image_interp, crop_source=source,
+        dtype=cache.dtype, batch_size=cache.batch_size, num_workers=settings.num_workers, device=device,
+        precision=net.backbone_precision, data_dir=settings.data_dir)
 
 
 class EpochSampler(DistributedSampler):
@@ -202,20 +190,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, sampler, drop_last=False)
 
 
-def build_datamodule(cfg, net=None):
+def build_datamodule(settings, net=None):
     """A :class:`SegmentationDataModule` over the configured data sets, checked and prepared.
 
     With ``cache.enabled`` the training set is replaced by the cached backbone features of the
     same images in the same order; ``net`` (whose backbone fills the cache) is then required.
     """
-    train_set, val_set = build_datasets(cfg)
-    check_probe_labels(cfg, train_set)
-    batch_size = int(cfg.batch_size)
+    train_set, val_set = build_datasets(settings)
+    check_probe_labels(settings, train_set)
+    batch_size = settings.batch_size
     if len(train_set) < batch_size:
         raise SmoosegError(f"the training set has {len(train_set)} images, fewer than batch_size="
                            f"{batch_size}; lower batch_size")
-    if cache_enabled(cfg):
+    if settings.cache.enabled:
         if net is None:
             raise ValueError("build_datamodule: cache.enabled needs the net whose backbone fills it")
-        train_set = cached_train_set(cfg, train_set, net)
-    return SegmentationDataModule(train_set, val_set, batch_size, loader_options(cfg), int(cfg.seed))
+        train_set = cached_train_set(settings, train_set, net)
+    return SegmentationDataModule(train_set, val_set, batch_size, loader_options(settings), settings.seed)

@@ -107,6 +107,13 @@ class SmooSegModule(pl.LightningModule):
     def class_names(self):
         return self.data.class_names
 
+    def on_train_start(self):
+        """The configured learning rates hold, also when a resumed run changed them
+        (``resume_changes``): a checkpoint restores the optimiser with the rates it had."""
+        rates = [self.optim_config.lr1, self.optim_config.lr2, self.optim_config.linear_lr]
+        for group, rate in zip(self.trainer.optimizers[0].param_groups, rates):
+            group["lr"] = rate
+
     def on_load_checkpoint(self, checkpoint):
         """Resuming from a checkpoint of this package's earlier layout converts it first."""
         upgrade_checkpoint(checkpoint)

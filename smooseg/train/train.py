@@ -1,35 +1,42 @@
-"""From a composed training config to a trained model: ``train(cfg)`` is what
+"""From checked training settings to a trained model: ``train(settings)`` is what
 ``train_segmentation.py`` runs; ``build_net`` / ``build_module`` / ``build_trainer`` build one
-piece each (the demo and the tests reuse them). The config layout is ``smooseg/configs/train.yaml``.
+piece each (the demo and the tests reuse them). The settings are
+:class:`smooseg.settings.TrainSettings`, every ``auto`` already resolved.
 A run ends, as the reference's does, with the final evaluation of its best checkpoint
 (``final_evaluation``, through :func:`smooseg.eval.evaluate.evaluate_jobs`).
 """
 
 import dataclasses
 import fcntl
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
+import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from smooseg import settings
-from smooseg.cli import quiet_known_noise
 from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_jobs, evaluate_jobs
 from smooseg.io import atomic_write, check_output_dir
-from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, read_checkpoint,
-                                       upgrade_checkpoint)
+from smooseg.model.checkpoints import (
+    check_state_dict,
+    is_reference_layout,
+    read_checkpoint,
+    upgrade_checkpoint,
+)
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
-from smooseg.runtime import check_accelerator, resolve_precision
-from smooseg.settings import check_settings
+from smooseg.settings import HOW_IT_RUNS, RUN_DEFINING, EvalSettings, to_yaml
 from smooseg.train import loggers
-from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
-                                     last_good_checkpoint)
+from smooseg.train.callbacks import (
+    SaveOnSigterm,
+    best_checkpoint_callback,
+    build_callbacks,
+    last_good_checkpoint,
+)
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
@@ -37,110 +44,74 @@ RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "weights_sour
 PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
-def dataset_info(cfg):
+def dataset_info(settings):
     """The :class:`DatasetInfo` of the configured data set (classes, how it is read and evaluated)."""
-    dataset = cfg.dataset
-    n_classes = n_classes_of(dataset.name, dataset.get("n_classes"), n_clusters=dataset.get("n_clusters"))
-    return DatasetInfo(n_classes, name=dataset.name,
-                       dir_name=dataset.get("dir_name"), eval_res=int(cfg.eval_res),
-                       image_interp=dataset.image_interp)
+    dataset = settings.dataset
+    n_classes = n_classes_of(dataset.name, dataset.n_classes, n_clusters=dataset.n_clusters)
+    return DatasetInfo(n_classes, name=dataset.name, dir_name=dataset.dir_name,
+                       eval_res=settings.eval_res, image_interp=dataset.image_interp)
 
 
-def build_net(cfg, n_classes):
-    """A fresh :class:`SmooSegNet` from the ``model`` keys: identity in :class:`NetConfig`, the
-    rest (weights to start from, fused attention, backbone precision) as how it runs."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+def build_net(settings, n_classes):
+    """A fresh :class:`SmooSegNet` from ``settings.model``: identity in :class:`NetConfig`, the
+    rest (weights to start from, fused attention, the resolved backbone precision) as how it runs."""
+    model = dataclasses.asdict(settings.model)
     config = NetConfig.from_dict(dict(
-        model, n_clusters=n_classes + int(cfg.extra_clusters),
-        linear_probe_classes=n_classes if cfg.get("linear_probe", False) else None))
-    runtime = {k: model[k] for k in RUNTIME_MODEL_KEYS if k in model}
-    return SmooSegNet(config, backbone_precision=backbone_precision(cfg), **runtime)
+        model, n_clusters=n_classes + settings.extra_clusters,
+        linear_probe_classes=n_classes if settings.linear_probe else None))
+    runtime = {k: model[k] for k in RUNTIME_MODEL_KEYS}
+    return SmooSegNet(config, backbone_precision=settings.perf.backbone_precision, **runtime)
 
 
-def build_module(cfg):
+def build_module(settings):
     """A fresh :class:`SmooSegModule` around :func:`build_net`, from the ``loss``, ``optim`` and
-    diagnostics keys."""
-    data = dataset_info(cfg)
-    diagnostics = diagnostic_options(cfg)
+    diagnostics settings."""
+    data = dataset_info(settings)
     return SmooSegModule(
-        build_net(cfg, data.n_classes), data,
-        loss=config_section(LossConfig, cfg, "loss"), optim=config_section(OptimConfig, cfg, "optim"),
-        mask_extra_clusters=bool(cfg.mask_extra_clusters), n_log_images=int(cfg.n_log_images),
-        hist_freq=diagnostics["hist_freq"], compile=bool((cfg.get("perf") or {}).get("compile", False)))
+        build_net(settings, data.n_classes), data,
+        loss=LossConfig(**dataclasses.asdict(settings.loss)),
+        optim=OptimConfig(**dataclasses.asdict(settings.optim)),
+        mask_extra_clusters=settings.mask_extra_clusters, n_log_images=settings.n_log_images,
+        hist_freq=settings.hist_freq, compile=settings.perf.compile)
 
 
-def config_section(cls, cfg, name):
-    """The dataclass ``cls`` from the config section ``name``; a key it does not know (added with
-    ``+name.key=...``) is a one-line error naming it."""
-    values = OmegaConf.to_container(cfg[name], resolve=True)
-    fields = [field.name for field in dataclasses.fields(cls)]
-    unknown = [key for key in values if key not in fields]
-    if unknown:
-        raise SmoosegError(f"{name}.{unknown[0]} is not one of the {name} settings ({', '.join(fields)}); "
-                           "remove it")
-    return cls(**values)
-
-
-def diagnostic_options(cfg):
-    """Module settings of the diagnostics: ``linear_probe`` (supervised) and ``hist_freq``."""
-    hist_freq = int(cfg.get("hist_freq") or 0)
-    if hist_freq < 0:
-        raise SmoosegError(f"hist_freq={hist_freq} is negative; use 0 (off) or N > 0 (histograms "
-                           "every N steps)")
-    return {"linear_probe": bool(cfg.get("linear_probe", False)), "hist_freq": hist_freq}
-
-
-def backbone_precision(cfg):
-    """``perf.backbone_precision``; ``auto`` follows a mixed trainer precision (``16-mixed`` runs the
-    frozen backbone in fp16 too, as the reference's ``precision=16`` does), else stays ``auto``."""
-    value = str((cfg.get("perf") or {}).get("backbone_precision", "auto"))
-    if value != "auto":
-        return value
-    trainer = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
-    return {"16-mixed": "16", "bf16-mixed": "bf16"}.get(trainer, "auto")
-
-
-def build_logger(cfg):
+def build_logger(settings):
     """The ``logger`` section's logger (:func:`smooseg.train.loggers.build_logger`)."""
-    section = cfg.logger
-    return loggers.build_logger(section.type, cfg.output_dir, project=section.get("project"),
-                                entity=section.get("entity"), name=section.get("name"),
-                                tags=list(section.get("tags") or ()), tracking_uri=section.get("tracking_uri"))
+    section = settings.logger
+    return loggers.build_logger(section.type, settings.output_dir, project=section.project,
+                                entity=section.entity, name=section.name, tags=list(section.tags),
+                                tracking_uri=section.tracking_uri)
 
 
-def build_trainer(cfg, callbacks=(), labelled_val=True):
-    """A Lightning Trainer: ``trainer.*`` keys are passed through (``precision: auto`` resolved);
+def build_trainer(settings, callbacks=(), labelled_val=True):
+    """A Lightning Trainer from ``settings.trainer`` (its ``extra`` arguments passed as they are);
     without ``labelled_val`` no best checkpoint is chosen (there is no validation mIoU)."""
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    options["precision"] = resolve_precision(options.get("precision", "auto"),
-                                             options.get("accelerator", "auto"))
-    accumulate = int(options.get("accumulate_grad_batches", 1))
-    quiet_known_noise()
+    trainer = settings.trainer
+    options = {k: v for k, v in dataclasses.asdict(trainer).items() if k != "extra"}
     try:
         return pl.Trainer(
-            max_steps=int(cfg.max_steps), max_epochs=-1,
-            val_check_interval=int(cfg.val_check_interval) * accumulate,
-            check_val_every_n_epoch=None, logger=build_logger(cfg),
-            callbacks=build_callbacks(cfg.output_dir, best=labelled_val) + list(callbacks),
-            default_root_dir=cfg.output_dir,
-            **options)
+            max_steps=settings.max_steps, max_epochs=-1,
+            val_check_interval=settings.val_check_interval * trainer.accumulate_grad_batches,
+            check_val_every_n_epoch=None, logger=build_logger(settings),
+            callbacks=build_callbacks(settings.output_dir, best=labelled_val) + list(callbacks),
+            default_root_dir=settings.output_dir, **options, **trainer.extra)
     except TypeError as err:
         raise SmoosegError(f"a trainer.* setting is not a Lightning Trainer argument ({err}); "
                            "fix or remove it") from None
 
 
-def resume_path(cfg, module=None):
+def resume_path(settings, module=None):
     """The checkpoint to resume from: None, ``last`` (``<output_dir>/checkpoints/last.ckpt``) or a path.
 
     With ``module`` the file is first read safely (weights-only) and checked to be a training
     checkpoint that fits the configured model, so bad files fail with one clear line.
     """
-    if cfg.ckpt_path is None:
+    if settings.ckpt_path is None:
         return None
-    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(
-        cfg.ckpt_path)
+    path = Path(settings.output_dir) / "checkpoints" / "last.ckpt" if settings.ckpt_path == "last" else Path(
+        settings.ckpt_path)
     if not path.is_file():
-        raise SmoosegError(f"ckpt_path={cfg.ckpt_path}: {path} not found; pass an existing checkpoint "
+        raise SmoosegError(f"ckpt_path={settings.ckpt_path}: {path} not found; pass an existing checkpoint "
                            "or ckpt_path=null to start afresh")
     if module is not None:
         ckpt = read_checkpoint(path)
@@ -203,42 +174,115 @@ def print_data_sizes(datamodule):
     print(f"data: {len(datamodule.train_set)} training images, {len(datamodule.val_set)} validation images")
 
 
-def save_config(cfg):
-    """Write the resolved config to ``<output_dir>/config.yaml``."""
-    path = Path(cfg.output_dir) / "config.yaml"
+def config_files(output_dir):
+    """The settings files of the run in ``output_dir``, one per segment, oldest first:
+    ``config.yaml``, then ``config.resume-<n>.yaml`` for the n-th resume."""
+    folder = Path(output_dir)
+    resumes = sorted(folder.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return [p for p in [folder / "config.yaml"] if p.is_file()] + resumes
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def changed_settings(before, after):
+    """``{key: (before, after)}`` of the settings in RUN_DEFINING that differ; ``before`` and
+    ``after`` are TrainSettings or the plain dicts of a run's settings file."""
+    def flat(settings):
+        tree = settings if isinstance(settings, dict) else yaml.safe_load(to_yaml(settings))
+        return dict(_flat(tree))
+
+    def defines_the_run(key):
+        run_key = key in RUN_DEFINING or key.startswith(tuple(f"{k}." for k in RUN_DEFINING))
+        return run_key and not key.startswith(HOW_IT_RUNS)
+
+    old, new = flat(before), flat(after)
+    return {key: (old.get(key), value) for key, value in sorted(new.items())
+            if defines_the_run(key) and old.get(key) != value}
+
+
+def check_resume_changes(settings, ckpt_path):
+    """Resuming: refuse settings that alter the run against its last segment's settings file,
+    naming each changed key, unless ``resume_changes`` (then they apply from the checkpoint's step)."""
+    if ckpt_path is None:
+        return
+    files = config_files(Path(ckpt_path).parents[1])
+    if not files:
+        return
+    changes = changed_settings(yaml.safe_load(files[-1].read_text()), settings)
+    if changes and not settings.resume_changes:
+        listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
+        raise SmoosegError(f"ckpt_path={settings.ckpt_path}: these settings differ from the run's "
+                           f"({files[-1]}) and would alter it: {listed}; resume with the run's settings, "
+                           "start a new output_dir, or pass resume_changes=true to apply them from here on")
+
+
+def save_config(settings):
+    """Write the resolved settings to ``<output_dir>/config.yaml``; a resumed run adds its
+    segment's settings as ``config.resume-<n>.yaml`` (earlier segments' files are kept)."""
+    path = Path(settings.output_dir) / "config.yaml"
+    if settings.ckpt_path is not None and path.is_file():
+        path = path.with_name(f"config.resume-{len(config_files(settings.output_dir))}.yaml")
     with atomic_write(path) as tmp:
-        Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        Path(tmp).write_text(to_yaml(settings))
     return path
 
 
-def final_eval_options(cfg):
-    """The ``final_eval`` section of ``smooseg/configs/train.yaml`` as a dict."""
-    return OmegaConf.to_container(cfg.final_eval, resolve=True)
+def open_run_log(output_dir, name="train_segmentation.log"):
+    """Also write this process's log records to ``<output_dir>/<name>`` (once the run has claimed
+    its folder, so a run that cannot start leaves no log file); returns the handler."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(Path(output_dir) / name)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+    return handler
 
 
-def check_final_eval(cfg, net):
-    """Before training: the final evaluation's ``eval_res`` crops must fit the backbone's patch grid
-    (or ``model.fit`` adapt them), so a long run does not fail at its very end."""
-    patch, fit = net.backbone.patch_size, net.backbone.fit
-    res = int(cfg.eval_res)
-    if final_eval_options(cfg)["enabled"] and fit == "error" and res % patch:
+def close_run_log(handler):
+    """Stop writing to the log file :func:`open_run_log` opened (None: nothing to close)."""
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def check_patch_grid(settings, net):
+    """Before training: the training and validation crops (``res``, ``val_res``) and the final
+    evaluation's (``eval_res``) must fit the backbone's patch grid, or ``model.fit`` adapt them, so
+    a run does not fail once its folder is written, nor a long one at its very end."""
+    patch = net.backbone.patch_size
+    if net.backbone.fit != "error":
+        return
+    fix = f"use a multiple of {patch}, or set model.fit=resize or model.fit=pad"
+    crops = [("val_res", settings.val_res, "validation's")]
+    if settings.dataset.train_crop != "none":
+        crops.insert(0, ("res", settings.res, "training"))
+    for key, res, what in crops:
+        if res % patch:
+            raise SmoosegError(f"{key}={res}: the {what} {res}x{res} crops are not a multiple of the "
+                               f"backbone patch size {patch}; {fix}")
+    res = settings.eval_res
+    if settings.final_eval.enabled and res % patch:
         raise SmoosegError(f"eval_res={res}: the final evaluation's {res}x{res} crops are not a multiple of "
-                           f"the backbone patch size {patch}; use a multiple of {patch}, set model.fit=resize "
-                           "or model.fit=pad, or final_eval.enabled=false")
+                           f"the backbone patch size {patch}; {fix}, or final_eval.enabled=false")
 
 
-def final_eval_config(cfg, checkpoint, device):
-    """The evaluation settings (the keys of ``smooseg/configs/eval.yaml``) of the final evaluation of
-    ``checkpoint``: the validation split of the training data set at ``eval_res``, centre crops, the
-    ``final_eval`` options, results in ``<output_dir>/final_eval/``."""
-    options = final_eval_options(cfg)
-    return OmegaConf.create({
-        "model_paths": [str(checkpoint)], "data_dir": cfg.data_dir, "dataset": None, "split": "val",
-        "eval_res": int(cfg.eval_res), "image_interp": None, "batch_size": int(options["batch_size"]),
-        "num_workers": int(cfg.num_workers), "crf": bool(options["crf"]), "crf_backend": options["crf_backend"],
-        "crf_workers": options["crf_workers"], "crf_timeout": 120, "flip": bool(options["flip"]),
-        "n_images": int(options["n_images"]), "report": False, "output_dir": str(cfg.output_dir),
-        "device": str(device), "precision": str(options["precision"])})
+def final_eval_settings(settings, checkpoint, device):
+    """The :class:`EvalSettings` of the final evaluation of ``checkpoint``: the validation split of
+    the training data set at ``eval_res``, centre crops, the (resolved) ``final_eval`` settings,
+    results in ``<output_dir>/final_eval/``."""
+    final = settings.final_eval
+    return EvalSettings(
+        model_paths=[str(checkpoint)], data_dir=settings.data_dir, dataset=None, split="val",
+        eval_res=settings.eval_res, image_interp=None, batch_size=final.batch_size,
+        num_workers=settings.num_workers, crf=final.crf, crf_backend=final.crf_backend,
+        crf_workers=final.crf_workers, crf_timeout=final.crf_timeout, flip=final.flip,
+        n_images=final.n_images, report=False, output_dir=str(settings.output_dir), device=str(device),
+        precision=final.precision)
 
 
 def has_labels(dataset):
@@ -247,12 +291,12 @@ def has_labels(dataset):
     return entries is None or any(entry[2] is not None for entry in entries)
 
 
-def final_evaluation(cfg, checkpoint, device, val_set):
-    """Evaluate ``checkpoint`` as ``eval_segmentation.py`` would (:func:`final_eval_config`), print
+def final_evaluation(settings, checkpoint, device, val_set):
+    """Evaluate ``checkpoint`` as ``eval_segmentation.py`` would (:func:`final_eval_settings`), print
     the per-class table and write ``<output_dir>/final_eval/metrics.json``; returns the headline
     ``{checkpoint, metrics, crf, mIoU, Accuracy}``, or None when skipped (``final_eval.enabled=false``,
     no checkpoint, or no labelled validation image)."""
-    if not final_eval_options(cfg)["enabled"]:
+    if not settings.final_eval.enabled:
         return None
     if checkpoint is None:
         print("final evaluation skipped: training wrote no checkpoint")
@@ -260,44 +304,46 @@ def final_evaluation(cfg, checkpoint, device, val_set):
     if not has_labels(val_set):
         print("final evaluation skipped: the validation images have no labels")
         return None
-    eval_cfg = final_eval_config(cfg, checkpoint, device)
-    print(f"final evaluation: the val split at {eval_cfg.eval_res}x{eval_cfg.eval_res}, flip "
-          f"{'on' if eval_cfg.flip else 'off'}, CRF {'on' if eval_cfg.crf else 'off'} (final_eval.*)")
-    ((metrics, written),) = evaluate_jobs(eval_cfg, checkpoint_jobs([checkpoint], names=["final_eval"]))
+    evaluation = final_eval_settings(settings, checkpoint, device)
+    print(f"final evaluation: the val split at {evaluation.eval_res}x{evaluation.eval_res}, flip "
+          f"{'on' if evaluation.flip else 'off'}, CRF {'on' if evaluation.crf else 'off'} (final_eval.*)")
+    ((metrics, written),) = evaluate_jobs(evaluation, checkpoint_jobs([checkpoint], names=["final_eval"]))
     return {"checkpoint": str(checkpoint), "metrics": str(written), "crf": metrics["crf"],
             "mIoU": metrics["mIoU"], "Accuracy": metrics["Accuracy"]}
 
 
-def train(cfg, callbacks=()):
+def train(settings, callbacks=()):
     """Seed, build everything, fit and evaluate the best checkpoint (else ``last.ckpt``); returns
     dict(best, last, best_mIoU, output_dir, final_eval), ``final_eval`` being
     :func:`final_evaluation`'s headline (None when skipped, and on every process but rank zero).
 
-    ``callbacks`` are extra Lightning callbacks added to the trainer's own.
+    ``settings`` are checked and resolved :class:`smooseg.settings.TrainSettings`
+    (:func:`smooseg.settings.train_settings`); ``callbacks`` are extra Lightning callbacks.
     """
-    check_settings(cfg, settings.TRAIN)
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
-    check_output_dir(cfg.output_dir, "output_dir")
-    pl.seed_everything(int(cfg.seed), workers=True)
-    module = build_module(cfg)
-    check_final_eval(cfg, module.net)
-    ckpt_path = resume_path(cfg, module)
-    datamodule = build_datamodule(cfg, module.net)
+    check_output_dir(settings.output_dir, "output_dir")
+    pl.seed_everything(settings.seed, workers=True)
+    module = build_module(settings)
+    check_patch_grid(settings, module.net)
+    ckpt_path = resume_path(settings, module)
+    check_resume_changes(settings, ckpt_path)
+    datamodule = build_datamodule(settings, module.net)
     labelled_val = has_labels(datamodule.val_set)
-    preemption = SaveOnSigterm(Path(cfg.output_dir) / "checkpoints")
-    trainer = build_trainer(cfg, [preemption, *callbacks], labelled_val=labelled_val)
-    lock = claim_output_dir(cfg) if trainer.is_global_zero else None
+    preemption = SaveOnSigterm(Path(settings.output_dir) / "checkpoints")
+    trainer = build_trainer(settings, [preemption, *callbacks], labelled_val=labelled_val)
+    lock = claim_output_dir(settings) if trainer.is_global_zero else None
+    log = open_run_log(settings.output_dir) if trainer.is_global_zero else None
     try:
-        return fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, preemption)
+        return fit_and_evaluate(settings, trainer, module, datamodule, ckpt_path, labelled_val, preemption)
     finally:
+        close_run_log(log)
         release_output_dir(lock)
 
 
-def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, preemption):
+def fit_and_evaluate(settings, trainer, module, datamodule, ckpt_path, labelled_val, preemption):
     """The part of :func:`train` that runs with ``output_dir`` claimed."""
     if trainer.is_global_zero:
-        save_config(cfg)
-        loggers.log_run(trainer.logger, cfg.output_dir, OmegaConf.to_container(cfg, resolve=True))
+        save_config(settings)
+        loggers.log_run(trainer.logger, settings.output_dir, dataclasses.asdict(settings))
         print_data_sizes(datamodule)
         if not labelled_val:
             print("no best checkpoint: the validation images have no labels, so there is no validation "
@@ -325,7 +371,7 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
         "best": (callback.best_model_path or None) if callback is not None else None,
         "last": last_good_checkpoint(trainer),
         "best_mIoU": None if score is None else float(score),
-        "output_dir": str(cfg.output_dir),
+        "output_dir": str(settings.output_dir),
         "final_eval": None,
     }
     trainer.strategy.barrier("final_eval")  # every process has finished training
@@ -333,7 +379,7 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
         if labelled_val:
             print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
         print(f"last checkpoint: {result['last']}")
-        result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
+        result["final_eval"] = final_evaluation(settings, result["best"] or result["last"],
                                                 trainer.strategy.root_device, datamodule.val_set)
         loggers.log_final_eval(trainer.logger, result["final_eval"], trainer.global_step)
     return result
