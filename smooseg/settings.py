@@ -30,6 +30,10 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from smooseg.data.transforms import CROPS
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import CRF_BACKENDS
+from smooseg.model.backbone import FEAT_TYPES
+from smooseg.model.backbones import FITS
+from smooseg.model.losses import LossConfig
+from smooseg.model.weights import WEIGHTS_SOURCES
 from smooseg.runtime import PRECISION_DTYPES, accelerator_device, lightning_precision
 
 SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything feeds
@@ -51,22 +55,30 @@ def setting(default=MISSING, *, choices=None, low=None, high=None, above=None, e
 # ---------------------------------------------------------------- sections shared by the schemas
 @dataclass
 class ModelSettings:
-    """The backbone and heads. The (arch, model_type, patch_size) triple is checked against the
-    backbone registry (:func:`smooseg.model.weights.timm_name`), not listed here."""
+    """The backbone and heads. The (arch, model_type, patch_size) triple and ``weights_data`` are
+    checked against the backbone registry (smooseg/model/backbones.py), not listed here."""
 
-    arch: str = "dino"                      # dino | dinov2
-    model_type: str = "vit_small"           # vit_small | vit_base (dinov2 also vit_large | vit_giant)
-    patch_size: int = setting(8, low=1)     # dino 8 | 16, dinov2 14
-    feat_type: str = setting("feat", choices=("feat", "KK"))  # last block (final norm) | last attention keys
+    arch: str = "dino"                      # dino | dinov2 | dinov2_reg | dinov3 (README "Weights")
+    model_type: str = "vit_small"           # vit_small | vit_base | vit_large | vit_giant | vit_small_plus |
+                                            # vit_huge_plus (which exist per arch: README "Weights")
+    patch_size: int = setting(8, low=1)     # dino 8 | 16, dinov2 and dinov2_reg 14, dinov3 16
+    feat_type: str = setting("feat", choices=FEAT_TYPES)  # last block (final norm) | last attention keys
     pretrained: bool = True                 # false: random init (testing only)
-    weights_path: Optional[str] = None      # null: torch hub cache, downloaded on first use
-    weights_url: Optional[str] = None       # null: the official release's URL
-    weights_source: str = setting("official", choices=("official", "timm"))
-    weights_data: Optional[str] = None      # the data the weights were trained on (provenance)
-    fit: str = setting("error", choices=("error", "resize", "pad"))  # H/W not a multiple of the patch
+    weights_path: Optional[str] = None      # null: the cache (torch hub; Hugging Face for
+                                            # weights_source=timm)
+    weights_url: Optional[str] = None       # a mirror of the official file, or the personal URL of a gated
+                                            # (DINOv3) release; the cached file keeps the official name
+    weights_source: str = setting("official", choices=WEIGHTS_SOURCES)  # official (Meta's release file) |
+                                            # timm (timm's copy, timm's key layout)
+    weights_data: Optional[str] = None      # null: the backbone's default release; dinov3 vit_large:
+                                            # lvd1689m | sat493m (SAT-493M brings its own input normalisation)
+    fit: Optional[str] = setting(None, choices=FITS)  # H/W not a multiple of the patch: error | resize |
+                                            # pad; null: the backbone's default (resize for dinov2, else
+                                            # error)
     fused_attn: bool = True                 # timm's fused attention kernel (same features, faster)
     dim: int = setting(64, low=1)           # code dimension D
-    projection_type: str = setting("nonlinear", choices=("nonlinear", "linear"))
+    projection_type: str = setting("nonlinear", choices=("nonlinear", "linear"))  # nonlinear (linear + MLP
+                                            # branch) | linear
     dropout: bool = True                    # Dropout2d(0.2) on the projector inputs and the smoothness signal
 
 
@@ -74,8 +86,8 @@ class ModelSettings:
 class CropSource:
     """A pre-cropped training set written by ``crop_datasets.py``."""
 
-    crop_type: str = setting("five", choices=("five", "random"))
-    ratio: float = setting(0.5, above=0.0, high=1.0)
+    crop_type: str = setting("five", choices=("five", "random"))  # five | random
+    ratio: float = setting(0.5, above=0.0, high=1.0)  # crop side = ratio x each image side
 
 
 @dataclass
@@ -86,21 +98,11 @@ class DatasetSettings:
     n_classes: Optional[int] = setting(None, low=1)   # directory sets with labels: the number of classes
     n_clusters: Optional[int] = setting(None, low=1)  # directory sets without labels: clusters to find
     dir_name: Optional[str] = None          # directory sets: <data_dir>/<dir_name> (null: data_dir)
-    train_crop: str = setting("center", choices=CROPS)
+    train_crop: str = setting("center", choices=CROPS)  # training crops: center | random | none
     train_crop_source: Any = setting(None, section=CropSource)  # a CropSource; null: the raw images
-    image_interp: str = setting("nearest", choices=("nearest", "bilinear"))
+    image_interp: str = setting("nearest", choices=("nearest", "bilinear"))  # image resizing: nearest
+                                            # (reference quirk) | bilinear
     train_unlabelled: bool = False          # potsdam: also the unlabelled tiles
-
-
-@dataclass
-class LossSettings:
-    """The loss (docs/method.md section 4) and the teacher's EMA decay (section 3)."""
-
-    temperature: float = setting(0.1, above=0.0)
-    ema_alpha: float = setting(0.998, low=0.0, high=1.0)
-    pos_intra_shift: float = -0.02
-    neg_inter_shift: float = 0.5
-    pointwise: bool = True
 
 
 @dataclass
@@ -136,14 +138,14 @@ class FinalEvalSettings:
     """When training ends: the best checkpoint (else last.ckpt) evaluated as eval_segmentation.py
     would (val split, eval_res, centre crops) into ``<output_dir>/final_eval/metrics.json``."""
 
-    enabled: bool = True
+    enabled: bool = True                      # false: no evaluation when training ends
     crf: bool = False                       # true: dense CRF on top (the headline is then after it)
     crf_backend: str = setting("auto", choices=CRF_BACKENDS)  # auto: torch on a CUDA GPU, else pydensecrf
     crf_workers: Any = setting("auto", low=0)  # pydensecrf processes: auto (one per core) | 0 | n
     crf_timeout: float = setting(120.0, above=0.0)  # seconds without any CRF job finishing
     flip: bool = True                       # horizontal-flip averaging
     n_images: int = setting(0, low=0)       # example pictures saved next to metrics.json
-    batch_size: int = setting(8, low=1)
+    batch_size: int = setting(8, low=1)       # images per evaluation batch
     precision: str = setting("32", choices=PRECISIONS)  # autocast of the evaluation pass
 
 
@@ -163,13 +165,13 @@ class TrainerSettings:
     accelerator: str = "auto"               # auto (gpu when CUDA is there, else cpu) | cpu | gpu | ...
     devices: Any = 1                        # n | -1 (all) | auto | [0, 1]
     num_nodes: int = setting(1, low=1)
-    strategy: str = "auto"
+    strategy: str = "auto"                    # auto | ddp | ... (trainer=ddp sets it)
     precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16-mixed on bf16 GPUs, 16-mixed on
                                             # other GPUs, 32-true on CPU
     accumulate_grad_batches: int = setting(1, low=1)
-    log_every_n_steps: int = setting(10, low=1)
+    log_every_n_steps: int = setting(10, low=1)  # scalars logged every N steps
     num_sanity_val_steps: int = setting(2, low=-1)
-    deterministic: bool = False
+    deterministic: bool = False               # deterministic algorithms (slower)
     enable_progress_bar: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -178,12 +180,13 @@ class TrainerSettings:
 class LoggerSettings:
     """Where training logs its scalars and pictures (``logger`` group); ``none`` logs nowhere."""
 
-    type: str = setting("tensorboard", choices=LOGGERS)
-    project: Optional[str] = None
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    tracking_uri: Optional[str] = None
+    type: str = setting("tensorboard", choices=LOGGERS)  # tensorboard | csv | wandb | mlflow | none
+    project: Optional[str] = None             # W&B / MLflow project (null: smooseg)
+    entity: Optional[str] = None              # W&B team or user
+    name: Optional[str] = None                # run name (null: the run folder's name)
+    tags: List[str] = field(default_factory=list)  # run tags
+    tracking_uri: Optional[str] = None        # MLflow server (null: MLFLOW_TRACKING_URI, else
+                                            # <output_dir>/mlruns)
 
 
 def trainer_defaults():
@@ -197,19 +200,20 @@ class TrainSettings:
     """train_segmentation.py (``smooseg/configs/train.yaml`` composes the groups on top)."""
 
     data_dir: str = "${oc.env:SMOOSEG_DATA,data}"   # holds cityscapes/, cocostuff/, potsdam/, cropped/
-    output_dir: str = "outputs/train/${dataset.name}_${now:%Y-%m-%d_%H-%M-%S}"
-    seed: int = setting(0, low=0, high=SEED_MAX)
+    output_dir: str = "outputs/train/${dataset.name}_${now:%Y-%m-%d_%H-%M-%S}"  # the run's folder:
+                                            # checkpoints, logs, config.yaml, final_eval/
+    seed: int = setting(0, low=0, high=SEED_MAX)  # seeds torch, numpy, random and the data loader workers
     res: int = setting(224, low=1)          # training crop size
     val_res: int = setting("${res}", low=1)  # validation during training: centre crops at this size
     eval_res: int = setting(320, low=1)     # the final evaluation's resolution, recorded in checkpoints
-    batch_size: int = setting(32, low=1)
+    batch_size: int = setting(32, low=1)      # images per training batch (per process under DDP)
     num_workers: int = setting(4, low=0)    # DataLoader worker processes
-    max_steps: int = setting(3000, low=1)
+    max_steps: int = setting(3000, low=1)     # optimiser steps
     val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
     ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
     resume_changes: bool = False            # resume with settings that alter the run (RUN_DEFINING) changed:
                                             # apply them from the checkpoint's step on, instead of refusing
-    extra_clusters: int = setting(0, low=0)
+    extra_clusters: int = setting(0, low=0)   # clusters beyond the number of classes
     mask_extra_clusters: bool = False       # reference quirk: drop pixels predicted as extra clusters
     n_log_images: int = setting(4, low=0)   # validation images drawn to TensorBoard
     linear_probe: bool = False              # supervised diagnostic (docs/shift_tuning.md)
@@ -220,7 +224,7 @@ class TrainSettings:
                                             # +trainer.<arg>=... adds any Lightning argument);
                                             # train_settings makes it a TrainerSettings
     logger: LoggerSettings = field(default_factory=LoggerSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimSettings = field(default_factory=OptimSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -233,13 +237,14 @@ class EvalSettings:
     """eval_segmentation.py."""
 
     model_paths: Any = setting(each=str)    # checkpoints or glob patterns (required)
-    data_dir: str = "${oc.env:SMOOSEG_DATA,data}"
+    data_dir: str = "${oc.env:SMOOSEG_DATA,data}"  # folder holding cityscapes/, cocostuff/, potsdam/,
+                                            # cropped/
     dataset: Optional[DatasetSettings] = None  # null: the checkpoint's data set
-    split: str = "val"
+    split: str = "val"                        # the split evaluated
     eval_res: Optional[int] = setting(None, low=1)  # null: the checkpoint's evaluation resolution
     image_interp: Optional[str] = setting(None, choices=("nearest", "bilinear"))  # null: as in training
-    batch_size: int = setting(8, low=1)
-    num_workers: int = setting(2, low=0)
+    batch_size: int = setting(8, low=1)       # images per batch
+    num_workers: int = setting(2, low=0)      # DataLoader worker processes
     crf: bool = True                        # dense CRF on top (metrics without it are reported too)
     crf_backend: str = setting("auto", choices=CRF_BACKENDS)  # auto: torch on a CUDA GPU, else pydensecrf
     crf_workers: Any = setting("auto", low=0)  # pydensecrf processes: auto (one per core, at most 32) | n
@@ -247,9 +252,11 @@ class EvalSettings:
     flip: bool = True                       # horizontal-flip averaging
     n_images: int = setting(8, low=0)       # pictures saved for the first n images
     report: bool = False                    # also per_class_iou.png, confusion.png and examples.png
-    output_dir: str = "outputs/eval"
+    output_dir: str = "outputs/eval"          # one folder per checkpoint: <stem>-<sha256[:10]>/, and
+                                            # summary.json
     device: str = "auto"                    # auto | cpu | cuda | cuda:1
-    precision: str = setting("32", choices=PRECISIONS)
+    precision: str = setting("32", choices=PRECISIONS)  # 32 | bf16-mixed | 16-mixed (autocast of the
+                                            # evaluation pass)
 
 
 @dataclass
@@ -258,26 +265,28 @@ class SegmentSettings:
 
     model_path: str = MISSING               # a checkpoint (this package's or the reference release's)
     input_dir: str = MISSING                # folder of images
-    output_dir: str = "outputs/segment"
+    output_dir: str = "outputs/segment"       # pictures go here, one set per image, named after it
     recursive: bool = False                 # also images in subfolders (mirrored in output_dir)
-    mode: str = setting("resize", choices=("resize", "window"))
+    mode: str = setting("resize", choices=("resize", "window"))  # resize: shorter side -> size, prediction
+                                            # upsampled back | window: sliding windows
     size: int = setting(320, low=1)         # resize: shorter side fed to the network; window: window side
     stride: Optional[int] = setting(None, low=1)  # window step in pixels (null: size // 2)
     batch_size: int = setting(8, low=1)     # windows per forward pass (window mode)
-    flip: bool = True
-    crf: bool = False
-    crf_backend: str = setting("auto", choices=CRF_BACKENDS)
+    flip: bool = True                         # horizontal-flip averaging
+    crf: bool = False                         # dense CRF refinement
+    crf_backend: str = setting("auto", choices=CRF_BACKENDS)  # auto (torch on a CUDA GPU, pydensecrf on a
+                                            # CPU) | pydensecrf | torch
     crf_workers: Any = setting(0, low=0)    # pydensecrf processes: 0 (in-process) | n | auto
-    crf_timeout: float = setting(120.0, above=0.0)
+    crf_timeout: float = setting(120.0, above=0.0)  # seconds without any CRF job finishing before giving up
     crf_max_pixels: int = setting(4_000_000, low=1)  # larger images are refined at this many pixels
     crf_max_memory: Any = "auto"            # auto (the memory available now) | bytes | 8GB
     save_ids: bool = False                  # also the raw cluster ids (<stem>_ids.png)
     metrics_json: Optional[str] = None      # metrics.json of an evaluation: colour by class, legend
     alpha: float = setting(0.5, low=0.0, high=1.0)  # mask opacity in the overlay
     skip_bad: bool = False                  # skip unreadable images with a warning
-    progress: bool = True
-    device: str = "auto"
-    precision: str = setting("32", choices=PRECISIONS)
+    progress: bool = True                     # progress bar
+    device: str = "auto"                      # auto | cpu | cuda | cuda:1
+    precision: str = setting("32", choices=PRECISIONS)  # 32 | bf16-mixed | 16-mixed (autocast of the network)
 
 
 @dataclass
@@ -287,8 +296,9 @@ class CropSettings:
     data_dir: str = "data"                  # folder holding cityscapes/, cocostuff/, potsdam/, <dir_name>/
     datasets: Any = setting(factory=lambda: ["cityscapes", "cocostuff27"], each=str)  # any data set name
                                             # (one module each in smooseg/data/sets/)
-    splits: Any = setting(factory=lambda: ["train"], each=str)
-    crop_types: Any = setting(factory=lambda: ["five"], each=("five", "random"))
+    splits: Any = setting(factory=lambda: ["train"], each=str)  # the splits to crop
+    crop_types: Any = setting(factory=lambda: ["five"], each=("five", "random"))  # five (4 corners + centre)
+                                            # and/or random (5 seeded crops)
     crop_ratio: float = setting(0.5, above=0.0, high=1.0)  # crop side = crop_ratio x each image side
     seed: int = setting(0, low=0, high=SEED_MAX)  # random crops of an image depend only on (seed, its name)
     num_workers: int = setting(4, low=0)    # worker processes (0 = in-process)
@@ -296,22 +306,23 @@ class CropSettings:
     dir_dataset_name: Optional[str] = None  # directory data set: folder <data_dir>/<dir_dataset_name>
     dir_dataset_n_classes: Optional[int] = setting(None, low=1)  # directory data set: number of classes
                                             # (without labels: the clusters)
-    progress: bool = True
+    progress: bool = True                     # progress bar
 
 
 @dataclass
 class DownloadSettings:
     """download_datasets.py."""
 
-    data_dir: str = "data"
+    data_dir: str = "data"                    # folder the data sets are extracted into
     datasets: Any = setting(factory=lambda: ["cityscapes", "cocostuff", "potsdam", "potsdamraw"], each=str)
                                             # archive names, or data set names (their archives)
-    base_url: str = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/"
+    base_url: str = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/"  # where
+                                            # <name>.zip is hosted; point it at a mirror when the host moved
     keep_archive: bool = False              # keep <name>.zip after extraction
     sizes: Dict[str, int] = field(default_factory=dict)  # expected archive sizes in bytes
     sha256: Dict[str, str] = field(default_factory=dict)  # archive checksums
     timeout: float = setting(60.0, above=0.0)  # seconds without data before a connection counts as failed
-    progress: bool = True
+    progress: bool = True                     # progress bar
 
 
 # The training settings whose change alters a run (a resume compares them with the run's last
@@ -567,22 +578,23 @@ class _TrainerRoot:
 
 
 def check_model(model):
-    """The backbone triple must be one the backbone registry knows."""
-    from smooseg.model.weights import timm_name
+    """The backbone triple must be one the backbone registry knows, and ``weights_data`` one of its
+    releases."""
+    from smooseg.model.backbones import backbone_spec
 
     try:
-        timm_name(model.arch, model.model_type, model.patch_size)
+        spec = backbone_spec(model.arch, model.model_type, model.patch_size)
     except SmoosegError as err:
         raise SmoosegError(f"{err}; set model.arch, model.model_type and model.patch_size, or choose a "
                            "model=<preset>") from None
+    spec.release(model.weights_data)
 
 
 def check_dataset(dataset):
     """The data set name must be one the data set registry knows (directory sets need a count)."""
     from smooseg.data.datasets import n_classes_of
 
-    count = dataset.n_classes if dataset.n_classes is not None else dataset.n_clusters
-    n_classes_of(dataset.name, count)
+    n_classes_of(dataset.name, dataset.n_classes, n_clusters=dataset.n_clusters)
 
 
 def train_settings(cfg):

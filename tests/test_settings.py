@@ -184,7 +184,7 @@ def test_a_null_section_is_typed_when_set_whole():
 def test_the_library_gets_dataclasses_not_hydra_configs():
     settings = train_settings(["experiment=demo"])
     assert isinstance(settings, S.TrainSettings) and isinstance(settings.trainer, S.TrainerSettings)
-    assert isinstance(settings.loss, S.LossSettings) and not OmegaConf.is_config(settings.model)
+    assert isinstance(settings.loss, S.LossConfig) and not OmegaConf.is_config(settings.model)
 
 
 def test_defaults_live_in_the_schema_only():

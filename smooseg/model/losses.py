@@ -37,17 +37,19 @@ def method_weights():
     return {"intra": 1.0, "inter": 1.0, "data": 1.0}
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossConfig:
     """The loss settings (docs/method.md section 4), the teacher's EMA decay (section 3) and the
-    weight of each registered term (a term left out, or weighted 0, is not computed)."""
+    weight of each registered term (a term left out, or weighted 0, is not computed). Each field's
+    metadata is its allowed range, which the settings check (smooseg/settings.py)."""
 
-    temperature: float = 0.1
-    ema_alpha: float = 0.998
-    pos_intra_shift: float = -0.02
-    neg_inter_shift: float = 0.5
-    pointwise: bool = True
-    weights: Dict[str, float] = field(default_factory=method_weights)
+    temperature: float = field(default=0.1, metadata={"above": 0.0})  # τ of the soft assignments
+    ema_alpha: float = field(default=0.998, metadata={"low": 0.0, "high": 1.0})  # teacher EMA decay α
+    pos_intra_shift: float = -0.02          # shift of the intra-image smoothness term
+    neg_inter_shift: float = 0.5            # shift of the inter-image smoothness term
+    pointwise: bool = True                  # pointwise centring of the feature correlation
+    weights: Dict[str, float] = field(default_factory=method_weights)  # term name -> weight
+                                            # ('+loss.weights.<term>=w' adds a registered term)
 
     def __post_init__(self):
         unknown = [name for name in self.weights if name not in LOSS_TERMS]

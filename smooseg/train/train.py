@@ -27,7 +27,6 @@ from smooseg.model.checkpoints import (
     read_checkpoint,
     upgrade_checkpoint,
 )
-from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.settings import HOW_IT_RUNS, RUN_DEFINING, EvalSettings, to_yaml
 from smooseg.train import loggers
@@ -69,7 +68,7 @@ def build_module(settings):
     data = dataset_info(settings)
     return SmooSegModule(
         build_net(settings, data.n_classes), data,
-        loss=LossConfig(**dataclasses.asdict(settings.loss)),
+        loss=settings.loss,
         optim=OptimConfig(**dataclasses.asdict(settings.optim)),
         mask_extra_clusters=settings.mask_extra_clusters, n_log_images=settings.n_log_images,
         hist_freq=settings.hist_freq, compile=settings.perf.compile)
