@@ -145,3 +145,20 @@ def test_unlabelled_validation_set_keeps_last_and_says_why_no_best(tmp_path):
     assert proc.stdout.count("no best checkpoint: the validation images have no labels") == 1
     assert not [line for line in proc.stdout.splitlines() if line.startswith("best checkpoint:")]
     assert f"last checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in proc.stdout
+
+
+@pytest.mark.parametrize("kept,mark", [(("config.yaml",), "config.yaml"),
+                                       (("checkpoints/best-step2-mIoU1.00.ckpt",), "checkpoints/best-step2"),
+                                       (("final_eval/metrics.json",), "final_eval")])
+def test_a_run_whose_last_checkpoint_is_gone_is_still_a_run(data, tmp_path, kept, mark):
+    out = tmp_path / "out"
+    for name in kept:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("kept")
+    proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}", "max_steps=2",
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = errors(proc.stderr)
+    assert f"output_dir={out} already holds a run ({mark}" in line and "another output_dir" in line
+    assert "ckpt_path=last" not in line  # there is no last.ckpt to resume from
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == list(kept)

@@ -155,22 +155,34 @@ def resume_path(cfg, module=None):
     return str(path)
 
 
+def run_marks(folder):
+    """What in ``folder`` shows that a training run wrote there (relative paths, empty when none):
+    ``config.yaml`` (written first), any checkpoint under ``checkpoints/`` and ``final_eval/``.
+    A run whose ``last.ckpt`` was deleted is still a run: its config, best checkpoints and
+    results would be mixed with another's."""
+    folder = Path(folder)
+    found = [folder / "config.yaml", *sorted((folder / "checkpoints").glob("*.ckpt")), folder / "final_eval"]
+    return [path.relative_to(folder).as_posix() for path in found if path.exists()]
+
+
 def claim_output_dir(cfg):
     """Make ``output_dir`` this run's own before anything is written to it, and return the open
     lock (close it when the run ends; :func:`release_output_dir`).
 
-    A folder holding a run (``checkpoints/last.ckpt``) is refused unless this run resumes
-    (``ckpt_path`` set), and ``<output_dir>/.lock`` is held (``flock``) for the run's life, so a
-    second training into the same folder stops at once. The kernel drops the lock when its process
-    dies, however it dies, so a killed run never blocks its folder. Call it on rank zero only.
+    A folder holding a run (:func:`run_marks`) is refused unless this run resumes (``ckpt_path``
+    set), and ``<output_dir>/.lock`` is held (``flock``) for the run's life, so a second training
+    into the same folder stops at once. The kernel drops the lock when its process dies, however
+    it dies, so a killed run never blocks its folder. Call it on rank zero only.
     """
     folder = Path(cfg.output_dir)
-    last = folder / "checkpoints" / "last.ckpt"
 
     def check_no_run():
-        if cfg.ckpt_path is None and last.is_file():
-            raise SmoosegError(f"output_dir={folder} already holds a run ({last}); resume it with "
-                               "ckpt_path=last, or choose another output_dir")
+        marks = run_marks(folder) if cfg.ckpt_path is None else []
+        if marks:
+            resume = ("resume it with ckpt_path=last, " if (folder / "checkpoints" / "last.ckpt").is_file()
+                      else "")
+            raise SmoosegError(f"output_dir={folder} already holds a run ({', '.join(marks[:3])}); "
+                               f"{resume}choose another output_dir, or remove the folder to start afresh")
 
     check_no_run()
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +197,7 @@ def claim_output_dir(cfg):
                            f"{lock}); choose another output_dir, or when it has ended resume it with "
                            "ckpt_path=last") from None
     try:
-        check_no_run()  # a run that held the lock until just now may have written last.ckpt
+        check_no_run()  # a run that held the lock until just now may have written its files
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
     except BaseException:
