@@ -126,18 +126,31 @@ class SaveOnSigterm(Callback):
     with ``ckpt_path=last`` like any other) onto ``last.ckpt``, atomically
     (:class:`AtomicCheckpointIO`), so a second signal never leaves half a file. ``saved`` /
     ``step`` say what was written (None when nothing was).
+
+    A signal noted on an epoch's last batch is saved at once, in ``on_train_batch_end``: Lightning
+    2.6 would stop between that batch and the epoch's end, and its loops, restored from there,
+    start the next epoch with the old epoch's batch count (the resumed run then trains other
+    batches); a checkpoint written at a batch's end is one its loops restore exactly.
     """
 
     def __init__(self, dirpath):
         self.dirpath = Path(dirpath)
         self.saved, self.step = None, None
 
-    def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
-            return
+    def save(self, trainer):
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # every process takes part; rank zero writes
         self.saved, self.step = path, trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.received_sigterm and batch_idx + 1 >= trainer.num_training_batches:
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if (not isinstance(exception, SIGTERMException) or trainer.global_step == 0
+                or self.step == trainer.global_step):
+            return
+        self.save(trainer)
 
 
 def build_callbacks(output_dir, best=True):
