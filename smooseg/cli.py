@@ -3,10 +3,8 @@ unknown key answered with the key that was meant)."""
 
 import difflib
 import functools
-import logging
 import re
 import sys
-import warnings
 
 from hydra.experimental.callback import Callback
 from omegaconf.errors import MissingMandatoryValue
@@ -58,36 +56,6 @@ def one_line(message):
     if len(lines) > 1 and "Original Traceback" in str(message):
         return lines[-1].split("SmoosegError: ", 1)[-1]
     return " ".join(lines)
-
-
-# Library output that every run would print and that asks nothing of the user: deprecations inside
-# the libraries, advertisements, and notes on choices this project makes on purpose.
-KNOWN_WARNINGS = (
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.9 (_pytree)
-    r"Found \d+ module\(s\) in eval mode",  # the frozen ViT is in eval mode on purpose (docs/method.md §1)
-    # steps are counted across epochs (max_epochs=-1): logging does happen every log_every_n_steps
-    r"The number of training batches \(\d+\) is smaller than the logging interval",
-    # a resumed run writes into its own checkpoints/ (a new run into a used folder is refused first)
-    r"Checkpoint directory .* exists and is not empty",
-)
-KNOWN_LOG_LINES = ("💡 Tip:",)  # Lightning's litlogger / litmodels advertisements
-
-
-class _DropKnownLines(logging.Filter):
-    def filter(self, record):
-        message = str(record.msg)
-        return not any(line in message for line in KNOWN_LOG_LINES)
-
-
-def quiet_known_noise():
-    """Silence, in this process, the library messages in ``KNOWN_WARNINGS`` / ``KNOWN_LOG_LINES``
-    (the one place they are listed); any other warning still shows."""
-    for pattern in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
-            logger.addFilter(_DropKnownLines())
 
 
 def report_errors(task):

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from smooseg.io import atomic_write
+from smooseg.train.progress import StepProgress
 
 # No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
 BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
@@ -153,9 +154,10 @@ class SaveOnSigterm(Callback):
         self.save(trainer)
 
 
-def build_callbacks(output_dir, best=True):
+def build_callbacks(output_dir, best=True, progress=True):
     """Best-by-validation-mIoU checkpoint (unless not ``best``: a validation set without labels
-    has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
+    has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``, and with
+    ``progress`` (``trainer.enable_progress_bar``) the progress in steps (:class:`StepProgress`).
 
     Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
     The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`), and every
@@ -167,7 +169,7 @@ def build_callbacks(output_dir, best=True):
         monitor="val/cluster/mIoU", mode="max", save_top_k=1,
         auto_insert_metric_name=False, enable_version_counter=False)] if best else []
     return [AtomicCheckpoints(), *chosen, LastCheckpoint(folder), RandomStateCheckpoint(),
-            ValidateAtMaxSteps()]
+            ValidateAtMaxSteps(), *([StepProgress()] if progress else [])]
 
 
 def best_checkpoint_callback(trainer):

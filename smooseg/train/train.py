@@ -17,24 +17,24 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from smooseg import settings
-from smooseg.cli import quiet_known_noise
 from smooseg.data.datasets import DatasetInfo, n_classes_of
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_jobs, evaluate_jobs
 from smooseg.io import atomic_write, check_output_dir
+from smooseg.logs import quiet_known_noise
 from smooseg.model.checkpoints import (check_state_dict, is_reference_layout, read_checkpoint,
                                        upgrade_checkpoint)
 from smooseg.model.losses import LossConfig
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.runtime import check_accelerator, resolve_precision
 from smooseg.settings import check_settings
+from smooseg.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from smooseg.train.callbacks import (SaveOnSigterm, best_checkpoint_callback, build_callbacks,
                                      last_good_checkpoint)
 from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
 RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "fused_attn")
-PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
 def dataset_info(cfg):
@@ -123,7 +123,8 @@ def build_trainer(cfg, callbacks=(), labelled_val=True):
             max_steps=int(cfg.max_steps), max_epochs=-1,
             val_check_interval=int(cfg.val_check_interval) * accumulate,
             check_val_every_n_epoch=None, logger=build_logger(cfg),
-            callbacks=build_callbacks(cfg.output_dir, best=labelled_val) + list(callbacks),
+            callbacks=build_callbacks(cfg.output_dir, best=labelled_val,
+                                      progress=options.get("enable_progress_bar", True)) + list(callbacks),
             default_root_dir=cfg.output_dir,
             **options)
     except TypeError as err:
@@ -331,7 +332,11 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
                       "continue with ckpt_path=last", flush=True)
             else:
                 print("stopped by SIGTERM before training began: nothing saved", flush=True)
-        raise SystemExit(PREEMPTED_STATUS) from None
+        raise SystemExit(TERMINATED_STATUS) from None
+    except SystemExit as stop:  # Lightning answers Ctrl-C (the whole process group) with exit(1)
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # the entry point's one line and status 130
+        raise
     callback = best_checkpoint_callback(trainer)
     score = None if callback is None else callback.best_model_score
     result = {
@@ -344,8 +349,15 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
     trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
         if labelled_val:
-            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
+            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']:.2f})")
         print(f"last checkpoint: {result['last']}")
-        result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
-                                                trainer.strategy.root_device, datamodule.val_set)
+        try:
+            with sigterm_raises():
+                result["final_eval"] = final_evaluation(cfg, result["best"] or result["last"],
+                                                        trainer.strategy.root_device, datamodule.val_set)
+        except Terminated:
+            print(f"stopped by SIGTERM during the final evaluation: training is complete "
+                  f"({result['best'] or result['last']}); evaluate it with eval_segmentation.py "
+                  f"model_paths=[{result['best'] or result['last']}]", flush=True)
+            raise SystemExit(TERMINATED_STATUS) from None
     return result
