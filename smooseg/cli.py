@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf.errors import MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
+from smooseg.signals import TERMINATED_STATUS, Terminated
 
 # Hydra's own command-line flags, passed through untouched.
 _HYDRA_FLAGS = {
@@ -62,7 +63,8 @@ def report_errors(task):
     """Wrap a Hydra task so a user error prints one line on stderr and exits with status 2.
 
     User errors are SmoosegError and a required config value left unset (``???``); Ctrl-C ends
-    with ``error: interrupted`` and status 130.
+    with ``error: interrupted`` and status 130, a SIGTERM turned into :class:`Terminated` with
+    its line and status 143.
     """
 
     @functools.wraps(task)
@@ -76,6 +78,9 @@ def report_errors(task):
             key = err.full_key or "a config key"
             print(f"error: config key '{key}' is required but not set; pass {key}=...", file=sys.stderr)
             sys.exit(2)
+        except Terminated as err:  # SIGTERM where an entry point turned it into an exception
+            print(f"error: {one_line(err) or 'stopped by SIGTERM'}", file=sys.stderr)
+            sys.exit(TERMINATED_STATUS)
         except KeyboardInterrupt:  # Ctrl-C: the CRF pool has already shut its workers down
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)

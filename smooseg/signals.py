@@ -30,3 +30,15 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_terminated(signum, frame):
+    raise SystemExit(TERMINATED_STATUS)
+
+
+def worker_signals():
+    """In a worker process: SIGTERM ends it quietly (SystemExit, so its ``finally`` blocks and
+    temporary files are cleaned up; no traceback, no BrokenPipeError from a parent already gone)
+    and Ctrl-C is left to the parent (SIGINT ignored: it reaches the whole process group)."""
+    signal.signal(signal.SIGTERM, _exit_terminated)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

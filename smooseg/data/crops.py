@@ -29,6 +29,7 @@ from smooseg.data.datasets import (CROP_RECORD, CROP_RECORD_FORMAT, _numbered, b
                                    dataset_key, n_classes_of, read_crop_record)
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
+from smooseg.signals import Terminated, sigterm_raises, worker_signals
 
 CROP_TYPES = ("five", "random")
 CROPS_PER_IMAGE = 5
@@ -163,7 +164,9 @@ def finish_record(folder, split, n_images, settings):
 _JOB = {}
 
 
-def _init_worker(job):
+def _init_worker(job, worker=True):
+    if worker:
+        worker_signals()
     _JOB.update(job)
 
 
@@ -194,17 +197,21 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
                ratio=float(ratio), seed=int(seed), jpeg_quality=int(jpeg_quality))
     bar = tqdm(total=len(dataset), desc=f"{folder.name}/{split}", unit="img", disable=not progress)
     written = 0
-    with bar:
-        if num_workers and num_workers > 0:
-            with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
-                for count in pool.imap_unordered(_work, range(len(dataset)), chunksize=4):
-                    written += count
+    try:
+        with bar, sigterm_raises():
+            if num_workers and num_workers > 0:
+                with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
+                    for count in pool.imap_unordered(_work, range(len(dataset)), chunksize=4):
+                        written += count
+                        bar.update()
+            else:
+                _init_worker(job, worker=False)
+                for index in range(len(dataset)):
+                    written += _work(index)
                     bar.update()
-        else:
-            _init_worker(job)
-            for index in range(len(dataset)):
-                written += _work(index)
-                bar.update()
+    except Terminated:  # the pool's workers are terminated and joined by now
+        raise Terminated(f"stopped by SIGTERM: the finished crops of {folder} are kept; run the same "
+                         "command again to finish the set") from None
     finish_record(folder, split, len(dataset), settings)
     return {"written": written, "images": len(dataset)}
 
