@@ -20,10 +20,11 @@ from smooseg.cli import prepare_argv, report_errors
 @hydra.main(config_path="smooseg/configs", config_name="train", version_base="1.3")
 @report_errors
 def main(cfg):
-    from smooseg.sweep import job_output_dir
+    from smooseg.sweep import continue_run, job_output_dir
     from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
-    return train(job_output_dir(cfg))
+    cfg = continue_run(job_output_dir(cfg))
+    return None if cfg is None else train(cfg)
 
 
 if __name__ == "__main__":

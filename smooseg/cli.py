@@ -312,12 +312,16 @@ def sweep_problem(config):
 
 class CheckSweep(Callback):
     """Hydra callback (``hydra.callbacks`` in ``smooseg/configs/train.yaml``): a multirun that cannot work
-    (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``) stops with one ``error:`` line
-    before the sweep folder is made (Hydra composes each job's config only when it launches it).
+    (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``, or a job whose settings are bad,
+    :func:`smooseg.sweep.job_problem`, e.g. ``-m optim.lr1=1e-4,-1``) stops with one ``error:``
+    line before the sweep folder is made and before any job runs (Hydra composes each job's
+    config only when it launches it).
     """
 
     def on_multirun_start(self, config, **kwargs):
-        problem = sweep_problem(config)
+        from smooseg.sweep import job_problem
+
+        problem = sweep_problem(config) or job_problem(config)
         if problem is not None:
             # Hydra turns a callback's exceptions into warnings: stop here, as report_errors does
             print(f"error: {problem}", file=sys.stderr)

@@ -185,18 +185,26 @@ def claim_output_dir(cfg):
             raise SmoosegError(f"output_dir={folder} already holds a run ({', '.join(marks[:3])}); "
                                f"{resume}choose another output_dir, or remove the folder to start afresh")
 
+    lock = folder / ".lock"
+
+    def take_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SmoosegError(f"output_dir={folder} is being written by a running training (process "
+                               f"{owner}, {lock}); choose another output_dir, or when it has ended resume it "
+                               "with ckpt_path=last") from None
+
+    if lock.is_file():  # a running training is named as such, before what its folder holds
+        probe = os.open(lock, os.O_RDWR)
+        take_lock(probe)
+        os.close(probe)  # free again: taken for good below, once the folder is known to be free
     check_no_run()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SmoosegError(f"output_dir={folder} is being written by a running training (process {owner}, "
-                           f"{lock}); choose another output_dir, or when it has ended resume it with "
-                           "ckpt_path=last") from None
+    take_lock(fd)
     try:
         check_no_run()  # a run that held the lock until just now may have written its files
         os.ftruncate(fd, 0)
