@@ -109,15 +109,16 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 READ_ONLY = (errno.EROFS,)
 
 
-def disk_error(err, folder):
-    """The one-line SmoosegError for ``err`` when it says ``folder`` is full or read-only, else None."""
+def disk_error(err, folder, left="nothing was half-written"):
+    """The one-line SmoosegError for ``err`` when it says ``folder`` is full or read-only, else
+    None; ``left`` says what the failed write left behind."""
     code = getattr(err, "errno", None)
     if code in DISK_FULL:
         return SmoosegError(f"no space left in {folder} ({_reason(err)}): free space there (or raise "
-                            "your quota), or write to another folder; nothing was half-written")
+                            f"your quota), or write to another folder; {left}")
     if code in READ_ONLY:
         return SmoosegError(f"{folder} is on a read-only file system: write to another folder (a "
-                            "different output_dir / data_dir / cache.dir)")
+                            f"different output_dir / data_dir / cache.dir); {left}")
     return None
 
 

@@ -147,3 +147,64 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_old_one(tmp_path):
         assert state == {"step": 1} or state["w"].shape == (4_000_000,)
         for leftover in [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:
             leftover.unlink()  # SIGKILL cannot clean up: a hidden temporary file may remain, never last.ckpt
+
+
+def one_error(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_full_disk_while_extracting_leaves_no_partial_copy(tmpfs, tmp_path):
+    import zipfile
+
+    disk = tmpfs("3m")
+    with zipfile.ZipFile(disk / "cityscapes.zip", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("cityscapes/leftImg8bit/train/a.bin", os.urandom(2 * 1024 * 1024))
+    proc = run_script("download_datasets.py", f"data_dir={disk}", "base_url=http://127.0.0.1:9/",
+                      "datasets=[cityscapes]", "progress=false", check=False)
+    line = one_error(proc)
+    assert line.startswith(f"error: no space left in {disk}") and ".cityscapes.extracting was removed" in line
+    assert sorted(os.listdir(disk)) == ["cityscapes.zip"]
+
+
+def test_full_disk_while_downloading_keeps_the_part_to_resume(tmpfs, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload = os.urandom(3 * 1024 * 1024)
+
+    class Serve(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    disk = tmpfs("1m")
+    try:
+        proc = run_script("download_datasets.py", f"data_dir={disk}", f"base_url=http://127.0.0.1:{httpd.server_address[1]}/",
+                          "datasets=[cityscapes]", "progress=false", check=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    line = one_error(proc)
+    assert line.startswith(f"error: no space left in {disk}") and "resumed by the next run" in line
+    assert os.listdir(disk) == ["cityscapes.zip.part"]
+
+
+@pytest.mark.slow
+def test_full_disk_while_cropping_is_one_line_and_leaves_no_temporary_file(tmpfs, tmp_path):
+    source = write_cityscapes_layout(tmp_path / "src", n_train=8, n_val=1, size=(256, 512))
+    disk = tmpfs("200k")
+    (disk / "cityscapes").symlink_to(source / "cityscapes")  # the sources take no room on the disk
+    proc = run_script("crop_datasets.py", f"data_dir={disk}", "datasets=[cityscapes]", "num_workers=2",
+                      "progress=false", check=False)
+    line = one_error(proc)
+    assert line.startswith(f"error: no space left in {disk / 'cropped'}"), line
+    assert not [p for p in (disk / "cropped").rglob("*") if p.name.endswith(".tmp")]
