@@ -94,3 +94,18 @@ def test_a_summary_of_one_checkpoint_shows_no_empty_spread():
     two = format_runs(summarize_runs([{"checkpoint": "a", "mIoU": 10.0, "Accuracy": 50.0},
                                       {"checkpoint": "b", "mIoU": 12.0, "Accuracy": 54.0}]), "checkpoint")
     assert "11.00 ± 1.41" in two
+
+
+def test_on_a_terminal_one_bar_counts_the_steps():
+    import torch
+
+    out = io.StringIO()
+    bar = StepProgress(stream=out, interactive=True)
+    bar.on_train_start(FakeTrainer(10, max_steps=50), None)  # a resumed run starts at its step
+    assert bar._bar.total == 50 and bar._bar.n == 10
+    for step in range(11, 16):
+        bar.on_train_batch_end(FakeTrainer(step, max_steps=50), None, {"loss": torch.tensor(0.5)},
+                               {"img": torch.zeros(2)}, step)
+    assert bar._bar.n == 15
+    bar.on_train_end(None, None)
+    assert "15/50" in out.getvalue() and "Epoch" not in out.getvalue()
