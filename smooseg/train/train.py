@@ -357,7 +357,8 @@ def fit_and_evaluate(cfg, trainer, module, datamodule, ckpt_path, labelled_val, 
     trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
         if labelled_val:
-            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']:.2f})")
+            shown = "-" if result["best_mIoU"] is None else f"{result['best_mIoU']:.2f}"
+            print(f"best checkpoint: {result['best']} (val mIoU {shown})")
         print(f"last checkpoint: {result['last']}")
         try:
             with sigterm_raises():
