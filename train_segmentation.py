@@ -8,8 +8,9 @@ python train_segmentation.py -m experiment=... seed=0,1,2,3,4 trains job n in <o
 and writes the summary over the jobs to <output_dir>/summary.json.
 
 An output_dir that holds a run is refused unless resumed (ckpt_path=last); one that a running
-training holds (<output_dir>/.lock) is refused. SIGTERM saves checkpoints/last.ckpt at the step
-reached and exits with status 143.
+training holds (<output_dir>/.lock) is refused. ckpt_path=auto finishes whatever the folder holds
+(a stopped -m sweep: the same command with ckpt_path=auto). SIGTERM saves checkpoints/last.ckpt
+at the step reached and exits with status 143.
 """
 
 import hydra
