@@ -99,7 +99,7 @@ def continue_run(cfg):
     marks = run_marks(folder)
     if marks == ["config.yaml"]:
         print(f"{folder}: no checkpoint was saved before the run stopped; starting it afresh")
-        (folder / "config.yaml").unlink()
+        (folder / "config.yaml").unlink(missing_ok=True)  # every DDP process may get here
     elif marks:
         raise SmoosegError(f"ckpt_path=auto: output_dir={folder} holds a run without checkpoints/last.ckpt "
                            f"({', '.join(marks[:3])}): nothing to resume from; remove the folder to start afresh")
