@@ -32,6 +32,34 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+class SigtermLatch:
+    """While used as a context manager, SIGTERM is only noted (``received``); the loop it guards
+    calls :meth:`check` between its steps, which raises :class:`Terminated`. Nothing is raised in
+    the middle of library code (a process pool's locks), so the cleanup that follows is safe."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def check(self, message=""):
+        if self.received:
+            raise Terminated(message)
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def _exit_terminated(signum, frame):
     raise SystemExit(TERMINATED_STATUS)
 

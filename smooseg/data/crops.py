@@ -29,7 +29,7 @@ from smooseg.data.datasets import (CROP_RECORD, CROP_RECORD_FORMAT, _numbered, b
                                    dataset_key, n_classes_of, read_crop_record)
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
-from smooseg.signals import Terminated, sigterm_raises, worker_signals
+from smooseg.signals import SigtermLatch, worker_signals
 
 CROP_TYPES = ("five", "random")
 CROPS_PER_IMAGE = 5
@@ -180,6 +180,20 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _results(results, n, check, poll_s=0.5):
+    """The ``n`` results of a pool's ``imap``, calling ``check`` after each and at least every
+    ``poll_s`` seconds while none arrives (a worker killed with its job in hand never answers)."""
+    for _ in range(n):
+        while True:
+            try:
+                value = results.next(timeout=poll_s)
+                break
+            except multiprocessing.TimeoutError:
+                check()
+        check()
+        yield value
+
+
 def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0,
                  jpeg_quality=JPEG_QUALITY, progress=True):
     """Write all crops of ``dataset`` under ``folder``, then its completion record; returns
@@ -197,21 +211,22 @@ def crop_dataset(dataset, folder, split, crop_type, ratio, seed=0, num_workers=0
                ratio=float(ratio), seed=int(seed), jpeg_quality=int(jpeg_quality))
     bar = tqdm(total=len(dataset), desc=f"{folder.name}/{split}", unit="img", disable=not progress)
     written = 0
-    try:
-        with bar, sigterm_raises():
-            if num_workers and num_workers > 0:
-                with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
-                    for count in pool.imap_unordered(_work, range(len(dataset)), chunksize=4):
-                        written += count
-                        bar.update()
-            else:
-                _init_worker(job, worker=False)
-                for index in range(len(dataset)):
-                    written += _work(index)
+    stopped = (f"stopped by SIGTERM: the finished crops of {folder} are kept; run the same command "
+               "again to finish the set")
+    with bar, SigtermLatch() as sigterm:  # checked after each image; the pool is then terminated
+        if num_workers and num_workers > 0:
+            with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
+                # chunksize 1: the iterator itself (with a timeout), not a generator over chunks
+                for count in _results(pool.imap_unordered(_work, range(len(dataset)), chunksize=1),
+                                      len(dataset), lambda: sigterm.check(stopped)):
+                    written += count
                     bar.update()
-    except Terminated:  # the pool's workers are terminated and joined by now
-        raise Terminated(f"stopped by SIGTERM: the finished crops of {folder} are kept; run the same "
-                         "command again to finish the set") from None
+        else:
+            _init_worker(job, worker=False)
+            for index in range(len(dataset)):
+                written += _work(index)
+                bar.update()
+                sigterm.check(stopped)
     finish_record(folder, split, len(dataset), settings)
     return {"written": written, "images": len(dataset)}
 
