@@ -4,16 +4,15 @@ unknown key answered with the key that was meant)."""
 import dataclasses
 import difflib
 import functools
-import logging
 import re
 import sys
-import warnings
 
 from hydra.experimental.callback import Callback
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from smooseg.errors import SmoosegError
 from smooseg.settings import CropSource, describe, field_rule
+from smooseg.signals import TERMINATED_STATUS, Terminated
 
 # Hydra's own command-line flags, passed through untouched.
 _HYDRA_FLAGS = {
@@ -62,41 +61,12 @@ def one_line(message):
     return " ".join(lines)
 
 
-# Library output that every run would print and that asks nothing of the user: deprecations inside
-# the libraries, advertisements, and notes on choices this project makes on purpose.
-KNOWN_WARNINGS = (
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.9 (_pytree)
-    r"Found \d+ module\(s\) in eval mode",  # the frozen ViT is in eval mode on purpose (docs/method.md §1)
-    # steps are counted across epochs (max_epochs=-1): logging does happen every log_every_n_steps
-    r"The number of training batches \(\d+\) is smaller than the logging interval",
-    # a resumed run writes into its own checkpoints/ (a new run into a used folder is refused first)
-    r"Checkpoint directory .* exists and is not empty",
-)
-KNOWN_LOG_LINES = ("💡 Tip:",)  # Lightning's litlogger / litmodels advertisements
-
-
-class _DropKnownLines(logging.Filter):
-    def filter(self, record):
-        message = str(record.msg)
-        return not any(line in message for line in KNOWN_LOG_LINES)
-
-
-def quiet_known_noise():
-    """Silence, in this process, the library messages in ``KNOWN_WARNINGS`` / ``KNOWN_LOG_LINES``
-    (the one place they are listed); any other warning still shows."""
-    for pattern in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
-            logger.addFilter(_DropKnownLines())
-
-
 def report_errors(task):
     """Wrap a Hydra task so a user error prints one line on stderr and exits with status 2.
 
     User errors are SmoosegError and a required config value left unset (``???``); Ctrl-C ends
-    with ``error: interrupted`` and status 130.
+    with ``error: interrupted`` and status 130, a SIGTERM turned into :class:`Terminated` with
+    its line and status 143.
     """
 
     @functools.wraps(task)
@@ -110,6 +80,9 @@ def report_errors(task):
             key = err.full_key or "a config key"
             print(f"error: config key '{key}' is required but not set; pass {key}=...", file=sys.stderr)
             sys.exit(2)
+        except Terminated as err:  # SIGTERM where an entry point turned it into an exception
+            print(f"error: {one_line(err) or 'stopped by SIGTERM'}", file=sys.stderr)
+            sys.exit(TERMINATED_STATUS)
         except KeyboardInterrupt:  # Ctrl-C: the CRF pool has already shut its workers down
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
@@ -380,12 +353,16 @@ def slurm_tasks(config):
 
 class CheckSweep(Callback):
     """Hydra callback (``hydra.callbacks`` in ``smooseg/configs/train.yaml``): a multirun that cannot work
-    (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``) stops with one ``error:`` line
-    before the sweep folder is made (Hydra composes each job's config only when it launches it).
+    (:func:`sweep_problem`, e.g. ``-m loss.temprature=0.1,0.2``, or a job whose settings are bad,
+    :func:`smooseg.sweep.job_problem`, e.g. ``-m optim.lr1=1e-4,-1``) stops with one ``error:``
+    line before the sweep folder is made and before any job runs (Hydra composes each job's
+    config only when it launches it).
     """
 
     def on_multirun_start(self, config, **kwargs):
-        problem = sweep_problem(config)
+        from smooseg.sweep import job_problem
+
+        problem = sweep_problem(config) or job_problem(config)
         if problem is not None:
             # Hydra turns a callback's exceptions into warnings: stop here, as report_errors does
             print(f"error: {problem}", file=sys.stderr)

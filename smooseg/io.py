@@ -6,6 +6,7 @@ EXIF orientation applied when the reader asks for it, and converted to 8-bit RGB
 (16-bit and 32-bit greyscale, float images), see :func:`to_uint8`.
 """
 
+import errno
 import json
 import os
 import stat
@@ -47,24 +48,78 @@ def new_file_mode(path):
         return 0o666 & ~current_umask()
 
 
+def fsync_file(path):
+    """Flush the file at ``path`` to its disk (what was written through any handle)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder):
+    """Flush a folder's entries (a rename into it) to its disk; file systems that cannot are let be."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path in ``path``'s own folder; when the block succeeds, flush it to disk
+    (fsync) and rename it onto ``path``, then flush the folder.
 
+    The rename never crosses a file system (so it is atomic: a reader, or a kill at any moment,
+    sees the old file or the new one, never part of one); a failed write (a full disk, an
+    exception, a signal) removes the temporary file and leaves the previous ``path`` as it was.
     The finished file has the permissions of the file it replaces, or those the user's umask
-    gives a new file (the temporary file is private while it is being written).
+    gives a new file (the temporary file is private while it is being written). A full or
+    read-only folder is a SmoosegError naming it (:func:`disk_error`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise disk_error(err, path.parent) or err from None
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_file(tmp)
         os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        problem = disk_error(err, path.parent) if isinstance(err, OSError) else None
+        if problem is not None:
+            raise problem from None
         raise
+    fsync_dir(path.parent)
+
+
+# errno values of a folder that takes no more data: no space, over quota, read-only file system
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS,)
+
+
+def disk_error(err, folder, left="nothing was half-written"):
+    """The one-line SmoosegError for ``err`` when it says ``folder`` is full or read-only, else
+    None; ``left`` says what the failed write left behind."""
+    code = getattr(err, "errno", None)
+    if code in DISK_FULL:
+        return SmoosegError(f"no space left in {folder} ({_reason(err)}): free space there (or raise "
+                            f"your quota), or write to another folder; {left}")
+    if code in READ_ONLY:
+        return SmoosegError(f"{folder} is on a read-only file system: write to another folder (a "
+                            f"different output_dir / data_dir / cache.dir); {left}")
+    return None
 
 
 def write_json(data, path):

@@ -211,6 +211,8 @@ class TrainSettings:
     max_steps: int = setting(3000, low=1)     # optimiser steps
     val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
     ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
+                                            # | auto (finish what the folder holds: kept if finished,
+                                            # resumed, or started; a stopped -m sweep: the same command)
     resume_changes: bool = False            # resume with settings that alter the run (RUN_DEFINING) changed:
                                             # apply them from the checkpoint's step on, instead of refusing
     extra_clusters: int = setting(0, low=0)   # clusters beyond the number of classes

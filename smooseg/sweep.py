@@ -4,6 +4,11 @@ trains in its own folder, and a Hydra callback summarises the jobs' final evalua
 With ``smooseg/configs/train.yaml``'s ``hydra.sweep`` the sweep folder is ``output_dir`` and job ``n``
 trains in ``<output_dir>/<n>/`` (the job number, so jobs that start within the same second never
 share a folder); :class:`SweepSummary` writes ``<output_dir>/summary.json``.
+
+Every job's settings are checked before the first job starts (:func:`job_problem`). A sweep
+stopped part-way is finished by the same command with ``ckpt_path=auto`` (:func:`continue_run`):
+finished jobs are kept, interrupted ones resume from their ``last.ckpt``, missing ones start,
+and the summary covers every job of the sweep.
 """
 
 import json
@@ -13,7 +18,10 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from smooseg.errors import SmoosegError
+
 FINAL_METRICS = "final_eval/metrics.json"  # where train() writes a run's final evaluation
+AUTO = "auto"  # ckpt_path=auto: continue whatever the run folder holds (continue_run)
 
 
 def job_output_dir(cfg):
@@ -38,6 +46,77 @@ def resume_if_requeued(cfg, environ=None):
     if int(environ.get("SLURM_RESTART_COUNT") or 0) > 0 and cfg.ckpt_path is None and last.is_file():
         print(f"requeued SLURM job (restart {environ['SLURM_RESTART_COUNT']}): continuing from {last}")
         cfg.ckpt_path = "last"
+
+
+def job_overrides(config):
+    """The command-line overrides of each job of the multirun ``config`` (Hydra's, before any
+    job), in job order, as the basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_problem(config):
+    """Why a job of the multirun ``config`` cannot run, in one line, or None: each job's config is
+    composed as Hydra will compose it and checked (:func:`smooseg.settings.train_settings`), so a
+    bad value anywhere in the sweep stops it before job 0 has trained."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from smooseg import settings
+
+    for number, overrides in enumerate(job_overrides(config)):
+        try:
+            cfg = compose(config_name=str(config.hydra.job.config_name), overrides=overrides)
+            settings.train_settings(cfg)
+        except (SmoosegError, HydraException, OmegaConfBaseException) as err:
+            reason = " ".join(str(err).split())
+            return (f"job {number} of the sweep ({' '.join(overrides)}): {reason}; nothing was run, fix the "
+                    "value and run the command again")
+    return None
+
+
+def saved_step(path):
+    """The global step a training checkpoint was saved at (read without copying its tensors)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
+def continue_run(cfg):
+    """``ckpt_path=auto``: what the run folder ``cfg.output_dir`` holds decides. Returns ``cfg`` to
+    train (``ckpt_path`` set to ``last`` to resume an interrupted run, or null to start a folder
+    that holds no run), or None when the run is finished: ``last.ckpt`` at ``max_steps`` and its
+    final evaluation written (or not asked for), so it is kept as it is. A folder holding only
+    the ``config.yaml`` of a run that never saved a checkpoint starts afresh; one holding results
+    but no ``last.ckpt`` is refused (nothing to resume from, and a new run would mix with them).
+    Any other ``ckpt_path`` is left as it is."""
+    if cfg.ckpt_path != AUTO:
+        return cfg
+    from smooseg.train.train import run_marks
+
+    folder = Path(cfg.output_dir)
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        step = saved_step(last)
+        evaluated = (folder / FINAL_METRICS).is_file() or not cfg.final_eval.enabled
+        if step >= int(cfg.max_steps) and evaluated:
+            print(f"{folder}: finished (step {step} of {cfg.max_steps}, final evaluation written); kept")
+            return None
+        print(f"{folder}: resuming from {last} (step {step} of {cfg.max_steps})")
+        cfg.ckpt_path = "last"
+        return cfg
+    marks = run_marks(folder)
+    if marks == ["config.yaml"]:
+        print(f"{folder}: no checkpoint was saved before the run stopped; starting it afresh")
+        (folder / "config.yaml").unlink(missing_ok=True)  # every DDP process may get here
+    elif marks:
+        raise SmoosegError(f"ckpt_path=auto: output_dir={folder} holds a run without checkpoints/last.ckpt "
+                           f"({', '.join(marks[:3])}): nothing to resume from; remove the folder to start afresh")
+    cfg.ckpt_path = None
     return cfg
 
 
@@ -69,26 +148,41 @@ class SweepSummary(Callback):
     each job's final-evaluation headline and the mean ± sample standard deviation (ddof=1), min
     and max of mIoU and Accuracy over the jobs, and write them to ``<hydra.sweep.dir>/summary.json``.
 
-    It reads the jobs' ``final_eval/metrics.json`` files written during this multirun (files
-    left in the folder by an earlier sweep are not counted), so it works with any launcher whose
-    jobs write to a shared file system.
+    The jobs are those this multirun launched (their folders noted as each starts, kept finished
+    jobs of a continued sweep included), so the summary covers the whole sweep and nothing left
+    in the folder by another one. With a launcher that runs jobs in other processes (nothing
+    noted here) it reads the ``final_eval/metrics.json`` files written during this multirun.
     """
 
     def __init__(self):
         self._before = {}
+        self._jobs = []
 
     def on_multirun_start(self, config, **kwargs):
         self._before = final_metrics(str(config.hydra.sweep.dir))
+        self._jobs = []
+
+    def on_job_start(self, config, **kwargs):
+        folder = config.hydra.runtime.get("output_dir") if "runtime" in config.hydra else None
+        if folder:
+            self._jobs.append(Path(str(folder)))
+
+    def results(self, sweep_dir):
+        """The final evaluations the summary covers, in job order."""
+        if self._jobs:
+            found = [job / FINAL_METRICS for job in self._jobs if (job / FINAL_METRICS).is_file()]
+        else:
+            found = [path for path, stamp in final_metrics(sweep_dir).items() if self._before.get(path) != stamp]
+        return sorted(found, key=_natural)
 
     def on_multirun_end(self, config, **kwargs):
         from smooseg.eval.results import write_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        fresh = sorted((path for path, stamp in final_metrics(sweep_dir).items()
-                        if self._before.get(path) != stamp), key=_natural)
-        if not fresh:
+        found = self.results(sweep_dir)
+        if not found:
             print(f"no final evaluation was written under {sweep_dir} (final_eval.enabled=false, or no "
                   "labelled validation images): no summary over the jobs")
             return
-        write_summary([job_headline(path, sweep_dir) for path in fresh], sweep_dir / "summary.json",
+        write_summary([job_headline(path, sweep_dir) for path in found], sweep_dir / "summary.json",
                       label="job")

@@ -89,3 +89,27 @@ def test_image_size_follows_exif_orientation_from_the_header(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(SmoosegError, match=r"cannot read image .*bad\.jpg"):
         image_size(tmp_path / "bad.jpg")
+
+
+def test_atomic_write_flushes_the_file_and_its_folder_before_and_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    write_json({"a": 1}, tmp_path / "m.json")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".m.json.")) and events[2][1] == str(tmp_path)
+
+
+def test_simulated_full_disk_keeps_the_previous_file(tmp_path):
+    import errno
+
+    target = tmp_path / "metrics.json"
+    write_json({"old": 1}, target)
+    with pytest.raises(SmoosegError) as err, atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(err.value).startswith(f"no space left in {tmp_path}") and "\n" not in str(err.value)
+    assert '"old": 1' in target.read_text() and os.listdir(tmp_path) == ["metrics.json"]

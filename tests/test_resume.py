@@ -3,7 +3,9 @@ exactly where an uninterrupted run with the same seed ends: same parameters, tea
 optimiser state and global step. Dropout stays on: the random streams are part of the checkpoint.
 """
 
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -142,3 +144,29 @@ def test_random_crops_change_per_epoch_and_repeat_after_resume(tmp_path):
     assert _crop_sums(dataset, EpochSampler(dataset, seed=5, epoch=1), workers=0) == epoch1
     centre = build_dataset("cityscapes", tmp_path, "train", res=16, crop="center", seed=5)
     assert not centre.epoch_items and all(isinstance(i, int) for i in EpochSampler(centre, seed=5))
+
+
+class SigtermAt(Callback):
+    """Sends this process SIGTERM (what a scheduler sends) while the batch that makes global step
+    ``step`` is being trained."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5])  # 3 steps an epoch: every position of epochs 0 and 1
+def test_resume_after_sigterm_at_each_position_in_the_epoch_is_exact(data, tmp_path, step):
+    straight = run(data, tmp_path / "a", "max_steps=6")
+    with pytest.raises(SystemExit) as stopped:
+        run(data, tmp_path / "b", "max_steps=6", callbacks=[SigtermAt(step)])
+    assert stopped.value.code == 143
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == step
+    counter = StepCounter()
+    resumed = run(data, tmp_path / "b", "max_steps=6", "ckpt_path=last", callbacks=[counter])
+    assert counter.start == step and counter.batches == 6 - step
+    assert_same_training_state(straight, resumed)

@@ -25,7 +25,7 @@ TINY = ["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=3
         "final_eval.enabled=false"]
 NOISE = ["LeafSpec", "litlogger", "Tip:", "module(s) in eval mode", "smaller than the logging interval",
          "exists and is not empty", "weights_only` was not set"]
-STEP_IN_BAR = re.compile(r"Epoch \d+:.*?\| *(\d+)/\d+")
+STEP_IN_LOG = re.compile(r"^step (\d+)/\d+", re.MULTILINE)  # the plain progress lines (stdout is a file)
 
 
 def errors(stderr):
@@ -43,13 +43,13 @@ def start_training(args, log_dir):
 
 
 def wait_until_training(proc, log_dir, timeout=240):
-    """Until the progress bar shows a few trained batches (steps past the first epoch's start)."""
+    """Until the progress lines show a few trained steps."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"training ended early ({proc.returncode}): {(log_dir / 'stderr').read_text()[-3000:]}")
-        text = (log_dir / "stdout").read_text(errors="replace")  # Lightning's progress bar is on stdout
-        if any(int(n) >= 2 for n in STEP_IN_BAR.findall(text)) or "Epoch 1:" in text:
+        text = (log_dir / "stdout").read_text(errors="replace")
+        if any(int(n) >= 2 for n in STEP_IN_LOG.findall(text)):
             return
         time.sleep(0.5)
     proc.kill()
@@ -66,7 +66,8 @@ def preempted(data, tmp_path_factory):
     """The whole story in one folder; returns what each step printed."""
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
-    args = TINY + [f"data_dir={data}", f"output_dir={out}", "val_check_interval=100000"]
+    args = TINY + [f"data_dir={data}", f"output_dir={out}", "val_check_interval=100000",
+                   "trainer.log_every_n_steps=1"]
     logs = tmp / "logs"
     logs.mkdir()
     first = start_training(args + ["max_steps=100000"], logs)
@@ -145,3 +146,20 @@ def test_unlabelled_validation_set_keeps_last_and_says_why_no_best(tmp_path):
     assert proc.stdout.count("no best checkpoint: the validation images have no labels") == 1
     assert not [line for line in proc.stdout.splitlines() if line.startswith("best checkpoint:")]
     assert f"last checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in proc.stdout
+
+
+@pytest.mark.parametrize("kept,mark", [(("config.yaml",), "config.yaml"),
+                                       (("checkpoints/best-step2-mIoU1.00.ckpt",), "checkpoints/best-step2"),
+                                       (("final_eval/metrics.json",), "final_eval")])
+def test_a_run_whose_last_checkpoint_is_gone_is_still_a_run(data, tmp_path, kept, mark):
+    out = tmp_path / "out"
+    for name in kept:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("kept")
+    proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}", "max_steps=2",
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = errors(proc.stderr)
+    assert f"output_dir={out} already holds a run ({mark}" in line and "another output_dir" in line
+    assert "ckpt_path=last" not in line  # there is no last.ckpt to resume from
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == list(kept)

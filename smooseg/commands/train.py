@@ -29,12 +29,14 @@ EXAMPLES = (
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 @report_errors
 def task(cfg):
-    from smooseg.cli import quiet_known_noise
+    from smooseg.logs import quiet_known_noise
     from smooseg.settings import train_settings
-    from smooseg.sweep import job_output_dir, resume_if_requeued
+    from smooseg.sweep import continue_run, job_output_dir, resume_if_requeued
     from smooseg.train.train import train  # heavy imports only once a run starts (not for --cfg/--help)
 
-    settings = train_settings(resume_if_requeued(job_output_dir(cfg)))
+    settings = continue_run(resume_if_requeued(train_settings(job_output_dir(cfg))))
+    if settings is None:
+        return None
     quiet_known_noise()
     return train(settings)
 

@@ -37,6 +37,7 @@ from smooseg.data.datasets import build_dataset, dataset_key, n_classes_of
 from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
+from smooseg.signals import SigtermLatch, worker_signals
 
 JPEG_QUALITY = 75
 LOCK_NAME = ".lock"
@@ -226,7 +227,9 @@ def finish_record(folder, split, listing, settings):
 _JOB = {}
 
 
-def _init_worker(job):
+def _init_worker(job, worker=True):
+    if worker:
+        worker_signals()
     _JOB.update(job)
 
 
@@ -240,21 +243,40 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _results(results, n, check, poll_s=0.5):
+    """The ``n`` results of a pool's ``imap``, calling ``check`` after each and at least every
+    ``poll_s`` seconds while none arrives (a worker killed with its job in hand never answers)."""
+    for _ in range(n):
+        while True:
+            try:
+                value = results.next(timeout=poll_s)
+                break
+            except multiprocessing.TimeoutError:
+                check()
+        check()
+        yield value
+
+
 def _write_all(dataset, job, num_workers, progress):
+    folder = job["folder"]
     written = 0
-    bar = tqdm(total=len(dataset), desc=f"{job['folder'].name}/{job['split']}", unit="img",
-               disable=not progress)
-    with bar:
+    bar = tqdm(total=len(dataset), desc=f"{folder.name}/{job['split']}", unit="img", disable=not progress)
+    stopped = (f"stopped by SIGTERM: the finished crops of {folder} are kept; run the same command "
+               "again to finish the set")
+    with bar, SigtermLatch() as sigterm:  # checked after each image; the pool is then terminated
         if num_workers and num_workers > 0:
             with _pool_context().Pool(int(num_workers), _init_worker, (job,)) as pool:
-                for count in pool.imap_unordered(_work, range(len(dataset)), chunksize=4):
+                # chunksize 1: the iterator itself (with a timeout), not a generator over chunks
+                for count in _results(pool.imap_unordered(_work, range(len(dataset)), chunksize=1),
+                                      len(dataset), lambda: sigterm.check(stopped)):
                     written += count
                     bar.update()
         else:
-            _init_worker(job)
+            _init_worker(job, worker=False)
             for index in range(len(dataset)):
                 written += _work(index)
                 bar.update()
+                sigterm.check(stopped)
     return written
 
 

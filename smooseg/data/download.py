@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from smooseg.data.registry import archive_specs, find_spec
 from smooseg.errors import SmoosegError
+from smooseg.io import disk_error
+from smooseg.signals import sigterm_raises
 
 ARCHIVE_SUFFIX = ".zip"
 OFFICIAL_SOURCES = ("Cityscapes https://www.cityscapes-dataset.com, COCO-Stuff "
@@ -96,18 +98,19 @@ def _receive(response, part, offset, total, url, progress):
     """Append the response body to ``part``; errors mid-way keep the part for a resume."""
     mode = "ab" if offset else "wb"
     received = offset
-    with open(part, mode) as handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                          desc=part.name[:-5], disable=not progress) as bar:
-        try:
+    try:
+        with open(part, mode) as handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                              desc=part.name[:-5], disable=not progress) as bar:
             read = getattr(response, "read1", response.read)   # read1: whatever has arrived
             for block in iter(lambda: read(CHUNK), b""):
                 handle.write(block)
                 received += len(block)
                 bar.update(len(block))
-        except (OSError, http.client.HTTPException) as err:
-            raise SmoosegError(
-                f"download of {url} broke off at {received} of {total or '?'} bytes ({err}); "
-                f"run again to resume from {part}") from None
+    except (OSError, http.client.HTTPException) as err:
+        left = f"the {received} bytes received are kept in {part} and resumed by the next run"
+        raise disk_error(err, part.parent, left) or SmoosegError(
+            f"download of {url} broke off at {received} of {total or '?'} bytes ({err}); "
+            f"run again to resume from {part}") from None
 
 
 def _fetch(url, part, offset, expected_size, progress, timeout, name):
@@ -286,8 +289,17 @@ def fetch_dataset(name, data_dir, base_url, keep_archive=False, size=None, sha25
     staging = data_dir / f".{name}.extracting"
     if staging.exists():
         shutil.rmtree(staging)
-    extract(archive, staging)
-    _place(staging, target)
+    try:
+        with sigterm_raises():
+            extract(archive, staging)
+            _place(staging, target)
+    except BaseException as err:  # a full disk, a signal: no half-extracted copy is left filling it
+        shutil.rmtree(staging, ignore_errors=True)
+        problem = disk_error(err, data_dir, f"the partly extracted {staging} was removed; {archive} is "
+                             "kept") if isinstance(err, OSError) else None
+        if problem is not None:
+            raise problem from None
+        raise
     if not keep_archive:
         archive.unlink()
     return "installed"
@@ -300,7 +312,11 @@ def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None,
         raise SmoosegError("base_url is not set; pass base_url=<URL of the folder holding "
                            "cityscapes.zip, cocostuff.zip, ...>")
     stems = list(dict.fromkeys(stem for name in names for stem in archive_names(name)))
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise disk_error(err, data_dir, "nothing was written") or SmoosegError(
+            f"cannot create data_dir={data_dir} ({err.strerror}); pass data_dir=<a folder you can write to>") from None
     sizes, checksums = dict(sizes or {}), dict(checksums or {})
     return {name: fetch_dataset(name, data_dir, base_url, keep_archive, sizes.get(name),
                                 checksums.get(name), progress, timeout)

@@ -212,7 +212,8 @@ def format_runs(summary, label):
               for name, run in zip(names, summary["runs"], strict=True)]
     for key in HEADLINE:
         s = summary[key]
-        lines.append(f"{key:<{width}}  {cell(s['mean'])} ± {cell(s['std'])}   "
+        std = "" if s["std"] is None else f" ± {cell(s['std'])}"  # one value has no spread
+        lines.append(f"{key:<{width}}  {cell(s['mean'])}{std}   "
                      f"(min {cell(s['min'])}, max {cell(s['max'])}, n={s['n']})")
     return "\n".join(lines)
 

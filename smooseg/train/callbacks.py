@@ -1,17 +1,49 @@
-"""Lightning callbacks of a training run: the best and last checkpoints, the random streams
-saved in them, a validation at ``max_steps`` and a checkpoint when the run is preempted."""
+"""Lightning callbacks of a training run: the best and last checkpoints (each written whole or
+not at all), the random streams saved in them, a validation at ``max_steps`` and a checkpoint
+when the run is preempted."""
 
-import os
+import io
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from smooseg.io import atomic_write
+from smooseg.train.progress import StepProgress
+
 # No "=" in the name: Hydra list overrides (model_paths=[...]) could not take it unquoted.
 BEST_FILENAME = "best-step{step}-mIoU{val/cluster/mIoU:.2f}"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written through :func:`smooseg.io.atomic_write`: a temporary file in the
+    checkpoint's own folder, flushed and renamed.
+
+    Lightning's own writer stages the file under ``$TMPDIR`` and moves it; with the run folder on
+    another file system (local ``/tmp``, runs on NFS / Lustre) that move is a truncate and copy,
+    and a kill inside it leaves a torn ``last.ckpt``. Here a kill, a full disk or a failed write
+    leaves the previous file whole and no partial file.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        buffer = io.BytesIO()  # serialised first, as Lightning does: a full disk is then an OSError
+        torch.save(checkpoint, buffer)  # (torch's own file writer reports it as a RuntimeError)
+        with atomic_write(path) as tmp:
+            Path(tmp).write_bytes(buffer.getbuffer())
+
+
+class AtomicCheckpoints(Callback):
+    """Installs :class:`AtomicCheckpointIO` as the trainer's checkpoint writer before anything is
+    saved (every checkpoint of the fit: best, last, the one written on SIGTERM)."""
+
+    def setup(self, trainer, pl_module, stage):
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class ValidateAtMaxSteps(Callback):
@@ -92,38 +124,52 @@ class SaveOnSigterm(Callback):
     Lightning's signal connector notes the SIGTERM (``trainer.received_sigterm``) and ends the fit
     with ``SIGTERMException`` once the current batch is done, on every process together; this
     callback then writes a full training checkpoint (``trainer.save_checkpoint``, so it resumes
-    with ``ckpt_path=last`` like any other) beside the others, through a temporary file renamed
-    onto ``last.ckpt`` so a second signal never leaves half a file. ``saved`` / ``step`` say what
-    was written (None when nothing was).
+    with ``ckpt_path=last`` like any other) onto ``last.ckpt``, atomically
+    (:class:`AtomicCheckpointIO`), so a second signal never leaves half a file. ``saved`` /
+    ``step`` say what was written (None when nothing was).
+
+    A signal noted on an epoch's last batch is saved at once, in ``on_train_batch_end``: Lightning
+    2.6 would stop between that batch and the epoch's end, and its loops, restored from there,
+    start the next epoch with the old epoch's batch count (the resumed run then trains other
+    batches); a checkpoint written at a batch's end is one its loops restore exactly.
     """
 
     def __init__(self, dirpath):
         self.dirpath = Path(dirpath)
         self.saved, self.step = None, None
 
-    def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
-            return
-        path, tmp = self.dirpath / "last.ckpt", self.dirpath / ".last.ckpt.sigterm.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every process takes part; rank zero writes
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
+    def save(self, trainer):
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # every process takes part; rank zero writes
         self.saved, self.step = path, trainer.global_step
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.received_sigterm and batch_idx + 1 >= trainer.num_training_batches:
+            self.save(trainer)
 
-def build_callbacks(output_dir, best=True):
+    def on_exception(self, trainer, pl_module, exception):
+        if (not isinstance(exception, SIGTERMException) or trainer.global_step == 0
+                or self.step == trainer.global_step):
+            return
+        self.save(trainer)
+
+
+def build_callbacks(output_dir, best=True, progress=True):
     """Best-by-validation-mIoU checkpoint (unless not ``best``: a validation set without labels
-    has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``.
+    has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``, and with
+    ``progress`` (``trainer.enable_progress_bar``) the progress in steps (:class:`StepProgress`).
 
     Files are overwritten rather than versioned, so ``last.ckpt`` is always the latest state.
-    The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`).
+    The random streams go into every checkpoint too (:class:`RandomStateCheckpoint`), and every
+    checkpoint is written atomically in its own folder (:class:`AtomicCheckpoints`).
     """
     folder = str(Path(output_dir) / "checkpoints")
     chosen = [ModelCheckpoint(
         dirpath=folder, filename=BEST_FILENAME,
         monitor="val/cluster/mIoU", mode="max", save_top_k=1,
         auto_insert_metric_name=False, enable_version_counter=False)] if best else []
-    return [*chosen, LastCheckpoint(folder), RandomStateCheckpoint(), ValidateAtMaxSteps()]
+    return [AtomicCheckpoints(), *chosen, LastCheckpoint(folder), RandomStateCheckpoint(),
+            ValidateAtMaxSteps(), *([StepProgress()] if progress else [])]
 
 
 def best_checkpoint_callback(trainer):

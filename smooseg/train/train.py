@@ -29,6 +29,7 @@ from smooseg.model.checkpoints import (
 )
 from smooseg.model.net import NetConfig, SmooSegNet
 from smooseg.settings import HOW_IT_RUNS, RUN_DEFINING, EvalSettings, to_yaml
+from smooseg.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from smooseg.train import loggers
 from smooseg.train.callbacks import (
     SaveOnSigterm,
@@ -40,7 +41,6 @@ from smooseg.train.datamodule import build_datamodule
 from smooseg.train.module import NonFiniteLossError, OptimConfig, SmooSegModule
 
 RUNTIME_MODEL_KEYS = ("pretrained", "weights_path", "weights_url", "weights_source", "fused_attn")
-PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
 def dataset_info(settings):
@@ -92,7 +92,8 @@ def build_trainer(settings, callbacks=(), labelled_val=True):
             max_steps=settings.max_steps, max_epochs=-1,
             val_check_interval=settings.val_check_interval * trainer.accumulate_grad_batches,
             check_val_every_n_epoch=None, logger=build_logger(settings),
-            callbacks=build_callbacks(settings.output_dir, best=labelled_val) + list(callbacks),
+            callbacks=build_callbacks(settings.output_dir, best=labelled_val,
+                                      progress=trainer.enable_progress_bar) + list(callbacks),
             default_root_dir=settings.output_dir, **options, **trainer.extra)
     except TypeError as err:
         raise SmoosegError(f"a trainer.* setting is not a Lightning Trainer argument ({err}); "
@@ -123,37 +124,57 @@ def resume_path(settings, module=None):
     return str(path)
 
 
-def claim_output_dir(cfg):
+def run_marks(folder):
+    """What in ``folder`` shows that a training run wrote there (relative paths, empty when none):
+    ``config.yaml`` (written first), any checkpoint under ``checkpoints/`` and ``final_eval/``.
+    A run whose ``last.ckpt`` was deleted is still a run: its config, best checkpoints and
+    results would be mixed with another's."""
+    folder = Path(folder)
+    found = [folder / "config.yaml", *sorted((folder / "checkpoints").glob("*.ckpt")), folder / "final_eval"]
+    return [path.relative_to(folder).as_posix() for path in found if path.exists()]
+
+
+def claim_output_dir(settings):
     """Make ``output_dir`` this run's own before anything is written to it, and return the open
     lock (close it when the run ends; :func:`release_output_dir`).
 
-    A folder holding a run (``checkpoints/last.ckpt``) is refused unless this run resumes
-    (``ckpt_path`` set), and ``<output_dir>/.lock`` is held (``flock``) for the run's life, so a
-    second training into the same folder stops at once. The kernel drops the lock when its process
-    dies, however it dies, so a killed run never blocks its folder. Call it on rank zero only.
+    A folder holding a run (:func:`run_marks`) is refused unless this run resumes (``ckpt_path``
+    set), and ``<output_dir>/.lock`` is held (``flock``) for the run's life, so a second training
+    into the same folder stops at once. The kernel drops the lock when its process dies, however
+    it dies, so a killed run never blocks its folder. Call it on rank zero only.
     """
-    folder = Path(cfg.output_dir)
-    last = folder / "checkpoints" / "last.ckpt"
+    folder = Path(settings.output_dir)
 
     def check_no_run():
-        if cfg.ckpt_path is None and last.is_file():
-            raise SmoosegError(f"output_dir={folder} already holds a run ({last}); resume it with "
-                               "ckpt_path=last, or choose another output_dir")
+        marks = run_marks(folder) if settings.ckpt_path is None else []
+        if marks:
+            resume = ("resume it with ckpt_path=last, " if (folder / "checkpoints" / "last.ckpt").is_file()
+                      else "")
+            raise SmoosegError(f"output_dir={folder} already holds a run ({', '.join(marks[:3])}); "
+                               f"{resume}choose another output_dir, or remove the folder to start afresh")
 
+    lock = folder / ".lock"
+
+    def take_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SmoosegError(f"output_dir={folder} is being written by a running training (process "
+                               f"{owner}, {lock}); choose another output_dir, or when it has ended resume it "
+                               "with ckpt_path=last") from None
+
+    if lock.is_file():  # a running training is named as such, before what its folder holds
+        probe = os.open(lock, os.O_RDWR)
+        take_lock(probe)
+        os.close(probe)  # free again: taken for good below, once the folder is known to be free
     check_no_run()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    take_lock(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SmoosegError(f"output_dir={folder} is being written by a running training (process {owner}, "
-                           f"{lock}); choose another output_dir, or when it has ended resume it with "
-                           "ckpt_path=last") from None
-    try:
-        check_no_run()  # a run that held the lock until just now may have written last.ckpt
+        check_no_run()  # a run that held the lock until just now may have written its files
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
     except BaseException:
@@ -363,7 +384,11 @@ def fit_and_evaluate(settings, trainer, module, datamodule, ckpt_path, labelled_
                       "continue with ckpt_path=last", flush=True)
             else:
                 print("stopped by SIGTERM before training began: nothing saved", flush=True)
-        raise SystemExit(PREEMPTED_STATUS) from None
+        raise SystemExit(TERMINATED_STATUS) from None
+    except SystemExit as stop:  # Lightning answers Ctrl-C (the whole process group) with exit(1)
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # the entry point's one line and status 130
+        raise
     callback = best_checkpoint_callback(trainer)
     score = None if callback is None else callback.best_model_score
     result = {
@@ -376,9 +401,17 @@ def fit_and_evaluate(settings, trainer, module, datamodule, ckpt_path, labelled_
     trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
         if labelled_val:
-            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']})")
+            shown = "-" if result["best_mIoU"] is None else f"{result['best_mIoU']:.2f}"
+            print(f"best checkpoint: {result['best']} (val mIoU {shown})")
         print(f"last checkpoint: {result['last']}")
-        result["final_eval"] = final_evaluation(settings, result["best"] or result["last"],
-                                                trainer.strategy.root_device, datamodule.val_set)
+        try:
+            with sigterm_raises():
+                result["final_eval"] = final_evaluation(settings, result["best"] or result["last"],
+                                                        trainer.strategy.root_device, datamodule.val_set)
+        except Terminated:
+            print(f"stopped by SIGTERM during the final evaluation: training is complete "
+                  f"({result['best'] or result['last']}); evaluate it with eval_segmentation.py "
+                  f"model_paths=[{result['best'] or result['last']}]", flush=True)
+            raise SystemExit(TERMINATED_STATUS) from None
         loggers.log_final_eval(trainer.logger, result["final_eval"], trainer.global_step)
     return result
