@@ -1,13 +1,14 @@
 """SmooSeg: smoothness prior for unsupervised semantic segmentation.
 
 The public surface (docs/python.md): ``load`` (a :class:`Segmenter` of a checkpoint),
-``evaluate``, ``train`` and ``backbones``. They are imported on first use, so ``import smooseg``
+``train_settings`` / ``train``, ``eval_settings`` / ``evaluate`` and ``backbones``. They are imported on first use, so ``import smooseg``
 stays fast.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Segmentation", "Segmenter", "backbones", "evaluate", "load", "train"]
+__all__ = ["Segmentation", "Segmenter", "backbones", "eval_settings", "evaluate", "load", "train",
+           "train_settings"]
 
 
 def __getattr__(name):

@@ -149,30 +149,58 @@ def load(path, device="auto", matching=None, mode="resize", size=320, stride=Non
 
 
 def _compose(config_name, overrides):
+    import smooseg.settings  # noqa: F401  (registers the typed schemas the configs compose on)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
 
 
-def evaluate(*overrides):
-    """Evaluate as ``eval_segmentation.py`` with these ``key=value`` overrides; returns the
+def train_settings(*overrides):
+    """The checked, resolved :class:`smooseg.settings.TrainSettings` of ``train_segmentation.py``
+    with these ``key=value`` overrides (every ``auto`` resolved, as the script records it)."""
+    from smooseg import settings
+
+    return settings.train_settings(_compose("train", overrides))
+
+
+def eval_settings(*overrides):
+    """The checked, resolved :class:`smooseg.settings.EvalSettings` of ``eval_segmentation.py``."""
+    from smooseg import settings
+
+    return settings.eval_settings(_compose("eval", overrides))
+
+
+def _typed(args, cls_name, make):
+    from smooseg import settings
+
+    if len(args) == 1 and isinstance(args[0], getattr(settings, cls_name)):
+        return args[0]
+    if all(isinstance(arg, str) for arg in args):
+        return make(*args)
+    raise TypeError(f"pass one {cls_name} or key=value override strings")
+
+
+def evaluate(*args):
+    """Evaluate as ``eval_segmentation.py``: ``evaluate(settings)`` with an :class:`EvalSettings`
+    (from :func:`eval_settings`, changed as you like), or ``evaluate("key=value", ...)``; returns the
     metrics dict of each checkpoint (what its ``metrics.json`` holds)."""
     from smooseg.eval.evaluate import run_eval
 
-    return run_eval(_compose("eval", overrides))
+    return run_eval(_typed(args, "EvalSettings", eval_settings))
 
 
-def train(*overrides):
-    """Train as ``train_segmentation.py`` with these ``key=value`` overrides (one run, no sweep);
-    returns what the training returns."""
+def train(*args):
+    """Train as ``train_segmentation.py`` (one run, no sweep): ``train(settings)`` with a
+    :class:`TrainSettings` (from :func:`train_settings`), or ``train("key=value", ...)``; returns
+    what the training returns (checkpoint paths, best mIoU, the final evaluation's headline)."""
     from smooseg.train.train import train as run_train
 
-    return run_train(_compose("train", overrides))
+    return run_train(_typed(args, "TrainSettings", train_settings))
 
 
 def backbones():
     """The backbones a net can be built on, as ``arch/model_type/patch_size`` names."""
-    from smooseg.model import weights
+    from smooseg.model.backbones import list_backbones
 
-    return list(weights.ARCHS)
+    return list_backbones()

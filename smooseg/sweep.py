@@ -46,6 +46,7 @@ def resume_if_requeued(cfg, environ=None):
     if int(environ.get("SLURM_RESTART_COUNT") or 0) > 0 and cfg.ckpt_path is None and last.is_file():
         print(f"requeued SLURM job (restart {environ['SLURM_RESTART_COUNT']}): continuing from {last}")
         cfg.ckpt_path = "last"
+    return cfg
 
 
 def job_overrides(config):

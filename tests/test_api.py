@@ -49,16 +49,17 @@ def test_import_is_lazy_and_names_the_surface():
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == [
-        "['Segmentation', 'Segmenter', 'backbones', 'evaluate', 'load', 'train']", "True"]
+        "['Segmentation', 'Segmenter', 'backbones', 'eval_settings', 'evaluate', 'load', 'train', 'train_settings']", "True"]
     assert callable(smooseg.train) and callable(smooseg.evaluate)
     __import__("smooseg.train.train")  # the training package, now smooseg.train, is callable too
     assert callable(smooseg.train)
 
 
 def test_backbones_lists_the_registry():
-    from smooseg.model.weights import ARCHS
+    from smooseg.model.backbones import list_backbones
 
-    assert smooseg.backbones() == list(ARCHS)
+    assert smooseg.backbones() == list_backbones()
+    assert {"dino/vit_small/8", "dinov2_reg/vit_small/14", "dinov3/vit_small/16"} <= set(smooseg.backbones())
 
 
 @pytest.mark.parametrize("mode", ["resize", "window"])
