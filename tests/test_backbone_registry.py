@@ -111,9 +111,10 @@ def tiny_spec():
 
 def _train(cfg):
     """Train (and run its final evaluation) in-process, as train_segmentation.py does."""
+    from smooseg.settings import train_settings
     from smooseg.train.train import train
 
-    return train(cfg)
+    return train(train_settings(cfg))
 
 
 @pytest.mark.slow

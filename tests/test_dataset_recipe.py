@@ -53,19 +53,23 @@ def toy(tmp_path):
 
 
 def compose_config(name, overrides, search_dir):
+    import smooseg.settings  # noqa: F401  (registers the typed schemas)
+
     with initialize_config_dir(config_dir=str(ROOT / "smooseg" / "configs"), version_base="1.3"):
         return compose(config_name=name, overrides=[*overrides, f"hydra.searchpath=[file://{search_dir}]"])
 
 
 def train_toy(cfg):
     """Train through the real entry-point function (the one place its signature is used)."""
+    from smooseg.settings import train_settings
     from smooseg.train.train import train
 
-    return train(cfg)
+    return train(train_settings(cfg))
 
 
 def test_a_new_data_set_trains_and_evaluates_through_the_entry_points(toy, tmp_path):
     from smooseg.eval.evaluate import run_eval
+    from smooseg.settings import eval_settings
 
     cfg = compose_config("train", [
         "experiment=demo", "dataset=toystreets", "model=dino_vits16", "model.pretrained=false", "res=32",
@@ -78,7 +82,7 @@ def test_a_new_data_set_trains_and_evaluates_through_the_entry_points(toy, tmp_p
     eval_cfg = compose_config("eval", [
         f"model_paths=[{checkpoint}]", f"data_dir={toy['data']}", f"output_dir={tmp_path / 'eval'}",
         "crf=false", "n_images=1", "batch_size=2", "num_workers=0"], toy["conf"])
-    (metrics,) = run_eval(eval_cfg)
+    (metrics,) = run_eval(eval_settings(eval_cfg))
     assert list(metrics["per_class_iou"]) == list(TOY.class_names)
     assert metrics["n_evaluated"] == 2
     written = json.loads(next((tmp_path / "eval").rglob("metrics.json")).read_text())
