@@ -11,16 +11,16 @@ import logging
 import runpy
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_module, run_script
 from PIL import Image
 
+from conftest import ROOT, make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 
 pytestmark = pytest.mark.slow
@@ -263,7 +263,7 @@ class Case:
     script: str
     args: list
     expect: list  # substrings of the error line
-    check: Optional[Callable] = None  # (tmp_path, output_dir, error line) -> asserts more
+    check: Callable | None = None  # (tmp_path, output_dir, error line) -> asserts more
     keeps_checkpoint: bool = False
     started: bool = False  # the error comes while the run works (its folder claimed), not before
 

@@ -12,13 +12,13 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, make_module
-from smooseg.settings import eval_settings, train_settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import evaluate, run_eval
 from smooseg.eval.metrics import ClusterMetrics
 from smooseg.model.checkpoints import load_net, read_checkpoint
+from smooseg.settings import eval_settings, train_settings
 from smooseg.train.datamodule import build_datamodule, build_datasets
 from smooseg.train.train import build_module, train
 

@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.model.losses import (LOSS_TERMS, LossConfig, assignment_distance, data_loss, feature_correlation,
-                                  loss_term, pointwise_centre, random_pairing, smoothness_term, total_loss)
+from smooseg.model.losses import (
+    LOSS_TERMS,
+    LossConfig,
+    assignment_distance,
+    data_loss,
+    feature_correlation,
+    loss_term,
+    pointwise_centre,
+    random_pairing,
+    smoothness_term,
+    total_loss,
+)
 
 # ---- plain-python references: maps are nested lists [b][c][pixel] -------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_module, run_script
 
+from conftest import make_module, run_script
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_paths, output_names
 from smooseg.eval.provenance import check_same_settings, setting_differences

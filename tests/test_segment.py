@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_module
 from PIL import Image
 
+from conftest import make_module
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import yaml
-from conftest import compose_config, run_script, train_settings
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from test_crops import run_cli
 
+from conftest import compose_config, run_script, train_settings
 from smooseg import settings as S
 from smooseg.cli import config_error_message
 from smooseg.data.synthetic import write_cityscapes_layout

@@ -34,7 +34,7 @@ def help_page(name, description, examples):
              f"Usage: smooseg-{name} [key=value | --key value ...]" + (" [group=preset ...]" if groups else ""),
              "",
              "Start from:", *(f"  {example}" for example in examples), "",
-             f"Settings (declared in smooseg/settings.py; key: default  # meaning):",
+             "Settings (declared in smooseg/settings.py; key: default  # meaning):",
              *(f"  {line}" for line in settings_lines(name)), ""]
     if groups:
         lines.append("Presets (group=preset; * marks the default):")
@@ -87,7 +87,9 @@ def _field(item, lines, classes, functions):
 
 
 def _annotated_class(annotation, classes):
-    """The dataclass an annotation names (``X`` or ``Optional[X]``), else None."""
+    """The dataclass an annotation names (``X``, ``X | None`` or ``Optional[X]``), else None."""
+    if isinstance(annotation, ast.BinOp) and isinstance(annotation.right, ast.Constant):
+        annotation = annotation.left
     if isinstance(annotation, ast.Subscript):
         annotation = annotation.slice
     return annotation.id if isinstance(annotation, ast.Name) and annotation.id in classes else None

@@ -31,8 +31,9 @@ import contextlib
 import glob
 import os
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,11 +45,11 @@ from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.registry import dataset_spec, find_spec
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
+from smooseg.eval import provenance
 from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_memory import pool_backend
 from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.eval import provenance
-from smooseg.eval.crf_memory import pool_backend
 from smooseg.eval.provenance import file_sha256
 from smooseg.eval.results import claim_results_dir, print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
@@ -257,7 +258,7 @@ class EvalJob(NamedTuple):
     and ``load(device) -> (net, hparams)``."""
 
     name: str
-    path: Optional[str]
+    path: str | None
     load: Callable
 
 

@@ -9,7 +9,6 @@ term by name plus their sum, ``total``. A new term is one decorated function and
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ class LossConfig:
     pos_intra_shift: float = -0.02          # shift of the intra-image smoothness term
     neg_inter_shift: float = 0.5            # shift of the inter-image smoothness term
     pointwise: bool = True                  # pointwise centring of the feature correlation
-    weights: Dict[str, float] = field(default_factory=method_weights)  # term name -> weight
+    weights: dict[str, float] = field(default_factory=method_weights)  # term name -> weight
                                             # ('+loss.weights.<term>=w' adds a registered term)
 
     def __post_init__(self):

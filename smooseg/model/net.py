@@ -8,7 +8,6 @@ runs (pretrained weights to start from, fused attention, the backbone's autocast
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +26,12 @@ class NetConfig:
     model_type: str = "vit_small"
     patch_size: int = 8
     feat_type: str = "feat"
-    fit: Optional[str] = None  # None: the backbone spec's default
-    weights_data: Optional[str] = None  # the release (fixes the input normalisation); None: the default
+    fit: str | None = None  # None: the backbone spec's default
+    weights_data: str | None = None  # the release (fixes the input normalisation); None: the default
     dim: int = 64
     projection_type: str = "nonlinear"
     dropout: bool = True
-    linear_probe_classes: Optional[int] = None  # a supervised 1x1 probe on the code (diagnostic)
+    linear_probe_classes: int | None = None  # a supervised 1x1 probe on the code (diagnostic)
 
     @classmethod
     def from_dict(cls, values):
