@@ -670,7 +670,7 @@ PART_HEADERS = ["#", "part", "status", "device", "seconds", "result", "left out"
 
 def train_rows(report):
     rows = []
-    for e, r in finished(report, "train"):
+    for _, r in finished(report, "train"):
         s = r["settings"]
         model = f"{s['arch'].replace('vit_', 'ViT-').replace('small', 'S').replace('base', 'B')}/{s['patch']}"
         base = r["configs"]["unoptimised"]["steps_per_s"]
@@ -702,7 +702,7 @@ CACHE_HEADERS = ["part", "device", "images", "build s", "images/s", "disk MB", "
 
 def eval_rows(report):
     rows = []
-    for e, r in finished(report, "eval"):
+    for _, r in finished(report, "eval"):
         s, metrics = r["settings"], r.get("metrics", {})
         for name, run in r["runs"].items():
             m = metrics.get(name, {})
@@ -719,7 +719,7 @@ EVAL_HEADERS = ["run", "device", "images", "px", "CRF workers", "wall s", "image
 
 def crf_rows(report):
     rows = []
-    for e, r in finished(report, "crf"):
+    for _, r in finished(report, "crf"):
         s = r["settings"]
         for row in r["rows"]:
             rows.append([f"{s['size'][0]}x{s['size'][1]}x{s['classes']}", row["kind"], row["run"], row["device"],
@@ -771,8 +771,8 @@ def markdown(report):
 
 
 def text_table(headers, rows):
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(headers), "-" * len(line(headers))] + [line(r) for r in rows])
 
 

@@ -121,7 +121,7 @@ def legend_image(names, colors, swatch=20, font_size=14, pad=6):
     row = max(swatch, font_size + 4)
     canvas = Image.new("RGB", (pad * 3 + swatch + text_width, pad + len(names) * (row + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, color) in enumerate(zip(names, colors)):
+    for i, (name, color) in enumerate(zip(names, colors, strict=True)):
         top = pad + i * (row + pad)
         draw.rectangle([pad, top, pad + swatch - 1, top + swatch - 1],
                        fill=tuple(int(c) for c in color), outline=(0, 0, 0))

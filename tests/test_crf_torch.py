@@ -133,7 +133,7 @@ def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     monkeypatch.setattr(crf_torch, "MAX_KEY_BITS", 1)
     rows = PermutohedralLattice(features, counts=[360, 360])
     assert rows.n_vertices == packed.n_vertices
-    for (rows_a, left_a, right_a), (rows_b, left_b, right_b) in zip(rows._blur_plan, packed._blur_plan):
+    for (rows_a, left_a, right_a), (rows_b, left_b, right_b) in zip(rows._blur_plan, packed._blur_plan, strict=True):
         assert (rows_a is None) == (rows_b is None) and (rows_a is None or torch.equal(rows_a, rows_b))
         assert torch.equal(left_a, left_b) and torch.equal(right_a, right_b)
     assert torch.equal(rows.filter(values), packed.filter(values))
@@ -353,7 +353,7 @@ def test_backend_choice_and_the_pool_interface():
         ours, theirs = handle.result(), pool.submit(images, log_probs, labels=True).result()
         marginals = crf.submit(images[:1], log_probs[:1]).result()
     assert [a.dtype for a in ours] == [np.int16, np.int16] and ours[0].shape == (20, 30)
-    assert all((a == b).mean() >= 0.999 for a, b in zip(ours, theirs))
+    assert all((a == b).mean() >= 0.999 for a, b in zip(ours, theirs, strict=True))
     np.testing.assert_allclose(marginals[0], dense_crf(images[0], log_probs[0]), atol=1e-3)
     mixed = crf.submit([images[0], images[1][:10]], [log_probs[0], log_probs[1]]).result()  # two sizes
     assert mixed[1].shape == (4, 10, 30)

@@ -247,7 +247,7 @@ def test_multirun_over_seeds(synthetic_data, tmp_path):
                   f"output_dir={tmp_path}"]
     proc = run_script("train_segmentation.py", "-m", *overrides, "seed=0,1")
     jobs = [json.loads((tmp_path / job / "final_eval" / "metrics.json").read_text()) for job in ("0", "1")]
-    for job, metrics in zip(("0", "1"), jobs):
+    for job, metrics in zip(("0", "1"), jobs, strict=True):
         assert OmegaConf.load(tmp_path / job / "config.yaml").seed == int(job)
         assert OmegaConf.load(tmp_path / job / "config.yaml").output_dir == str(tmp_path / job)
         assert metrics["checkpoint"].startswith(str(tmp_path / job / "checkpoints" / "best-"))

@@ -230,7 +230,7 @@ def test_compiled_matches_eager_on_cuda(gpu_data, backbone_precision, tol):
 
     eager, compiled = module(False), module(True)
     assert compiled.compile and not eager.compile
-    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the same initial weights
     batch = {"img": torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(0)).cuda()}
     torch.manual_seed(1)

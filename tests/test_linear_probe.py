@@ -100,7 +100,7 @@ def test_probe_does_not_change_the_unsupervised_gradients_or_training():
     on, grads_on, trainer = fit_tiny(probe=True)
     assert off.net.linear_probe is None and on.net.linear_probe is not None
     assert len(grads_off) == len(grads_on) == 3
-    for g_off, g_on in zip(grads_off, grads_on):
+    for g_off, g_on in zip(grads_off, grads_on, strict=True):
         unsupervised = [k for k in g_on if not k.startswith("net.linear_probe.")]
         assert sorted(unsupervised) == sorted(g_off)  # projector + student prototypes only
         assert any(k.startswith("net.projector.") for k in g_off) and "net.predictor.student" in g_off

@@ -124,7 +124,7 @@ def _crop_sums(dataset, sampler, workers):
 
     loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
-    return {name: float(img.sum()) for batch in loader for name, img in zip(batch["name"], batch["img"])}
+    return {name: float(img.sum()) for batch in loader for name, img in zip(batch["name"], batch["img"], strict=True)}
 
 
 def test_random_crops_change_per_epoch_and_repeat_after_resume(tmp_path):

@@ -289,8 +289,8 @@ def test_class_colors_and_legend_image():
 
 def _metrics_json(path, assignment):
     names = ["roads", "buildings", "trees"]
-    data = {"mIoU": 10.0, "Accuracy": 20.0, "per_class_iou": dict(zip(names, [1.0, None, 3.0])),
-            "assignment": dict(zip(names, assignment))}
+    data = {"mIoU": 10.0, "Accuracy": 20.0, "per_class_iou": dict(zip(names, [1.0, None, 3.0], strict=True)),
+            "assignment": dict(zip(names, assignment, strict=True))}
     path.write_text(json.dumps(data))
     return path
 
@@ -347,7 +347,7 @@ def test_trained_checkpoint_with_its_evaluation(trained_run, tmp_path):
     sources = list_images(images, recursive=True)
     class_map, _ = class_map_from_metrics(metrics, n_clusters=27, n_classes=27)
     colours = colormap("cityscapes", 27)[class_map.numpy()]
-    for src, stem in zip(sources, output_stems(sources, images)):
+    for src, stem in zip(sources, output_stems(sources, images), strict=True):
         ids = _read(tmp_path / "seg" / f"{stem}_ids.png")
         assert ids.shape == read_image(src).shape[:2]
         assert (_read(tmp_path / "seg" / f"{stem}_mask.png") == colours[ids]).all()
@@ -411,7 +411,7 @@ class RecordingCRF:
         self.num_workers, self.max_in_flight = 0, 4
 
     def submit(self, images, log_probs, labels=False):
-        self.shapes += [(np.asarray(i).shape[:2], np.asarray(lp).shape) for i, lp in zip(images, log_probs)]
+        self.shapes += [(np.asarray(i).shape[:2], np.asarray(lp).shape) for i, lp in zip(images, log_probs, strict=True)]
         return self.pool.submit(images, log_probs, labels)
 
     def close(self):

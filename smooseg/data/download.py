@@ -203,7 +203,7 @@ def _refuse_unsafe_members(archive, root, members):
         if kinds.get(path, kind) != kind or (kind == "file" and path in kinds):
             raise _unsafe(archive, name, f"it clashes with another member of the same path {path!r}")
         kinds[path] = kind
-    for path, kind in kinds.items():
+    for path in kinds:
         parent = os.path.dirname(path)
         while parent:
             if kinds.get(parent) == "file":

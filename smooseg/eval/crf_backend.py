@@ -62,7 +62,7 @@ class TorchCRF:
         if len({tuple(image.shape) for image in images}) == 1 and len({tuple(lp.shape) for lp in log_probs}) == 1:
             out = list(self._run(torch.stack(images), torch.stack(log_probs)))
         else:
-            out = [self._run(image[None], lp[None])[0] for image, lp in zip(images, log_probs)]
+            out = [self._run(image[None], lp[None])[0] for image, lp in zip(images, log_probs, strict=True)]
         if labels:
             return _Done([m.argmax(0).to(torch.int16).cpu().numpy() for m in out])
         return _Done([m.cpu().numpy() for m in out])

@@ -148,7 +148,7 @@ class CRFPool:
         if len(images) != len(log_probs):
             raise SmoosegError(f"CRFPool.submit: {len(images)} images but {len(log_probs)} log-prob "
                                "maps; pass one log-prob map per image")
-        jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp)) for img, lp in zip(images, log_probs)]
+        jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp)) for img, lp in zip(images, log_probs, strict=True)]
         return self._run(dense_crf_labels if labels else dense_crf, jobs)
 
     def busy_workers(self):

@@ -159,9 +159,9 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
         metrics["nocrf"] = summarize(plain.metric.compute(), names)
     if linear is not None:
         metrics["linear"] = summarize(linear.compute(), names)
-    examples = list(zip(images, labels, head.preds))
+    examples = list(zip(images, labels, head.preds, strict=True))
     if len(sources) == len(examples):  # (image, label, prediction, source name) when the set names its items
-        examples = [(*example, str(name)) for example, name in zip(examples, sources)]
+        examples = [(*example, str(name)) for example, name in zip(examples, sources, strict=True)]
     return metrics, examples
 
 
@@ -267,7 +267,7 @@ def checkpoint_jobs(paths, names=None):
     are given); each net is loaded only when its turn comes."""
     names = output_names(paths) if names is None else list(names)
     return [EvalJob(name, str(path), lambda device, path=path: load_net(path, map_location=device))
-            for path, name in zip(paths, names)]
+            for path, name in zip(paths, names, strict=True)]
 
 
 def evaluate_jobs(settings, jobs):

@@ -219,10 +219,11 @@ def teacher_student(x: LossInputs):
     return data_loss(x.student_logits, x.teacher_logits)
 
 
-def total_loss(signal, student_logits, teacher_logits, config: LossConfig = LossConfig(), pairing=None):
+def total_loss(signal, student_logits, teacher_logits, config: LossConfig | None = None, pairing=None):
     """Each weighted term of ``config.weights`` by name (weight × term; a weight of 0 skips the
-    term) and their sum ``total``. ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]
+    term) and their sum ``total``; ``config`` None is ``LossConfig()``. ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]
     for the inter-image term; drawn with :func:`random_pairing` when None."""
+    config = LossConfig() if config is None else config
     pairing = _checked_pairing(signal, teacher_logits, pairing)
     with fp32_region(signal.device):
         inputs = LossInputs(signal, student_logits, teacher_logits,
