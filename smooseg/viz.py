@@ -65,7 +65,8 @@ def read_metrics_json(path):
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise SmoosegError(f"metrics JSON {path} is unreadable ({' '.join(str(err).split())}); {hint}") from None
+        reason = " ".join(str(err).split())
+        raise SmoosegError(f"metrics JSON {path} is unreadable ({reason}); {hint}") from None
     assignment = data.get("assignment") if isinstance(data, dict) else None
     if not isinstance(assignment, dict) or not assignment:
         raise SmoosegError(f"metrics JSON {path} has no 'assignment' (class -> cluster) table; {hint}")

@@ -31,7 +31,8 @@ def help_page(name, description, examples):
     with their defaults and comments (the config file's own text), and the presets it accepts."""
     groups = config_groups((CONFIG_DIR / f"{name}.yaml").read_text())
     lines = [f"smooseg-{name}: {description.strip()}", "",
-             f"Usage: smooseg-{name} [key=value | --key value ...]" + (" [group=preset ...]" if groups else ""),
+             f"Usage: smooseg-{name} [key=value | --key value ...]"
+             + (" [group=preset ...]" if groups else ""),
              "",
              "Start from:", *(f"  {example}" for example in examples), "",
              "Settings (declared in smooseg/settings.py; key: default  # meaning):",
@@ -66,8 +67,9 @@ def schema_classes():
     for tree, lines in sources:
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
-                classes[node.name] = [_field(item, lines, names, constants) for item in node.body
-                                      if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
+                classes[node.name] = [
+                    _field(item, lines, names, constants) for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
     return classes
 
 

@@ -1,9 +1,9 @@
 """Evaluation (docs/method.md sections 5-6): flip averaging, optional dense CRF, Hungarian metrics.
 
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
-``run_eval(settings)`` (what ``eval_segmentation.py`` runs, :class:`smooseg.settings.EvalSettings`) evaluates each
-checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
-in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
+``run_eval(settings)`` (what ``eval_segmentation.py`` runs, :class:`smooseg.settings.EvalSettings`)
+evaluates each checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes,
+per checkpoint, in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
 
   * ``metrics.json``: the headline ``mIoU`` / ``Accuracy`` (after the CRF when it is on),
     ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
@@ -119,7 +119,8 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     args = (data.n_classes, net.n_clusters, mask_extra_clusters, int(n_images))
     plain = _Collector(*args, device)
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
-    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity", sync_on_compute=False).to(device)
+    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity",
+                             sync_on_compute=False).to(device)
               if net.linear_probe is not None else None)
     images, labels, sources, pending = [], [], [], deque()
 

@@ -74,7 +74,8 @@ class SmooSegNet(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.linear_probe = nn.Conv2d(config.dim, int(config.linear_probe_classes), 1)
         self.backbone_precision = str(backbone_precision)
-        self._compiled = {}  # torch.compile'd backbone, kept out of the module tree (state dict keys unchanged)
+        # torch.compile'd backbone, kept out of the module tree (state dict keys unchanged)
+        self._compiled = {}
         self.compile_backbone = bool(compile_backbone)
 
     @property
@@ -121,7 +122,8 @@ class SmooSegNet(nn.Module):
     def linear_log_probs(self, code, size):
         """Linear-probe class log-probabilities B x n_classes x H x W: the probe's logits of ``code``
         upsampled bilinearly to ``size`` (STEGO's linear probe)."""
-        logits = F.interpolate(self.linear_probe(code), size=tuple(size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.linear_probe(code), size=tuple(size), mode="bilinear",
+                               align_corners=False)
         return torch.log_softmax(logits.float(), dim=1)
 
     def forward(self, img, size=None, flip=False):

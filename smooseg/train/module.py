@@ -77,8 +77,8 @@ class SmooSegModule(pl.LightningModule):
             "loss": dataclasses.asdict(loss), "optim": dataclasses.asdict(optim),
             "metrics": {"mask_extra_clusters": bool(mask_extra_clusters)},
             "diagnostics": {"n_log_images": int(n_log_images), "hist_freq": int(hist_freq)},
-            "runtime": {"compile": bool(compile), "fused_attn": net.backbone.fused_attn, "pretrained": net.pretrained,
-                        "backbone_precision": net.backbone_precision},
+            "runtime": {"compile": bool(compile), "fused_attn": net.backbone.fused_attn,
+                        "pretrained": net.pretrained, "backbone_precision": net.backbone_precision},
         })
         self.n_log_images, self.hist_freq, self.compile = int(n_log_images), int(hist_freq), bool(compile)
         net.compile_backbone = self.compile
@@ -191,7 +191,8 @@ class SmooSegModule(pl.LightningModule):
             {"params": [self.net.predictor.student], "lr": self.optim_config.lr2},
         ]
         if self.net.linear_probe is not None:  # appended: groups 0 / 1 stay projector / prototypes
-            groups.append({"params": list(self.net.linear_probe.parameters()), "lr": self.optim_config.linear_lr})
+            groups.append({"params": list(self.net.linear_probe.parameters()),
+                           "lr": self.optim_config.linear_lr})
         return torch.optim.Adam(groups)
 
     # ---- diagnostics: linear probe, shift histograms (docs/shift_tuning.md) ----
