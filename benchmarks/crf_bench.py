@@ -69,7 +69,8 @@ def make_case(kind, seed, size, n_classes):
         image = rng.integers(0, 256, image.shape, dtype=np.uint8)
     small = (max(1, size[0] // 4), max(1, size[1] // 4))
     onehot = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64) % n_classes), n_classes)
-    coarse = torch.nn.functional.interpolate(onehot.permute(2, 0, 1).float()[None], size=small, mode="area")[0]
+    coarse = torch.nn.functional.interpolate(onehot.permute(2, 0, 1).float()[None], size=small,
+                                             mode="area")[0]
     logits = 3.0 * coarse + torch.from_numpy(rng.normal(0, 1.5, (n_classes, *small))).float()
     return image, torch.log_softmax(logits, 0)
 
@@ -171,7 +172,8 @@ def run(args):
     cpu = torch.device("cpu")
     rows = []
     for kind in args.kinds:
-        cases = [make_case(kind, 1000 * KINDS.index(kind) + i, size, args.classes) for i in range(args.images)]
+        cases = [make_case(kind, 1000 * KINDS.index(kind) + i, size, args.classes)
+                 for i in range(args.images)]
         memory = PeakMemory(cpu)
         try:
             reference = None
