@@ -370,7 +370,8 @@ def test_source_names_that_cannot_name_a_crop_are_refused(tmp_path):
     image.write_bytes(b"12345")
     assert source_listing([("a", image, None)]) == {"a": [5, None]}
     for bad in ("../a", ".hidden", ""):
-        with pytest.raises(SmoosegError, match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
+        with pytest.raises(SmoosegError,
+                           match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
             source_listing([(bad, image, None)])
     with pytest.raises(SmoosegError, match="two source images are both named 'a'"):
         source_listing([("a", image, None), ("a", image, None)])

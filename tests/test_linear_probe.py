@@ -180,7 +180,8 @@ def test_probe_learns_and_is_validated(probe_run):
     _, val_set = build_datasets(cfg)
     loader = DataLoader(val_set, batch_size=4)
     before = evaluate(untrained.net, loader, untrained.data, flip=False, show_progress=False)[0]["linear"]
-    after = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=False, show_progress=False)[0]["linear"]
+    after = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=False,
+                     show_progress=False)[0]["linear"]
     assert after["Accuracy"] > before["Accuracy"] + 30.0, (before["Accuracy"], after["Accuracy"])
     # validation during training = the same probe prediction without flip
     assert after["Accuracy"] == pytest.approx(val["val/linear/Accuracy"], abs=1e-3)
