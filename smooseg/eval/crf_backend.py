@@ -59,8 +59,8 @@ class TorchCRF:
         if len(images) != len(log_probs):
             raise SmoosegError(f"dense CRF: {len(images)} images but {len(log_probs)} log-prob maps; "
                                "pass one log-prob map per image")
-        same_shapes = len({tuple(image.shape) for image in images}) == 1 \
-            and len({tuple(lp.shape) for lp in log_probs}) == 1
+        same_shapes = (len({tuple(image.shape) for image in images}) == 1
+                       and len({tuple(lp.shape) for lp in log_probs}) == 1)
         if same_shapes:
             out = list(self._run(torch.stack(images), torch.stack(log_probs)))
         else:
