@@ -15,6 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
 
 demo: $(STAMP)

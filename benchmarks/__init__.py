@@ -133,11 +133,11 @@ class Stopwatch:
 
 def format_table(headers, rows):
     """A plain-text table: headers, a rule, then one line per row (cells already strings)."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells):
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([line(headers), "-" * len(line(headers))] + [line(r) for r in rows])
 

@@ -24,6 +24,7 @@ rows alone).
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -68,7 +69,8 @@ def make_case(kind, seed, size, n_classes):
         image = rng.integers(0, 256, image.shape, dtype=np.uint8)
     small = (max(1, size[0] // 4), max(1, size[1] // 4))
     onehot = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64) % n_classes), n_classes)
-    coarse = torch.nn.functional.interpolate(onehot.permute(2, 0, 1).float()[None], size=small, mode="area")[0]
+    coarse = torch.nn.functional.interpolate(onehot.permute(2, 0, 1).float()[None], size=small,
+                                             mode="area")[0]
     logits = 3.0 * coarse + torch.from_numpy(rng.normal(0, 1.5, (n_classes, *small))).float()
     return image, torch.log_softmax(logits, 0)
 
@@ -123,6 +125,34 @@ def lattice_ms(cases, device, params, repeats):
     return 1e3 * min(per_image), 1e3 * min(grid)
 
 
+def torch_row(kind, cases, reference, memory, params, repeats, device, label, n_threads, batch):
+    """One row of ``dense_crf_torch`` on the ``kind`` images ``cases``: time, lattice share, peak memory and,
+    given pydensecrf's ``reference`` outputs, the largest difference and the argmax agreement."""
+    if device.type == "cpu":
+        torch.set_num_threads(n_threads)
+
+    def run_batch(group):
+        images = torch.stack([torch.from_numpy(img) for img, _ in group]).to(device)
+        log_probs = torch.stack([lp for _, lp in group]).to(device)
+        return list(crf_torch.dense_crf_torch(images, log_probs, **params).cpu().numpy())
+
+    mem = memory if device.type == "cpu" else PeakMemory(device)
+    ms, outs, rss_before = time_row(label, run_batch, cases, batch, device, repeats, mem)
+    lat, grid = lattice_ms(cases, device, params, repeats)
+    row = {"kind": kind, "run": label, "device": device.type, "threads": n_threads, "batch": batch,
+           "ms_per_image": ms, "lattice_ms": lat, "lattice_share": lat / ms,
+           "grid_lattice_ms": grid, "peak_mem_mb": mem.peaks[label] / 2**20}
+    if reference is not None:
+        row["max_abs_diff"] = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference, strict=True))
+        row["argmax_agreement"] = float(np.mean([(o.argmax(0) == r.argmax(0)).mean()
+                                                 for o, r in zip(outs, reference, strict=True)]))
+    if device.type == "cpu":
+        row["mem_growth_mb"] = (mem.peaks[label] - rss_before) / 2**20
+    else:
+        mem.close()
+    return row
+
+
 def run(args):
     if min(args.size) < 1 or args.classes < 1 or args.images < 1 or args.repeats < 1 or args.batch < 1 \
             or args.iters < 0:
@@ -142,7 +172,8 @@ def run(args):
     cpu = torch.device("cpu")
     rows = []
     for kind in args.kinds:
-        cases = [make_case(kind, 1000 * KINDS.index(kind) + i, size, args.classes) for i in range(args.images)]
+        cases = [make_case(kind, 1000 * KINDS.index(kind) + i, size, args.classes)
+                 for i in range(args.images)]
         memory = PeakMemory(cpu)
         try:
             reference = None
@@ -155,41 +186,17 @@ def run(args):
                              "ms_per_image": ms, "peak_mem_mb": memory.peaks["pydensecrf"] / 2**20,
                              "mem_growth_mb": (memory.peaks["pydensecrf"] - rss_before) / 2**20})
 
-            def torch_rows(device, label, n_threads, batch):
-                if device.type == "cpu":
-                    torch.set_num_threads(n_threads)
-
-                def run_batch(group):
-                    images = torch.stack([torch.from_numpy(img) for img, _ in group]).to(device)
-                    log_probs = torch.stack([lp for _, lp in group]).to(device)
-                    return list(crf_torch.dense_crf_torch(images, log_probs, **params).cpu().numpy())
-
-                mem = memory if device.type == "cpu" else PeakMemory(device)
-                ms, outs, rss_before = time_row(label, run_batch, cases, batch, device, args.repeats, mem)
-                lat, grid = lattice_ms(cases, device, params, args.repeats)
-                row = {"kind": kind, "run": label, "device": device.type, "threads": n_threads, "batch": batch,
-                       "ms_per_image": ms, "lattice_ms": lat, "lattice_share": lat / ms,
-                       "grid_lattice_ms": grid, "peak_mem_mb": mem.peaks[label] / 2**20}
-                if reference is not None:
-                    row["max_abs_diff"] = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference))
-                    row["argmax_agreement"] = float(np.mean([(o.argmax(0) == r.argmax(0)).mean()
-                                                             for o, r in zip(outs, reference)]))
-                if device.type == "cpu":
-                    row["mem_growth_mb"] = (mem.peaks[label] - rss_before) / 2**20
-                else:
-                    mem.close()
-                rows.append(row)
-
+            measure = functools.partial(torch_row, kind, cases, reference, memory, params, args.repeats)
             if not args.no_torch_cpu:
-                torch_rows(cpu, "torch cpu", 1, 1)
+                rows.append(measure(cpu, "torch cpu", 1, 1))
                 if threads > 1:
-                    torch_rows(cpu, f"torch cpu {threads} threads", threads, 1)
+                    rows.append(measure(cpu, f"torch cpu {threads} threads", threads, 1))
             torch.set_num_threads(default_threads)
             if want_cuda:
                 cuda = torch.device("cuda")
-                torch_rows(cuda, "torch cuda", threads, 1)
+                rows.append(measure(cuda, "torch cuda", threads, 1))
                 if args.batch > 1:
-                    torch_rows(cuda, f"torch cuda batch {args.batch}", threads, args.batch)
+                    rows.append(measure(cuda, f"torch cuda batch {args.batch}", threads, args.batch))
         finally:
             memory.close()
             torch.set_num_threads(default_threads)

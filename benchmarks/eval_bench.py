@@ -68,8 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the fastest counts")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="the runs to measure (default: all)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: images load in the main process)")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS,
+                   help="the runs to measure (default: all)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers (0: images load in the main process)")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
 
@@ -173,7 +175,8 @@ def run(args):
                             pin_memory=device.type == "cuda")
         with torch.no_grad():  # warm the network up (first-call allocations, kernel selection)
             net(next(iter(loader))["img"].to(device), flip=not args.no_flip)
-        pool, startup = start_pool(args.crf_workers, args.max_in_flight) if "crf_pipelined" in runs else (None, 0.0)
+        pool, startup = (start_pool(args.crf_workers, args.max_in_flight) if "crf_pipelined" in runs
+                         else (None, 0.0))
         pools = {"no_crf": None, "crf_serial": TimedCRFPool(num_workers=0) if "crf_serial" in runs else None,
                  "crf_pipelined": pool, "crf_torch": TimedTorchCRF(device)}
         memory = PeakMemory(device)
@@ -263,7 +266,8 @@ def report(results):
     if "pipelined_vs_serial_wall" in r:
         ratio = r["pipelined_vs_serial_wall"]
         lines.append(f"ratio wall clock pipelined / serial = {ratio:.2f} (target <= 0.70: "
-                     f"{'met' if ratio <= 0.7 else 'MISSED'}); serial CRF / no CRF = {r['serial_vs_no_crf_wall']:.2f}")
+                     f"{'met' if ratio <= 0.7 else 'MISSED'}); "
+                     f"serial CRF / no CRF = {r['serial_vs_no_crf_wall']:.2f}")
     checks = []
     if "same_results" in results:
         checks.append(f"same metrics serial vs pipelined: {results['same_results']}")

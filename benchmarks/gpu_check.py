@@ -239,13 +239,14 @@ def importable(module):
 def run_environment(argv):
     import torch
 
-    info = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-            "cores": os.cpu_count(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "packages": package_versions(),
-            "pythonpath": os.environ.get("PYTHONPATH", "")}
+    info = {"python": platform.python_version(), "executable": sys.executable,
+            "platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "packages": package_versions(), "pythonpath": os.environ.get("PYTHONPATH", "")}
     if hasattr(os, "sched_getaffinity"):
         info["cores_available"] = len(os.sched_getaffinity(0))
-    for module, key in (("pydensecrf.densecrf", "pydensecrf"), ("hydra", "hydra"), ("omegaconf", "omegaconf")):
+    for module, key in (("pydensecrf.densecrf", "pydensecrf"), ("hydra", "hydra"),
+                        ("omegaconf", "omegaconf")):
         ok, err = importable(module)
         info[key] = {"importable": ok, "error": err}
     info["device"] = "cpu"
@@ -253,7 +254,8 @@ def run_environment(argv):
         props = torch.cuda.get_device_properties(0)
         info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    gpu_memory_gb=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported(),
+                    gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    bf16_supported=torch.cuda.is_bf16_supported(),
                     cudnn=torch.backends.cudnn.version(), multiprocessors=props.multi_processor_count)
         smoke = {}
         start = time.perf_counter()
@@ -266,9 +268,10 @@ def run_environment(argv):
         smoke["seconds"] = round(time.perf_counter() - start, 3)
         info["smoke"] = smoke
         try:
-            info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                                                 "clocks.max.sm", "--format=csv,noheader"], capture_output=True,
-                                                text=True, timeout=20).stdout.strip()
+            query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                     "--format=csv,noheader"]
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=20)
+            info["nvidia_smi"] = smi.stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as err:
             info["nvidia_smi"] = f"not available ({err})"
     else:
@@ -306,7 +309,8 @@ def worker_main():
                    "traceback": traceback.format_exc()[-4000:]}
             traceback.print_exc()
         out["seconds"] = round(time.perf_counter() - start, 2)
-        print(f"===== part {job['name']}: {'ok' if out['ok'] else 'failed'} in {out['seconds']} s", flush=True)
+        print(f"===== part {job['name']}: {'ok' if out['ok'] else 'failed'} in {out['seconds']} s",
+              flush=True)
         tmp = job["result"] + ".tmp"
         Path(tmp).write_text(json.dumps(out, default=str))
         os.replace(tmp, job["result"])
@@ -365,7 +369,8 @@ class Worker:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         result = Path(scratch) / f"{name}.json"
-        self.proc.stdin.write(json.dumps({"name": name, "kind": kind, "argv": argv, "result": str(result)}) + "\n")
+        request = {"name": name, "kind": kind, "argv": argv, "result": str(result)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -411,8 +416,8 @@ def parse_junit(path):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = (node.get("message") or node.text or "").strip()
                 break
-        tests.append({"test": case.get("name"), "outcome": outcome, "seconds": round(float(case.get("time") or 0), 2),
-                      "message": message[:600]})
+        tests.append({"test": case.get("name"), "outcome": outcome,
+                      "seconds": round(float(case.get("time") or 0), 2), "message": message[:600]})
     return tests
 
 
@@ -434,13 +439,14 @@ def run_tests(out_dir, env, timeout_s):
     log_path, xml_path = out_dir / "pytest.log", out_dir / "pytest.xml"
     for path in (log_path, xml_path):
         path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA", "-p", "no:cacheprovider",
-           f"--junitxml={xml_path}"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA",
+           "-p", "no:cacheprovider", f"--junitxml={xml_path}"]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             code = proc.wait(timeout=timeout_s)
             error = None
@@ -503,7 +509,8 @@ class Check:
         """What the environment part found decides which parts can run."""
         self.facts["cuda"] = bool(env_results.get("cuda_available"))
         self.facts["gpu"] = env_results.get("gpu")
-        self.facts["cores"] = env_results.get("cores_available") or env_results.get("cores") or self.facts["cores"]
+        self.facts["cores"] = (env_results.get("cores_available") or env_results.get("cores")
+                               or self.facts["cores"])
         self.facts["hydra"] = env_results.get("hydra", {}).get("importable")
         if not self.args.no_pydensecrf:
             self.facts["pydensecrf"] = env_results.get("pydensecrf", {}).get("importable")
@@ -537,7 +544,8 @@ class Check:
             outcome, error = self.worker.run(part.name, part.kind, plan.argv, plan.timeout_s, scratch)
             entry["seconds"] = round(time.perf_counter() - start, 2)
             if outcome is not None and outcome["ok"]:
-                entry.update(status="ok", results=outcome["results"], device=device_of(part, outcome["results"]))
+                entry.update(status="ok", results=outcome["results"],
+                             device=device_of(part, outcome["results"]))
                 if part.kind == "environment":
                     self.learn(outcome["results"])
             else:
@@ -548,8 +556,8 @@ class Check:
 
     def run(self):
         scratch = tempfile.mkdtemp(prefix="smooseg_gpu_check_")
-        self.say(f"GPU check{' (DRY RUN on the CPU: tiny sizes, no GPU number)' if self.args.dry_run else ''}: "
-                 f"budget {self.args.budget_s:.0f} s, output {self.out}")
+        dry = " (DRY RUN on the CPU: tiny sizes, no GPU number)" if self.args.dry_run else ""
+        self.say(f"GPU check{dry}: budget {self.args.budget_s:.0f} s, output {self.out}")
         try:
             for index, part in enumerate(PARTS):
                 try:
@@ -629,7 +637,8 @@ def headline(entry):
     name = entry["name"]
     if name == "environment":
         pkgs = results.get("packages", {})
-        return (f"{results.get('gpu') or 'no GPU'}; torch {results.get('torch')} (CUDA {results.get('cuda_build')}); "
+        return (f"{results.get('gpu') or 'no GPU'}; torch {results.get('torch')} "
+                f"(CUDA {results.get('cuda_build')}); "
                 f"pydensecrf {'yes' if results.get('pydensecrf', {}).get('importable') else 'NO'}; "
                 f"hydra {pkgs.get('hydra-core') or 'NO'}")
     if name == "tests":
@@ -670,21 +679,24 @@ PART_HEADERS = ["#", "part", "status", "device", "seconds", "result", "left out"
 
 def train_rows(report):
     rows = []
-    for e, r in finished(report, "train"):
+    for _, r in finished(report, "train"):
         s = r["settings"]
         model = f"{s['arch'].replace('vit_', 'ViT-').replace('small', 'S').replace('base', 'B')}/{s['patch']}"
         base = r["configs"]["unoptimised"]["steps_per_s"]
         for config, c in r["configs"].items():
-            precision = "fp32" if config == "unoptimised" else PRECISION_NAMES.get(s["precision"], s["precision"])
+            precision = ("fp32" if config == "unoptimised"
+                         else PRECISION_NAMES.get(s["precision"], s["precision"]))
             rows.append([model, f"{s['res']}", str(s["batch"]), precision, config, s["device"],
-                         fmt(c["steps_per_s"], 3), fmt(c["images_per_s"], 1), f"{c['steps_per_s'] / base:.2f}x",
-                         fmt(c["peak_mem_mb"], 0), fmt(c["step_ms"], 1), fmt(c["data_ms"], 1),
-                         fmt(c["backbone_ms"], 1), fmt(c["heads_loss_ms"], 1), fmt(c["optimiser_ms"], 1)])
+                         fmt(c["steps_per_s"], 3), fmt(c["images_per_s"], 1),
+                         f"{c['steps_per_s'] / base:.2f}x", fmt(c["peak_mem_mb"], 0), fmt(c["step_ms"], 1),
+                         fmt(c["data_ms"], 1), fmt(c["backbone_ms"], 1), fmt(c["heads_loss_ms"], 1),
+                         fmt(c["optimiser_ms"], 1)])
     return rows
 
 
-TRAIN_HEADERS = ["model", "px", "batch", "precision", "config", "device", "steps/s", "images/s", "vs unoptimised",
-                 "peak MB", "step ms", "data ms", "backbone ms", "heads+loss ms", "optimiser ms"]
+TRAIN_HEADERS = ["model", "px", "batch", "precision", "config", "device", "steps/s", "images/s",
+                 "vs unoptimised", "peak MB", "step ms", "data ms", "backbone ms", "heads+loss ms",
+                 "optimiser ms"]
 
 
 def cache_rows(report):
@@ -702,7 +714,7 @@ CACHE_HEADERS = ["part", "device", "images", "build s", "images/s", "disk MB", "
 
 def eval_rows(report):
     rows = []
-    for e, r in finished(report, "eval"):
+    for _, r in finished(report, "eval"):
         s, metrics = r["settings"], r.get("metrics", {})
         for name, run in r["runs"].items():
             m = metrics.get(name, {})
@@ -713,17 +725,17 @@ def eval_rows(report):
     return rows
 
 
-EVAL_HEADERS = ["run", "device", "images", "px", "CRF workers", "wall s", "images/s", "CRF ms/image", "peak MB",
-                "mIoU", "Accuracy"]
+EVAL_HEADERS = ["run", "device", "images", "px", "CRF workers", "wall s", "images/s", "CRF ms/image",
+                "peak MB", "mIoU", "Accuracy"]
 
 
 def crf_rows(report):
     rows = []
-    for e, r in finished(report, "crf"):
+    for _, r in finished(report, "crf"):
         s = r["settings"]
         for row in r["rows"]:
-            rows.append([f"{s['size'][0]}x{s['size'][1]}x{s['classes']}", row["kind"], row["run"], row["device"],
-                         str(row["batch"]), fmt(row["ms_per_image"], 2),
+            rows.append([f"{s['size'][0]}x{s['size'][1]}x{s['classes']}", row["kind"], row["run"],
+                         row["device"], str(row["batch"]), fmt(row["ms_per_image"], 2),
                          f"{row['speedup_vs_pydensecrf']:.1f}x" if "speedup_vs_pydensecrf" in row else "-",
                          f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else "-",
                          f"{row['argmax_agreement']:.5f}" if "argmax_agreement" in row else "-",
@@ -744,24 +756,29 @@ def test_rows(report):
 
 def markdown(report):
     env = next((e.get("results") for e in report["parts"] if e["name"] == "environment"), None) or {}
-    title = "GPU check: DRY RUN on the CPU" if report["dry_run"] else f"GPU check: {report['facts'].get('gpu') or 'no GPU'}"
+    title = ("GPU check: DRY RUN on the CPU" if report["dry_run"]
+             else f"GPU check: {report['facts'].get('gpu') or 'no GPU'}")
+    cores = env.get("cores_available", env.get("cores", "?"))
     out = [f"# {title}", "", f"**{report['notice']}.**", "",
-           f"- command: `{report['command']}`", f"- started {report['started']}, wall {report.get('wall_s')} s "
-           f"of a {report['budget_s']:.0f} s budget" + ("" if report.get("finished") else " (still running or killed)"),
-           f"- machine: {env.get('gpu') or 'no GPU'}, {env.get('cores_available', env.get('cores', '?'))} cores, "
+           f"- command: `{report['command']}`",
+           f"- started {report['started']}, wall {report.get('wall_s')} s "
+           f"of a {report['budget_s']:.0f} s budget"
+           + ("" if report.get("finished") else " (still running or killed)"),
+           f"- machine: {env.get('gpu') or 'no GPU'}, {cores} cores, "
            f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}", "",
            "## Parts", "", md_table(PART_HEADERS, parts_rows(report)), ""]
-    sections = (("Correctness tests (pytest -m gpu)", ["test", "outcome", "seconds", "message"], test_rows(report)),
+    sections = (("Correctness tests (pytest -m gpu)", ["test", "outcome", "seconds", "message"],
+                 test_rows(report)),
                 ("Training steps (benchmarks/train_bench.py)", TRAIN_HEADERS, train_rows(report)),
                 ("Feature-cache build", CACHE_HEADERS, cache_rows(report)),
                 ("Evaluation (benchmarks/eval_bench.py)", EVAL_HEADERS, eval_rows(report)),
                 ("Dense CRF (benchmarks/crf_bench.py)", CRF_HEADERS, crf_rows(report)))
     for heading, headers, rows in sections:
         out += [f"## {heading}", "", md_table(headers, rows) if rows else "(no result)", ""]
-    out += ["Training: `unoptimised` is float32 with timm's fused attention off and the backbone on every "
-            "image; `optimised` fused attention + autocast at the part's precision, eager; `compiled` the same "
-            "through torch.compile; `cached` the best uncached path reading the feature cache. Peak memory is "
-            "CUDA max allocated on a GPU, process RSS on a CPU.", ""]
+    out += ["Training: `unoptimised` is float32 with timm's fused attention off and the backbone on "
+            "every image; `optimised` fused attention + autocast at the part's precision, eager; "
+            "`compiled` the same through torch.compile; `cached` the best uncached path reading the "
+            "feature cache. Peak memory is CUDA max allocated on a GPU, process RSS on a CPU.", ""]
     failures = [e for e in report["parts"] if e.get("traceback")]
     if failures:
         out += ["## Failures", ""]
@@ -771,8 +788,8 @@ def markdown(report):
 
 
 def text_table(headers, rows):
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(headers), "-" * len(line(headers))] + [line(r) for r in rows])
 
 
@@ -791,7 +808,8 @@ def summary_text(report):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("output_dir", nargs="?", help="folder for gpu_check.json / .md and the logs")
-    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (GPUs hidden): no GPU number")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny sizes on the CPU (GPUs hidden): no GPU number")
     p.add_argument("--budget-s", type=float, default=450.0, help="seconds for the whole run (default 450)")
     p.add_argument("--parts", nargs="+", choices=PART_NAMES, default=None, help="run only these parts")
     p.add_argument("--no-pydensecrf", action="store_true",

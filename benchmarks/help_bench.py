@@ -31,13 +31,15 @@ def time_help(script, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.help_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.help_bench",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     results = {script: time_help(script, args.repeats) for script in SCRIPTS}
     for script, seconds in results.items():
-        print(f"{script:<24} --help {seconds:5.2f} s  {'ok' if seconds < TARGET_S else 'OVER'} (< {TARGET_S:g} s)")
+        verdict = "ok" if seconds < TARGET_S else "OVER"
+        print(f"{script:<24} --help {seconds:5.2f} s  {verdict} (< {TARGET_S:g} s)")
     if args.json is not None:
         args.json.write_text(json.dumps({"help_seconds": results, "target_s": TARGET_S}, indent=2))
     return results

@@ -67,7 +67,8 @@ def parse_args(argv=None):
 
 def make_module(args, device):
     torch.manual_seed(0)
-    net = SmooSegNet(NetConfig(27, arch=args.family, model_type=args.arch, patch_size=args.patch), pretrained=False)
+    net = SmooSegNet(NetConfig(27, arch=args.family, model_type=args.arch, patch_size=args.patch),
+                     pretrained=False)
     return SmooSegModule(net, DatasetInfo(27, name="cityscapes")).to(device).train()
 
 

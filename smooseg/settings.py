@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -64,15 +64,15 @@ class ModelSettings:
     patch_size: int = setting(8, low=1)     # dino 8 | 16, dinov2 and dinov2_reg 14, dinov3 16
     feat_type: str = setting("feat", choices=FEAT_TYPES)  # last block (final norm) | last attention keys
     pretrained: bool = True                 # false: random init (testing only)
-    weights_path: Optional[str] = None      # null: the cache (torch hub; Hugging Face for
+    weights_path: str | None = None         # null: the cache (torch hub; Hugging Face for
                                             # weights_source=timm)
-    weights_url: Optional[str] = None       # a mirror of the official file, or the personal URL of a gated
+    weights_url: str | None = None          # a mirror of the official file, or the personal URL of a gated
                                             # (DINOv3) release; the cached file keeps the official name
     weights_source: str = setting("official", choices=WEIGHTS_SOURCES)  # official (Meta's release file) |
                                             # timm (timm's copy, timm's key layout)
-    weights_data: Optional[str] = None      # null: the backbone's default release; dinov3 vit_large:
+    weights_data: str | None = None         # null: the backbone's default release; dinov3 vit_large:
                                             # lvd1689m | sat493m (SAT-493M brings its own input normalisation)
-    fit: Optional[str] = setting(None, choices=FITS)  # H/W not a multiple of the patch: error | resize |
+    fit: str | None = setting(None, choices=FITS)  # H/W not a multiple of the patch: error | resize |
                                             # pad; null: the backbone's default (resize for dinov2, else
                                             # error)
     fused_attn: bool = True                 # timm's fused attention kernel (same features, faster)
@@ -95,9 +95,9 @@ class DatasetSettings:
     """A data set (the ``dataset`` group); its name is checked against the data set registry."""
 
     name: str = MISSING
-    n_classes: Optional[int] = setting(None, low=1)   # directory sets with labels: the number of classes
-    n_clusters: Optional[int] = setting(None, low=1)  # directory sets without labels: clusters to find
-    dir_name: Optional[str] = None          # directory sets: <data_dir>/<dir_name> (null: data_dir)
+    n_classes: int | None = setting(None, low=1)   # directory sets with labels: the number of classes
+    n_clusters: int | None = setting(None, low=1)  # directory sets without labels: clusters to find
+    dir_name: str | None = None             # directory sets: <data_dir>/<dir_name> (null: data_dir)
     train_crop: str = setting("center", choices=CROPS)  # training crops: center | random | none
     train_crop_source: Any = setting(None, section=CropSource)  # a CropSource; null: the raw images
     image_interp: str = setting("nearest", choices=("nearest", "bilinear"))  # image resizing: nearest
@@ -120,7 +120,7 @@ class LoaderSettings:
 
     persistent_workers: bool = True         # keep worker processes alive between epochs (num_workers > 0)
     pin_memory: Any = setting("auto", choices=("auto", True, False))  # auto: on a CUDA GPU
-    prefetch_factor: Optional[int] = setting(2, low=1)  # batches each worker loads ahead (num_workers > 0)
+    prefetch_factor: int | None = setting(2, low=1)  # batches each worker loads ahead (num_workers > 0)
 
 
 @dataclass
@@ -130,7 +130,7 @@ class CacheSettings:
     enabled: bool = False                   # needs deterministic crops (dataset.train_crop=center)
     dir: str = "${data_dir}/feature_cache"  # a sub-folder per key (data set, crops, backbone, weights, dtype)
     dtype: str = setting("float16", choices=("float16", "float32"))  # float32: bit-exact features
-    batch_size: Optional[int] = setting(None, low=1)  # images per backbone batch (null: batch_size)
+    batch_size: int | None = setting(None, low=1)  # images per backbone batch (null: batch_size)
 
 
 @dataclass
@@ -173,7 +173,7 @@ class TrainerSettings:
     num_sanity_val_steps: int = setting(2, low=-1)
     deterministic: bool = False               # deterministic algorithms (slower)
     enable_progress_bar: bool = True
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,11 +181,11 @@ class LoggerSettings:
     """Where training logs its scalars and pictures (``logger`` group); ``none`` logs nowhere."""
 
     type: str = setting("tensorboard", choices=LOGGERS)  # tensorboard | csv | wandb | mlflow | none
-    project: Optional[str] = None             # W&B / MLflow project (null: smooseg)
-    entity: Optional[str] = None              # W&B team or user
-    name: Optional[str] = None                # run name (null: the run folder's name)
-    tags: List[str] = field(default_factory=list)  # run tags
-    tracking_uri: Optional[str] = None        # MLflow server (null: MLFLOW_TRACKING_URI, else
+    project: str | None = None                # W&B / MLflow project (null: smooseg)
+    entity: str | None = None                 # W&B team or user
+    name: str | None = None                   # run name (null: the run folder's name)
+    tags: list[str] = field(default_factory=list)  # run tags
+    tracking_uri: str | None = None           # MLflow server (null: MLFLOW_TRACKING_URI, else
                                             # <output_dir>/mlruns)
 
 
@@ -210,7 +210,7 @@ class TrainSettings:
     num_workers: int = setting(4, low=0)    # DataLoader worker processes
     max_steps: int = setting(3000, low=1)     # optimiser steps
     val_check_interval: int = setting(400, low=1)  # validate and checkpoint every N optimiser steps
-    ckpt_path: Optional[str] = None         # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
+    ckpt_path: str | None = None            # resume: null | last (<output_dir>/checkpoints/last.ckpt) | path
                                             # | auto (finish what the folder holds: kept if finished,
                                             # resumed, or started; a stopped -m sweep: the same command)
     resume_changes: bool = False            # resume with settings that alter the run (RUN_DEFINING) changed:
@@ -241,10 +241,10 @@ class EvalSettings:
     model_paths: Any = setting(each=str)    # checkpoints or glob patterns (required)
     data_dir: str = "${oc.env:SMOOSEG_DATA,data}"  # folder holding cityscapes/, cocostuff/, potsdam/,
                                             # cropped/
-    dataset: Optional[DatasetSettings] = None  # null: the checkpoint's data set
+    dataset: DatasetSettings | None = None  # null: the checkpoint's data set
     split: str = "val"                        # the split evaluated
-    eval_res: Optional[int] = setting(None, low=1)  # null: the checkpoint's evaluation resolution
-    image_interp: Optional[str] = setting(None, choices=("nearest", "bilinear"))  # null: as in training
+    eval_res: int | None = setting(None, low=1)  # null: the checkpoint's evaluation resolution
+    image_interp: str | None = setting(None, choices=("nearest", "bilinear"))  # null: as in training
     batch_size: int = setting(8, low=1)       # images per batch
     num_workers: int = setting(2, low=0)      # DataLoader worker processes
     crf: bool = True                        # dense CRF on top (metrics without it are reported too)
@@ -272,7 +272,7 @@ class SegmentSettings:
     mode: str = setting("resize", choices=("resize", "window"))  # resize: shorter side -> size, prediction
                                             # upsampled back | window: sliding windows
     size: int = setting(320, low=1)         # resize: shorter side fed to the network; window: window side
-    stride: Optional[int] = setting(None, low=1)  # window step in pixels (null: size // 2)
+    stride: int | None = setting(None, low=1)  # window step in pixels (null: size // 2)
     batch_size: int = setting(8, low=1)     # windows per forward pass (window mode)
     flip: bool = True                         # horizontal-flip averaging
     crf: bool = False                         # dense CRF refinement
@@ -283,7 +283,7 @@ class SegmentSettings:
     crf_max_pixels: int = setting(4_000_000, low=1)  # larger images are refined at this many pixels
     crf_max_memory: Any = "auto"            # auto (the memory available now) | bytes | 8GB
     save_ids: bool = False                  # also the raw cluster ids (<stem>_ids.png)
-    metrics_json: Optional[str] = None      # metrics.json of an evaluation: colour by class, legend
+    metrics_json: str | None = None         # metrics.json of an evaluation: colour by class, legend
     alpha: float = setting(0.5, low=0.0, high=1.0)  # mask opacity in the overlay
     skip_bad: bool = False                  # skip unreadable images with a warning
     progress: bool = True                     # progress bar
@@ -305,8 +305,8 @@ class CropSettings:
     seed: int = setting(0, low=0, high=SEED_MAX)  # random crops of an image depend only on (seed, its name)
     num_workers: int = setting(4, low=0)    # worker processes (0 = in-process)
     jpeg_quality: int = setting(75, low=1, high=100)  # Pillow's default, as the reference saves crops
-    dir_dataset_name: Optional[str] = None  # directory data set: folder <data_dir>/<dir_dataset_name>
-    dir_dataset_n_classes: Optional[int] = setting(None, low=1)  # directory data set: number of classes
+    dir_dataset_name: str | None = None     # directory data set: folder <data_dir>/<dir_dataset_name>
+    dir_dataset_n_classes: int | None = setting(None, low=1)  # directory data set: number of classes
                                             # (without labels: the clusters)
     progress: bool = True                     # progress bar
 
@@ -321,8 +321,8 @@ class DownloadSettings:
     base_url: str = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/"  # where
                                             # <name>.zip is hosted; point it at a mirror when the host moved
     keep_archive: bool = False              # keep <name>.zip after extraction
-    sizes: Dict[str, int] = field(default_factory=dict)  # expected archive sizes in bytes
-    sha256: Dict[str, str] = field(default_factory=dict)  # archive checksums
+    sizes: dict[str, int] = field(default_factory=dict)  # expected archive sizes in bytes
+    sha256: dict[str, str] = field(default_factory=dict)  # archive checksums
     timeout: float = setting(60.0, above=0.0)  # seconds without data before a connection counts as failed
     progress: bool = True                     # progress bar
 

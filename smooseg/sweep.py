@@ -116,7 +116,8 @@ def continue_run(cfg):
         (folder / "config.yaml").unlink(missing_ok=True)  # every DDP process may get here
     elif marks:
         raise SmoosegError(f"ckpt_path=auto: output_dir={folder} holds a run without checkpoints/last.ckpt "
-                           f"({', '.join(marks[:3])}): nothing to resume from; remove the folder to start afresh")
+                           f"({', '.join(marks[:3])}): nothing to resume from; "
+                           "remove the folder to start afresh")
     cfg.ckpt_path = None
     return cfg
 
@@ -141,7 +142,8 @@ def job_headline(path, sweep_dir):
     seed = OmegaConf.load(config).get("seed") if config.is_file() else None
     return {"job": job.relative_to(sweep_dir).as_posix(), "seed": seed, "output_dir": str(job),
             "checkpoint": metrics.get("checkpoint"), "metrics": str(path), "crf": metrics.get("crf"),
-            "mIoU": metrics.get("mIoU"), "Accuracy": metrics.get("Accuracy"), "provenance": metrics.get("provenance")}
+            "mIoU": metrics.get("mIoU"), "Accuracy": metrics.get("Accuracy"),
+            "provenance": metrics.get("provenance")}
 
 
 class SweepSummary(Callback):
@@ -173,7 +175,8 @@ class SweepSummary(Callback):
         if self._jobs:
             found = [job / FINAL_METRICS for job in self._jobs if (job / FINAL_METRICS).is_file()]
         else:
-            found = [path for path, stamp in final_metrics(sweep_dir).items() if self._before.get(path) != stamp]
+            found = [path for path, stamp in final_metrics(sweep_dir).items()
+                     if self._before.get(path) != stamp]
         return sorted(found, key=_natural)
 
     def on_multirun_end(self, config, **kwargs):

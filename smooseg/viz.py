@@ -65,7 +65,8 @@ def read_metrics_json(path):
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise SmoosegError(f"metrics JSON {path} is unreadable ({' '.join(str(err).split())}); {hint}") from None
+        reason = " ".join(str(err).split())
+        raise SmoosegError(f"metrics JSON {path} is unreadable ({reason}); {hint}") from None
     assignment = data.get("assignment") if isinstance(data, dict) else None
     if not isinstance(assignment, dict) or not assignment:
         raise SmoosegError(f"metrics JSON {path} has no 'assignment' (class -> cluster) table; {hint}")
@@ -121,7 +122,7 @@ def legend_image(names, colors, swatch=20, font_size=14, pad=6):
     row = max(swatch, font_size + 4)
     canvas = Image.new("RGB", (pad * 3 + swatch + text_width, pad + len(names) * (row + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, color) in enumerate(zip(names, colors)):
+    for i, (name, color) in enumerate(zip(names, colors, strict=True)):
         top = pad + i * (row + pad)
         draw.rectangle([pad, top, pad + swatch - 1, top + swatch - 1],
                        fill=tuple(int(c) for c in color), outline=(0, 0, 0))

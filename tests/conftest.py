@@ -81,8 +81,9 @@ def make_module(pretrained=False, n_classes=3, extra_clusters=0, dataset_name="d
                 **options):
     """A SmooSegModule built as training builds one: a :class:`NetConfig` (``n_classes`` +
     ``extra_clusters`` clusters, a linear probe when ``linear_probe``), the :class:`DatasetInfo` of
-    ``dataset_name`` (its other fields by name), :class:`LossConfig` and :class:`OptimConfig` from the options named after their
-    fields, the rest the module's own keywords; random-init backbone unless ``pretrained``."""
+    ``dataset_name`` (its other fields by name), :class:`LossConfig` and :class:`OptimConfig` from the
+    options named after their fields, the rest the module's own keywords; random-init backbone unless
+    ``pretrained``."""
     import dataclasses
 
     from smooseg.data.datasets import DatasetInfo
@@ -99,5 +100,5 @@ def make_module(pretrained=False, n_classes=3, extra_clusters=0, dataset_name="d
                      **{k: options.pop(k) for k in ("fused_attn", "backbone_precision") if k in options})
     data = DatasetInfo(n_classes=n_classes, name=dataset_name,
                        **{k: v for k, v in take(DatasetInfo).items() if k not in ("n_classes", "name")})
-    return SmooSegModule(net, data, loss=LossConfig(**take(LossConfig)), optim=OptimConfig(**take(OptimConfig)),
-                         **options)
+    return SmooSegModule(net, data, loss=LossConfig(**take(LossConfig)),
+                         optim=OptimConfig(**take(OptimConfig)), **options)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_module, run_script
 from PIL import Image
 
 import smooseg
+from conftest import make_module, run_script
 from smooseg.errors import SmoosegError
 from smooseg.eval.provenance import file_sha256
 

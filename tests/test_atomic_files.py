@@ -69,7 +69,8 @@ def test_full_disk_in_training_keeps_the_previous_checkpoints(data, tmpfs):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(names) == 2 and names[1] == "last.ckpt" and names[0].startswith("best-step2-"), names
     for name in names:  # whole files of step 2, loadable
-        assert torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)["global_step"] == 2
+        saved = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert saved["global_step"] == 2
 
 
 def test_full_disk_keeps_the_previous_json(tmpfs):
@@ -133,7 +134,8 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_old_one(tmp_path):
     target = tmp_path / "last.ckpt"
     script = ("import sys, torch; from smooseg.train.callbacks import AtomicCheckpointIO\n"
               "print('go', flush=True)\n"
-              "while True: AtomicCheckpointIO().save_checkpoint({'w': torch.zeros(4_000_000)}, sys.argv[1])\n")
+              "while True:\n"
+              "    AtomicCheckpointIO().save_checkpoint({'w': torch.zeros(4_000_000)}, sys.argv[1])\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     for delay in (0.05, 0.2, 0.4):
         target.unlink(missing_ok=True)

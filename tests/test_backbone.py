@@ -402,7 +402,8 @@ def test_features_match_official_pos_embed_resampling(structured_backbones, arch
 def test_official_resampling_non_square_grid(structured_backbones):
     backbone = structured_backbones["dino"]
     img = _img(112, 176)
-    expected = _features_by_hand(backbone.model, img, _reference_pos_embed(backbone.model.pos_embed, 14, 22), 8)
+    pos_embed = _reference_pos_embed(backbone.model.pos_embed, 14, 22)
+    expected = _features_by_hand(backbone.model, img, pos_embed, 8)
     assert _rel_l2(backbone(img), expected) <= 1e-5
 
 

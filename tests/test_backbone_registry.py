@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN_OVERRIDES, run_script, train_config
-from official_layouts import image, shallow_backbone
 from omegaconf import OmegaConf
 
+from conftest import ROOT, TRAIN_OVERRIDES, run_script, train_config
+from official_layouts import image, shallow_backbone
 from smooseg.errors import SmoosegError
 from smooseg.model.backbones import (
     POS_ROPE,

@@ -11,16 +11,16 @@ import logging
 import runpy
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_module, run_script
 from PIL import Image
 
+from conftest import ROOT, make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 
 pytestmark = pytest.mark.slow
@@ -263,7 +263,7 @@ class Case:
     script: str
     args: list
     expect: list  # substrings of the error line
-    check: Optional[Callable] = None  # (tmp_path, output_dir, error line) -> asserts more
+    check: Callable | None = None  # (tmp_path, output_dir, error line) -> asserts more
     keeps_checkpoint: bool = False
     started: bool = False  # the error comes while the run works (its folder claimed), not before
 
@@ -347,7 +347,8 @@ CASES = [
          ["did you mean loss.temperature?", "loss.temperature=0.1,0.2"], check=nothing_at_all),
     Case("train: key added to a section that does not take it", valid, T, TRAIN + ["+loss.temprature=0.2"],
          ["loss.temprature is not one of the loss settings", "temperature"]),
-    Case("eval: bad CRF worker count", valid_checkpoint, E, EVAL[:4] + ["crf=true", "crf_workers=many"] + EVAL[5:],
+    Case("eval: bad CRF worker count", valid_checkpoint, E,
+         EVAL[:4] + ["crf=true", "crf_workers=many"] + EVAL[5:],
          ["crf_workers=many is not allowed", "crf_workers must be auto or an integer >= 0"]),
     Case("train: unparsable override", valid, T, TRAIN + ["seed=["], ["cannot parse", "seed=["]),
     Case("train: not a Trainer argument", valid, T, TRAIN + ["+trainer.gpus=2"], ["trainer.*", "gpus"]),
@@ -380,7 +381,8 @@ CASES = [
     Case("train: unlabelled tiles asked for outside Potsdam", valid, T,
          TRAIN + ["dataset.train_unlabelled=true"], ["train_unlabelled=true is for potsdam only"]),
     Case("train: + before a key that exists", valid, T, TRAIN + ["+dataset.train_unlabelled=true"],
-         ["dataset.train_unlabelled is a setting already", "pass dataset.train_unlabelled=true (without the +)"]),
+         ["dataset.train_unlabelled is a setting already",
+          "pass dataset.train_unlabelled=true (without the +)"]),
     # sizes and numerics
     Case("train: size not a multiple of the patch", valid, T, TRAIN + ["res=40"],
          ["40x40", "patch size 16", "model.fit"]),
@@ -390,7 +392,8 @@ CASES = [
          ["40x40", "patch size 16"]),
     Case("train: batch larger than the training set", valid, T, TRAIN + ["batch_size=8"],
          ["4 images", "batch_size=8"]),
-    Case("train: non-finite loss", valid, T, TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
+    Case("train: non-finite loss", valid, T,
+         TRAIN + ["optim.lr1=1e30", "max_steps=3", "val_check_interval=1"],
          ["non-finite", "step 2", "last good checkpoint"], check=last_good_checkpoint_kept,
          keeps_checkpoint=True, started=True),
     # part-written data and files that cannot be read right
@@ -440,11 +443,13 @@ CASES = [
           ("trainer.num_nodes=1.5", "an integer >= 1"),
       ]],
     Case("train: unset environment variable", valid, T,
-         [a for a in TRAIN if not a.startswith("data_dir=")] + ["data_dir=${{oc.env:SMOOSEG_UNSET_FOR_TEST}}"],
+         [a for a in TRAIN if not a.startswith("data_dir=")]
+         + ["data_dir=${{oc.env:SMOOSEG_UNSET_FOR_TEST}}"],
          ["data_dir", "environment variable SMOOSEG_UNSET_FOR_TEST", "not set"]),
     *[Case(f"eval: {arg}", valid_checkpoint, E, EVAL + [arg], [f"{arg} is not allowed", expect])
-      for arg, expect in [("crf_backend=torhc", "one of auto, pydensecrf, torch"), ("flip=maybe", "true or false"),
-                          ("precision=bf17", "one of auto"), ("batch_size=2.5", "an integer >= 1")]],
+      for arg, expect in [("crf_backend=torhc", "one of auto, pydensecrf, torch"),
+                          ("flip=maybe", "true or false"), ("precision=bf17", "one of auto"),
+                          ("batch_size=2.5", "an integer >= 1")]],
     *[Case(f"segment: {arg}", large_photo, "segment_images.py",
            ["model_path={ckpt}", "input_dir={photos}", "output_dir={out}", "device=cpu", arg],
            [f"{arg} is not allowed", expect], check=nothing_at_all)
@@ -480,23 +485,28 @@ CASES = [
          ["model_paths=[{ckpt},{tmp}/absent.ckpt]"] + EVAL[1:],
          ["checkpoint {tmp}/absent.ckpt not found", "'model_paths=[\"a=b.ckpt\"]'"]),
     Case("eval: checkpoint path with an unquoted =", valid_checkpoint, E,
-         ["model_paths=[{tmp}/a=b.ckpt]"] + EVAL[1:], ["cannot parse", "a=b.ckpt", "quote a path that contains '='"]),
+         ["model_paths=[{tmp}/a=b.ckpt]"] + EVAL[1:],
+         ["cannot parse", "a=b.ckpt", "quote a path that contains '='"]),
     Case("eval: dataset.n_classes contradicting the checkpoint", directory_set_and_checkpoint, E,
          EVAL + ["dataset=directory", "dataset.n_classes=5", "dataset.dir_name=mine"],
          ["dataset.n_classes=5 contradicts the checkpoint", "27 classes", "dataset.n_classes=27"]),
     Case("eval: data set contradicting the checkpoint", valid_checkpoint, E, EVAL + ["dataset=cocostuff27"],
          ["dataset=cocostuff27 contradicts the checkpoint", "trained on cityscapes"]),
-    Case("train: model.weights_path a folder", valid, T, TRAIN + ["model.pretrained=true", "model.weights_path={tmp}"],
+    Case("train: model.weights_path a folder", valid, T,
+         TRAIN + ["model.pretrained=true", "model.weights_path={tmp}"],
          ["model.weights_path={tmp} is a folder, not a file"]),
     Case("train: feature cache folder cannot be created", a_file, T,
          TRAIN + ["cache.enabled=true", "cache.dir={file}/cache"],
          ["cache.dir={file}/cache cannot be created", "{file} is a file"]),
     # a run folder is never overwritten
     Case("train: output_dir holds a run", folder_with_a_run, T, TRAIN,
-         ["output_dir={out} already holds a run", "resume it with ckpt_path=last", "choose another output_dir"],
+         ["output_dir={out} already holds a run", "resume it with ckpt_path=last",
+          "choose another output_dir"],
          check=no_config_written, keeps_checkpoint=True),
-    Case("train: output_dir of a running training", folder_of_a_running_training, T, TRAIN + ["ckpt_path=null"],
-         ["output_dir={out} is being written by a running training (process 4242", "choose another output_dir"],
+    Case("train: output_dir of a running training", folder_of_a_running_training, T,
+         TRAIN + ["ckpt_path=null"],
+         ["output_dir={out} is being written by a running training (process 4242",
+          "choose another output_dir"],
          check=no_config_written),
 ]
 

@@ -33,15 +33,18 @@ def test_train_bench_runs_and_writes_json(tmp_path):
     assert results["configs"]["cached"]["backbone_ms"] < results["configs"]["unoptimised"]["backbone_ms"]
     assert results["machine"]["cores"] >= 1 and results["machine"]["cpu"]
     assert results["best_uncached"] == "optimised" and results["settings"]["compile"] is False
-    assert set(results["ratios"]) == {"optimised_vs_unoptimised", "cached_vs_unoptimised", "cached_vs_uncached"}
+    assert set(results["ratios"]) == {"optimised_vs_unoptimised", "cached_vs_unoptimised",
+                                      "cached_vs_uncached"}
     assert results["ratios"]["cached_vs_uncached"] == pytest.approx(
-        results["configs"]["cached"]["steps_per_s"] / results["configs"]["optimised"]["steps_per_s"], rel=1e-2)
+        results["configs"]["cached"]["steps_per_s"] / results["configs"]["optimised"]["steps_per_s"],
+        rel=1e-2)
 
 
 def test_train_bench_compiled_row_is_optional():
     from benchmarks import train_bench
 
-    assert train_bench.configs(train_bench.parse_args([])) == ("unoptimised", "optimised", "compiled", "cached")
+    assert train_bench.configs(train_bench.parse_args([])) == ("unoptimised", "optimised", "compiled",
+                                                                "cached")
     args = train_bench.parse_args(["--no-compile"])
     assert train_bench.configs(args) == ("unoptimised", "optimised", "cached")
     assert train_bench.best_uncached(args) == "optimised"

@@ -33,7 +33,8 @@ def to_reference_key(key):
 def flat(hp):
     """The grouped hyper-parameters of a native checkpoint as one flat dict."""
     return {**hp["net"], **hp["loss"], **hp["optim"], "dataset_name": hp["data"]["name"],
-            "n_classes": hp["data"]["n_classes"], "extra_clusters": hp["net"]["n_clusters"] - hp["data"]["n_classes"]}
+            "n_classes": hp["data"]["n_classes"],
+            "extra_clusters": hp["net"]["n_clusters"] - hp["data"]["n_classes"]}
 
 
 def reference_cfg(hp):

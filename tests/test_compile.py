@@ -22,6 +22,7 @@ def test_compiled_training_matches_eager():
     for key in ("total", "intra", "inter", "data"):
         torch.testing.assert_close(compiled["terms"][key], eager["terms"][key], rtol=1e-4, atol=1e-5)
     compiled["terms"]["total"].backward()
-    assert module.net.predictor.student.grad is not None and module.net.projector.linear.weight.grad is not None
+    assert module.net.predictor.student.grad is not None
+    assert module.net.projector.linear.weight.grad is not None
     assert set(module.state_dict()) == set(make_module(
         n_classes=3, dataset_name="directory", model_type="vit_small", patch_size=16).state_dict())

@@ -1,4 +1,5 @@
-"""Hydra configs: every group option and preset composes, presets hold the published settings (docs/method.md §8), both override styles."""
+"""Hydra configs: every group option and preset composes, presets hold the published settings
+(docs/method.md §8), both override styles."""
 
 import re
 
@@ -15,7 +16,8 @@ from smooseg.settings import train_settings
 
 CONFIGS = ROOT / "smooseg" / "configs"
 
-# docs/method.md §8: dataset, (arch, model_type, patch), res, eval_res, batch, pos_intra_shift, neg_inter_shift, seed
+# docs/method.md §8: dataset, (arch, model_type, patch), res, eval_res, batch, pos_intra_shift,
+# neg_inter_shift, seed
 PUBLISHED = {
     "cocostuff27_vits8": ("cocostuff27", ("dino", "vit_small", 8), 224, 320, 32, -0.02, 0.48, 123456),
     "cityscapes_vits8": ("cityscapes", ("dino", "vit_small", 8), 224, 320, 32, -0.02, 0.5, 0),
@@ -92,7 +94,8 @@ def test_every_group_option_composes(group):
 def test_directory_dataset_needs_n_classes_or_n_clusters():
     cfg = compose_cfg("train", ["dataset=directory"])
     assert cfg.dataset.n_classes is None and cfg.dataset.n_clusters is None
-    with pytest.raises(SmoosegError, match="dataset.n_clusters is not set; a directory data set without labels"):
+    with pytest.raises(SmoosegError,
+                       match="dataset.n_clusters is not set; a directory data set without labels"):
         train_settings(compose_cfg("train", ["dataset=directory"]))
 
 

@@ -131,7 +131,7 @@ def test_serial_pool_spawns_no_process():
         result = pool.submit(images, log_probs).result()
         assert pool._executor is None
         assert set(multiprocessing.active_children()) == before
-    for q, img, lp in zip(result, images, log_probs):
+    for q, img, lp in zip(result, images, log_probs, strict=True):
         np.testing.assert_array_equal(q, dense_crf(img, lp))
     with pytest.raises(SmoosegError, match="closed"):
         pool.submit(images, log_probs).result()
@@ -157,7 +157,7 @@ def test_worker_map_equals_serial(worker_pool):
     for got in (worker_pool.submit(images, log_probs).result(),
                 worker_pool.submit(float_images, log_probs).result()):
         assert len(got) == len(expected)
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             _assert_same_marginals(g, e)
 
 
@@ -167,9 +167,9 @@ def test_pipelined_submit_keeps_order_and_bounds_in_flight(worker_pool):
     for images, log_probs in batches:
         handles.append(worker_pool.submit(images, log_probs))
         assert sum(not h.done() for h in worker_pool._in_flight) <= worker_pool.max_in_flight
-    for handle, (images, log_probs) in zip(handles, batches):
+    for handle, (images, log_probs) in zip(handles, batches, strict=True):
         got = handle.result()
-        for g, img, lp in zip(got, images, log_probs):
+        for g, img, lp in zip(got, images, log_probs, strict=True):
             _assert_same_marginals(g, dense_crf(img, lp))
     assert handles[0].result() is handles[0].result()
 
@@ -211,7 +211,7 @@ def test_labels_mode_returns_the_marginals_argmax(worker_pool):
     marginals = CRFPool(0).submit(images, log_probs).result()
     for pool in (CRFPool(0), worker_pool):
         labels = pool.submit(images, log_probs, labels=True).result()
-        for got, q in zip(labels, marginals):
+        for got, q in zip(labels, marginals, strict=True):
             assert got.dtype == np.int16 and got.shape == q.shape[1:]
             np.testing.assert_array_equal(got, q.argmax(0))
 

@@ -38,7 +38,8 @@ def reference_filter(features, values):
 def bilateral_features(image, sxy=67.0, srgb=3.0):
     h, w = image.shape[:2]
     pos = crf_torch._grid_features(h, w, sxy, "cpu")
-    colour = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1]).reshape(-1, 3).astype(np.float32)) / srgb
+    bgr = np.ascontiguousarray(image[:, :, ::-1]).reshape(-1, 3).astype(np.float32)
+    colour = torch.from_numpy(bgr) / srgb
     return torch.cat([pos, colour], 1)
 
 
@@ -133,7 +134,8 @@ def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     monkeypatch.setattr(crf_torch, "MAX_KEY_BITS", 1)
     rows = PermutohedralLattice(features, counts=[360, 360])
     assert rows.n_vertices == packed.n_vertices
-    for (rows_a, left_a, right_a), (rows_b, left_b, right_b) in zip(rows._blur_plan, packed._blur_plan):
+    for (rows_a, left_a, right_a), (rows_b, left_b, right_b) in zip(rows._blur_plan, packed._blur_plan,
+                                                                     strict=True):
         assert (rows_a is None) == (rows_b is None) and (rows_a is None or torch.equal(rows_a, rows_b))
         assert torch.equal(left_a, left_b) and torch.equal(right_a, right_b)
     assert torch.equal(rows.filter(values), packed.filter(values))
@@ -228,8 +230,8 @@ def test_batch_equals_images_one_by_one():
     """Three similar scenes in one batch (a joint bilateral lattice) equal three single runs."""
     rng = np.random.default_rng(12)
     base, labels = street_scene(rng, (30, 35))
-    images = np.stack([base, np.clip(base.astype(int) + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8),
-                       dark_image(rng, 30, 35)])
+    noisy = np.clip(base.astype(int) + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
+    images = np.stack([base, noisy, dark_image(rng, 30, 35)])
     log_probs = torch.stack([noisy_logits(rng, labels, 4, (8, 9)) for _ in range(3)])
     batch = dense_crf_torch(torch.from_numpy(images), log_probs)
     assert tuple(batch.shape) == (3, 4, 30, 35)
@@ -321,8 +323,9 @@ def test_benchmark_script_runs(tmp_path):
 
     out = tmp_path / "crf.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.crf_bench", "--size", "32", "40", "--classes", "3",
-                           "--images", "1", "--iters", "2", "--device", "cpu", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.crf_bench", "--size", "32", "40",
+                           "--classes", "3", "--images", "1", "--iters", "2", "--device", "cpu",
+                           "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pydensecrf" in proc.stdout and "torch cpu" in proc.stdout
@@ -353,7 +356,7 @@ def test_backend_choice_and_the_pool_interface():
         ours, theirs = handle.result(), pool.submit(images, log_probs, labels=True).result()
         marginals = crf.submit(images[:1], log_probs[:1]).result()
     assert [a.dtype for a in ours] == [np.int16, np.int16] and ours[0].shape == (20, 30)
-    assert all((a == b).mean() >= 0.999 for a, b in zip(ours, theirs))
+    assert all((a == b).mean() >= 0.999 for a, b in zip(ours, theirs, strict=True))
     np.testing.assert_allclose(marginals[0], dense_crf(images[0], log_probs[0]), atol=1e-3)
     mixed = crf.submit([images[0], images[1][:10]], [log_probs[0], log_probs[1]]).result()  # two sizes
     assert mixed[1].shape == (4, 10, 30)

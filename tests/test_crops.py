@@ -45,7 +45,7 @@ def test_five_crops_by_hand():
 
 def test_random_crops_bounds_and_seed():
     boxes = random_crops(30, 50, 0.5, np.random.default_rng(0), n=200)
-    assert all((h, w) == (15, 25) and 0 <= t <= 15 and 0 <= l <= 25 for t, l, h, w in boxes)
+    assert all((h, w) == (15, 25) and 0 <= t <= 15 and 0 <= left <= 25 for t, left, h, w in boxes)
     assert {t for t, _, _, _ in boxes} == set(range(16))                # all corners reachable
     again = random_crops(30, 50, 0.5, np.random.default_rng(0), n=200)
     assert boxes == again
@@ -370,7 +370,8 @@ def test_source_names_that_cannot_name_a_crop_are_refused(tmp_path):
     image.write_bytes(b"12345")
     assert source_listing([("a", image, None)]) == {"a": [5, None]}
     for bad in ("../a", ".hidden", ""):
-        with pytest.raises(SmoosegError, match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
+        with pytest.raises(SmoosegError,
+                           match=f"has the name '{re.escape(bad)}', which cannot name a crop file"):
             source_listing([(bad, image, None)])
     with pytest.raises(SmoosegError, match="two source images are both named 'a'"):
         source_listing([("a", image, None), ("a", image, None)])

@@ -5,6 +5,7 @@ resampling would be wrong here."""
 
 import pytest
 import torch
+
 from official_layouts import (
     dinov2_reg_official_features,
     dinov2_reg_official_state_dict,
@@ -12,7 +13,6 @@ from official_layouts import (
     rel_l2,
     shallow_backbone,
 )
-
 from smooseg.errors import SmoosegError
 from smooseg.model.backbone import use_official_pos_embed
 from smooseg.model.backbones import POS_SIZE_ANTIALIAS

@@ -5,6 +5,7 @@ regenerated RoPE periods, the k bias) is caught; gated weights; SAT-493M normali
 import pytest
 import timm
 import torch
+
 from official_layouts import (
     dinov3_official_features,
     dinov3_official_state_dict,
@@ -12,7 +13,6 @@ from official_layouts import (
     rel_l2,
     shallow_backbone,
 )
-
 from smooseg.errors import SmoosegError
 from smooseg.model.backbones import IMAGENET_MEAN, IMAGENET_STD, SAT_MEAN, SAT_STD, backbone_spec
 from smooseg.model.weights import load_official_state_dict, official_weights

@@ -88,7 +88,8 @@ def ddp_run(tmp_path_factory):
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "smooseg" / "configs"), str(root), *overrides],
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "smooseg" / "configs"), str(root),
+                           *overrides],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"DDP run exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -102,14 +103,16 @@ def test_final_evaluation_runs_once_on_rank_zero(ddp_run):
     evaluation, of every validation image, after both finished training."""
     assert ddp_run["stdout"].count("final evaluation: the val split at 32x32") == 1, ddp_run["stdout"][-3000:]
     metrics = json.loads((ddp_run["out"] / "final_eval" / "metrics.json").read_text())
-    assert metrics["n_evaluated"] == 5 and metrics["checkpoint"].startswith(str(ddp_run["out"] / "checkpoints"))
+    assert metrics["n_evaluated"] == 5
+    assert metrics["checkpoint"].startswith(str(ddp_run["out"] / "checkpoints"))
 
 
 def test_processes_end_identical(ddp_run):
     r0, r1 = ddp_run["ranks"]
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["state"].keys() == r1["state"].keys()
-    assert {"net.predictor.student", "net.predictor.teacher", "net.projector.linear.weight"} <= r0["state"].keys()
+    assert {"net.predictor.student", "net.predictor.teacher",
+            "net.projector.linear.weight"} <= r0["state"].keys()
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
     # the EMA did move the teacher (identically on both processes)

@@ -95,8 +95,10 @@ def test_crf_backends_give_the_same_metrics(trained_run, tmp_path):
               "n_images=0", "batch_size=4", "num_workers=0", "crf_workers=0"]
     metrics = {}
     for backend in ("pydensecrf", "torch"):
-        run_script("eval_segmentation.py", *common, f"crf_backend={backend}", f"output_dir={tmp_path / backend}")
-        metrics[backend] = json.loads((_result_dir(tmp_path / backend, trained_run["last"]) / "metrics.json").read_text())
+        run_script("eval_segmentation.py", *common, f"crf_backend={backend}",
+                   f"output_dir={tmp_path / backend}")
+        result_dir = _result_dir(tmp_path / backend, trained_run["last"])
+        metrics[backend] = json.loads((result_dir / "metrics.json").read_text())
     for key in ("mIoU", "Accuracy"):
         assert metrics["torch"][key] == pytest.approx(metrics["pydensecrf"][key], abs=0.05)
         assert metrics["torch"]["nocrf"][key] == metrics["pydensecrf"]["nocrf"][key]
@@ -185,8 +187,8 @@ def test_final_evaluation_equals_eval_script(trained_run, tmp_path):
     assert final["checkpoint"] == str(trained_run["best"])
     assert (final["flip"], final["crf"], final["n_evaluated"]) == (True, False, 8) and "nocrf" not in final
     run_script("eval_segmentation.py", f"model_paths=[{trained_run['best']}]",
-               f"data_dir={trained_run['data_dir']}", "eval_res=64", "crf=false", "flip=true", "n_images=0", "num_workers=0",
-               f"output_dir={tmp_path}")
+               f"data_dir={trained_run['data_dir']}", "eval_res=64", "crf=false", "flip=true", "n_images=0",
+               "num_workers=0", f"output_dir={tmp_path}")
     separate = json.loads((_result_dir(tmp_path, trained_run["best"]) / "metrics.json").read_text())
     for key in HEADLINE_KEYS:
         assert final[key] == separate[key], key
@@ -242,12 +244,13 @@ def test_multirun_over_seeds(synthetic_data, tmp_path):
     """-m seed=0,1: each job in its own folder with its own final evaluation, then the summary over
     the jobs (mean ± sample std, min, max) in the sweep folder; a later sweep into the same folder
     is refused (it would overwrite job 0); a one-job sweep has no standard deviation."""
-    overrides = [o for o in TRAIN_OVERRIDES if not o.startswith(("seed=", "max_steps=", "val_check_interval="))]
+    overrides = [o for o in TRAIN_OVERRIDES
+                 if not o.startswith(("seed=", "max_steps=", "val_check_interval="))]
     overrides += ["max_steps=2", "val_check_interval=2", "logger=none", f"data_dir={synthetic_data}",
                   f"output_dir={tmp_path}"]
     proc = run_script("train_segmentation.py", "-m", *overrides, "seed=0,1")
     jobs = [json.loads((tmp_path / job / "final_eval" / "metrics.json").read_text()) for job in ("0", "1")]
-    for job, metrics in zip(("0", "1"), jobs):
+    for job, metrics in zip(("0", "1"), jobs, strict=True):
         assert OmegaConf.load(tmp_path / job / "config.yaml").seed == int(job)
         assert OmegaConf.load(tmp_path / job / "config.yaml").output_dir == str(tmp_path / job)
         assert metrics["checkpoint"].startswith(str(tmp_path / job / "checkpoints" / "best-"))

@@ -128,7 +128,8 @@ def test_dataset_must_match_the_checkpoint():
     with pytest.raises(SmoosegError) as err:
         check_dataset_matches(group(n_classes=5), cityscapes)
     assert one_line(err).startswith("dataset.n_classes=5 contradicts the checkpoint, trained for 27 classes")
-    with pytest.raises(SmoosegError, match="dataset=cocostuff27 contradicts the checkpoint, trained on cityscapes"):
+    with pytest.raises(SmoosegError,
+                       match="dataset=cocostuff27 contradicts the checkpoint, trained on cityscapes"):
         check_dataset_matches(group(name="cocostuff27", n_classes=None), cityscapes)
     # a directory-trained checkpoint on a named set of the same size, and the other way round
     check_dataset_matches(group(name="cityscapes", n_classes=None), DatasetInfo(n_classes=27))
@@ -143,7 +144,8 @@ def test_checkpoints_all_checked_first(tmp_path):
     with pytest.raises(SmoosegError) as err:
         check_checkpoints(paths)
     assert one_line(err).startswith(f"checkpoint {tmp_path / 'runs' / 'a'} is a folder, not a file")
-    with pytest.raises(SmoosegError, match=r"checkpoint .*last\.ckpt not found.*'model_paths=\[\"a=b\.ckpt\"\]'"):
+    with pytest.raises(SmoosegError,
+                       match=r"checkpoint .*last\.ckpt not found.*'model_paths=\[\"a=b\.ckpt\"\]'"):
         check_checkpoints([str(tmp_path / "runs" / "b.ckpt"), str(tmp_path / "last.ckpt")])
     with pytest.raises(SmoosegError, match="braces are not expanded"):
         check_checkpoints([str(tmp_path / "runs" / "{a,b}.ckpt")])

@@ -27,8 +27,8 @@ RES = 64  # ViT-S/16: a 4x4 patch grid
 STEPS = 6
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 OVERRIDES = ["experiment=demo", "model=dino_vits16", "model.pretrained=false", "trainer=gpu", f"res={RES}",
-             f"eval_res={RES}", "batch_size=4", "num_workers=0", "logger=none", "seed=0", f"max_steps={STEPS}",
-             f"val_check_interval={STEPS}", "trainer.enable_progress_bar=false",
+             f"eval_res={RES}", "batch_size=4", "num_workers=0", "logger=none", "seed=0",
+             f"max_steps={STEPS}", f"val_check_interval={STEPS}", "trainer.enable_progress_bar=false",
              "+trainer.enable_model_summary=false"]
 
 
@@ -41,7 +41,8 @@ class Recorder(Callback):
         self.teacher0, self.backbone_calls, self._in_step, self._hook = None, 0, False, None
 
     def on_train_start(self, trainer, pl_module):
-        self.start, self.device, self.precision = trainer.global_step, pl_module.device.type, str(trainer.precision)
+        self.start, self.device = trainer.global_step, pl_module.device.type
+        self.precision = str(trainer.precision)
         self.teacher0 = pl_module.net.predictor.teacher.detach().float().cpu().clone()
         self._hook = pl_module.net.backbone.register_forward_hook(self._count)
 
@@ -60,7 +61,8 @@ class Recorder(Callback):
 
 
 def fit(data, out, *extra):
-    """train(settings) of the demo preset on the GPU; returns (Recorder, last.ckpt contents, train's result)."""
+    """train(settings) of the demo preset on the GPU; returns (Recorder, last.ckpt contents, train's
+    result)."""
     from smooseg.train.train import train
 
     recorder = Recorder()
@@ -72,8 +74,8 @@ def fit(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def gpu_data(tmp_path_factory):
-    return write_cityscapes_layout(tmp_path_factory.mktemp("gpu_data"), n_train=8, n_val=4, size=(RES, 2 * RES),
-                                   seed=0)
+    return write_cityscapes_layout(tmp_path_factory.mktemp("gpu_data"), n_train=8, n_val=4,
+                                   size=(RES, 2 * RES), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,8 @@ def trained(gpu_data, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"train_{precision}")
             try:
                 recorder, last, result = fit(gpu_data, out, f"trainer.precision={precision}")
-                runs[precision] = {"recorder": recorder, "last_ckpt": last, "result": result, "output_dir": out}
+                runs[precision] = {"recorder": recorder, "last_ckpt": last, "result": result,
+                                   "output_dir": out}
             except Exception as err:  # noqa: BLE001
                 runs[precision] = err
         if isinstance(runs[precision], Exception):
@@ -109,7 +112,8 @@ def test_training_on_cuda(trained, precision):
     assert rec.backbone_calls == STEPS  # the backbone ran once per step, on the GPU
     assert last["global_step"] == STEPS
     assert run["result"]["best"] and Path(run["result"]["best"]).is_file()
-    teacher, student = last["state_dict"]["net.predictor.teacher"].float(), last["state_dict"]["net.predictor.student"]
+    teacher = last["state_dict"]["net.predictor.teacher"].float()
+    student = last["state_dict"]["net.predictor.student"]
     assert torch.isfinite(teacher).all() and torch.isfinite(student).all()
     moved = float((teacher - rec.teacher0).abs().max())
     assert moved > 0, "the teacher EMA did not move"
@@ -122,12 +126,14 @@ def test_precisions_agree_on_the_first_steps(trained):
     for precision in ("16-mixed", "bf16-mixed"):
         losses = np.array(trained(precision)["recorder"].losses)
         diff = float(np.abs(losses[:2] - ref[:2]).max())
-        assert diff <= 0.1 * float(np.abs(ref[:2]).max()) + 0.02, (precision, diff, losses.tolist(), ref.tolist())
+        assert diff <= 0.1 * float(np.abs(ref[:2]).max()) + 0.02, (precision, diff, losses.tolist(),
+                                                                    ref.tolist())
 
 
 # ---- feature cache ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision,dtype,atol", [("32-true", "float32", 1e-4), ("bf16-mixed", "float16", 2e-2)])
+@pytest.mark.parametrize("precision,dtype,atol",
+                         [("32-true", "float32", 1e-4), ("bf16-mixed", "float16", 2e-2)])
 def test_cached_training_matches_uncached_on_cuda(gpu_data, tmp_path, precision, dtype, atol):
     extra = [f"trainer.precision={precision}", f"cache.dir={tmp_path / 'cache'}", f"cache.dtype={dtype}"]
     plain, _, _ = fit(gpu_data, tmp_path / "plain", "cache.enabled=false", *extra)
@@ -155,7 +161,8 @@ def test_evaluation_on_cuda_equals_cpu(trained, gpu_data, tmp_path):
     assert gpu["n_evaluated"] == cpu["n_evaluated"] == 4
     for key in ("mIoU", "Accuracy"):
         assert gpu[key] == pytest.approx(cpu[key], abs=0.05), (key, gpu[key], cpu[key])
-        assert gpu["nocrf"][key] == pytest.approx(cpu["nocrf"][key], abs=0.05), (key, gpu["nocrf"], cpu["nocrf"])
+        assert gpu["nocrf"][key] == pytest.approx(cpu["nocrf"][key], abs=0.05), (key, gpu["nocrf"],
+                                                                                  cpu["nocrf"])
 
 
 # ---- the torch CRF on CUDA against pydensecrf --------------------------------------------------------
@@ -201,7 +208,8 @@ def test_resume_on_cuda(trained, gpu_data, tmp_path):
     first = trained("bf16-mixed")
     out = tmp_path / "resumed"
     shutil.copytree(Path(first["output_dir"]) / "checkpoints", out / "checkpoints")
-    resumed, last, _ = fit(gpu_data, out, "trainer.precision=bf16-mixed", f"max_steps={STEPS + 2}", "ckpt_path=last")
+    resumed, last, _ = fit(gpu_data, out, "trainer.precision=bf16-mixed", f"max_steps={STEPS + 2}",
+                           "ckpt_path=last")
     assert resumed.device == "cuda" and resumed.start == STEPS and len(resumed.losses) == 2  # continued
     assert last["global_step"] == STEPS + 2 and np.isfinite(resumed.losses).all()
     before = first["last_ckpt"]["state_dict"]["net.predictor.teacher"]
@@ -224,13 +232,14 @@ def test_compiled_matches_eager_on_cuda(gpu_data, backbone_precision, tol):
 
     def module(compile_):
         cfg = train_settings(OVERRIDES + [f"data_dir={gpu_data}", f"perf.compile={str(compile_).lower()}",
-                                        f"perf.backbone_precision={backbone_precision}", "model.dropout=false"])
+                                        f"perf.backbone_precision={backbone_precision}",
+                                        "model.dropout=false"])
         pl.seed_everything(0)
         return build_module(cfg).cuda().train()
 
     eager, compiled = module(False), module(True)
     assert compiled.compile and not eager.compile
-    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the same initial weights
     batch = {"img": torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(0)).cuda()}
     torch.manual_seed(1)
@@ -239,7 +248,8 @@ def test_compiled_matches_eager_on_cuda(gpu_data, backbone_precision, tol):
     torch.manual_seed(1)
     feats = compiled.features(batch)
     losses = compiled.training_losses(feats)
-    assert feats.is_cuda and set(compiled.net._compiled) == {"backbone"} and compiled._compiled_losses is not None
+    assert feats.is_cuda and set(compiled.net._compiled) == {"backbone"}
+    assert compiled._compiled_losses is not None
     diff = float((feats - eager_feats).abs().max())
     assert diff <= tol * max(1.0, float(eager_feats.abs().max())), ("features", diff)
     for key in ("total", "intra", "inter", "data"):

@@ -160,7 +160,8 @@ def test_ema_update_hand_recurrence_with_unnormalised_student():
     alpha = 0.9
     for _ in range(3):
         pred.ema_update(alpha)
-        teacher = [[alpha * t + (1 - alpha) * s for t, s in zip(tr, sr)] for tr, sr in zip(teacher, student)]
+        teacher = [[alpha * t + (1 - alpha) * s for t, s in zip(tr, sr, strict=True)]
+                   for tr, sr in zip(teacher, student, strict=True)]
     torch.testing.assert_close(pred.teacher, torch.tensor(teacher))
     # Student = 3·teacher0 enters un-normalised: rows grow to 0.9**3 + 3·(1 − 0.9**3) = 1.542;
     # a normalised student would have left the teacher at teacher0.

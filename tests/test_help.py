@@ -35,6 +35,7 @@ def test_help_lists_only_the_groups_a_program_uses():
     assert "model: " in train and "dino_vits8*" in train
     evaluate = run_script("eval_segmentation.py", "--help").stdout
     assert "\n  dataset: cityscapes | cocostuff27" in evaluate  # no default: the checkpoint's data set
+    assert "\n  dataset:  # null: the checkpoint's data set\n    name: ???" in evaluate  # X | None section
     for group in ("model", "trainer", "logger", "experiment", "hydra/launcher"):
         assert f"\n  {group}: " not in evaluate
     segment = run_script("segment_images.py", "--help").stdout

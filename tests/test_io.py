@@ -85,7 +85,8 @@ def test_image_size_follows_exif_orientation_from_the_header(tmp_path):
     exif[0x0112] = 8                                        # rotate 90 counter-clockwise
     Image.new("RGB", (30, 10)).save(tmp_path / "p.jpg", exif=exif.tobytes())
     assert image_size(tmp_path / "p.jpg") == (30, 10)
-    assert image_size(tmp_path / "p.jpg", exif=True) == (10, 30) == read_rgb(tmp_path / "p.jpg", exif=True).size
+    assert (image_size(tmp_path / "p.jpg", exif=True) == (10, 30)
+            == read_rgb(tmp_path / "p.jpg", exif=True).size)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(SmoosegError, match=r"cannot read image .*bad\.jpg"):
         image_size(tmp_path / "bad.jpg")

@@ -12,13 +12,13 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, make_module
-from smooseg.settings import eval_settings, train_settings
 from smooseg.data.datasets import DatasetInfo
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import evaluate, run_eval
 from smooseg.eval.metrics import ClusterMetrics
 from smooseg.model.checkpoints import load_net, read_checkpoint
+from smooseg.settings import eval_settings, train_settings
 from smooseg.train.datamodule import build_datamodule, build_datasets
 from smooseg.train.train import build_module, train
 
@@ -100,7 +100,7 @@ def test_probe_does_not_change_the_unsupervised_gradients_or_training():
     on, grads_on, trainer = fit_tiny(probe=True)
     assert off.net.linear_probe is None and on.net.linear_probe is not None
     assert len(grads_off) == len(grads_on) == 3
-    for g_off, g_on in zip(grads_off, grads_on):
+    for g_off, g_on in zip(grads_off, grads_on, strict=True):
         unsupervised = [k for k in g_on if not k.startswith("net.linear_probe.")]
         assert sorted(unsupervised) == sorted(g_off)  # projector + student prototypes only
         assert any(k.startswith("net.projector.") for k in g_off) and "net.predictor.student" in g_off
@@ -180,7 +180,8 @@ def test_probe_learns_and_is_validated(probe_run):
     _, val_set = build_datasets(cfg)
     loader = DataLoader(val_set, batch_size=4)
     before = evaluate(untrained.net, loader, untrained.data, flip=False, show_progress=False)[0]["linear"]
-    after = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=False, show_progress=False)[0]["linear"]
+    after = evaluate(trained, loader, DatasetInfo(**hparams["data"]), flip=False,
+                     show_progress=False)[0]["linear"]
     assert after["Accuracy"] > before["Accuracy"] + 30.0, (before["Accuracy"], after["Accuracy"])
     # validation during training = the same probe prediction without flip
     assert after["Accuracy"] == pytest.approx(val["val/linear/Accuracy"], abs=1e-3)

@@ -18,8 +18,8 @@ TINY = [o for o in TRAIN_OVERRIDES if not o.startswith(("max_steps", "val_check_
 
 
 def tiny_run(synthetic_data, output_dir, logger):
-    return run_script("train_segmentation.py", *TINY, f"data_dir={synthetic_data}", f"output_dir={output_dir}",
-                      f"logger={logger}")
+    return run_script("train_segmentation.py", *TINY, f"data_dir={synthetic_data}",
+                      f"output_dir={output_dir}", f"logger={logger}")
 
 
 def headline(output_dir):
@@ -96,7 +96,9 @@ def test_logger_mlflow_file_store_records_params_and_headline(synthetic_data, tm
 
 def test_missing_optional_logger_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(SmoosegError, match=r"logger=wandb needs the wandb package; pip install 'smooseg\[wandb\]'"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SmoosegError,
+                       match=r"logger=wandb needs the wandb package; pip install 'smooseg\[wandb\]'"):
         build_logger("wandb", tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -25,8 +25,8 @@ def test_a_non_tty_run_logs_plain_lines_in_steps(tmp_path):
     proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={tmp_path / 'out'}")
     text = proc.stdout + proc.stderr
     assert "\r" not in text and "\x1b[" not in text  # no bar updates, no cursor movement
-    steps = [int(n) for n in re.findall(r"^step (\d+)/4  loss \d+\.\d\d  \d+\.\d\d images/s  ETA \d+:\d\d:\d\d$",
-                                        proc.stdout, re.MULTILINE)]
+    pattern = r"^step (\d+)/4  loss \d+\.\d\d  \d+\.\d\d images/s  ETA \d+:\d\d:\d\d$"
+    steps = [int(n) for n in re.findall(pattern, proc.stdout, re.MULTILINE)]
     assert steps == [1, 2, 3, 4], proc.stdout
     assert re.search(r"^validation at step 2: val/cluster/Accuracy \d+\.\d\d  val/cluster/mIoU \d+\.\d\d$",
                      proc.stdout, re.MULTILINE)
@@ -37,7 +37,8 @@ def test_a_non_tty_run_logs_plain_lines_in_steps(tmp_path):
 
 
 def test_progress_line_and_eta():
-    assert progress_line(40, 3000, 2.7812, 12.345, 252.4) == "step 40/3000  loss 2.78  12.35 images/s  ETA 0:04:12"
+    assert (progress_line(40, 3000, 2.7812, 12.345, 252.4)
+            == "step 40/3000  loss 2.78  12.35 images/s  ETA 0:04:12")
     assert progress_line(1, 10, None, None, None) == "step 1/10"
     assert eta(3 * 3600 + 61.6) == "3:01:02"
     assert metrics_line(8, {"val/b": 1.0, "val/a": 20.456}) == "validation at step 8: val/a 20.46  val/b 1.00"
@@ -70,7 +71,8 @@ def test_known_lines_are_dropped_from_lightning_messages():
     summary = "\n  | Name | Type\n21.9 M    Total params\n0         Total Flops"
     assert drop_known_lines(summary) == "\n  | Name | Type\n21.9 M    Total params"
     assert drop_known_lines("TPU available: False, using: 0 TPU cores") is None
-    assert drop_known_lines("GPU available: True (cuda), used: True") == "GPU available: True (cuda), used: True"
+    kept = "GPU available: True (cuda), used: True"
+    assert drop_known_lines(kept) == kept
     quiet_known_noise()
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -89,7 +91,8 @@ def test_known_lines_are_dropped_from_lightning_messages():
 
 
 def test_a_summary_of_one_checkpoint_shows_no_empty_spread():
-    one = format_runs(summarize_runs([{"checkpoint": "a.ckpt", "mIoU": 19.81654, "Accuracy": 60.0}]), "checkpoint")
+    one = format_runs(summarize_runs([{"checkpoint": "a.ckpt", "mIoU": 19.81654, "Accuracy": 60.0}]),
+                      "checkpoint")
     assert "± -" not in one and "19.82" in one and "19.81654" not in one
     two = format_runs(summarize_runs([{"checkpoint": "a", "mIoU": 10.0, "Accuracy": 50.0},
                                       {"checkpoint": "b", "mIoU": 12.0, "Accuracy": 54.0}]), "checkpoint")

@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from smooseg.errors import SmoosegError
-from smooseg.model.losses import (LOSS_TERMS, LossConfig, assignment_distance, data_loss, feature_correlation,
-                                  loss_term, pointwise_centre, random_pairing, smoothness_term, total_loss)
+from smooseg.model.losses import (
+    LOSS_TERMS,
+    LossConfig,
+    assignment_distance,
+    data_loss,
+    feature_correlation,
+    loss_term,
+    pointwise_centre,
+    random_pairing,
+    smoothness_term,
+    total_loss,
+)
 
 # ---- plain-python references: maps are nested lists [b][c][pixel] -------------------------------
 
@@ -18,7 +28,7 @@ def pixels(x):
 
 
 def cos(u, v):
-    dot = sum(a * b for a, b in zip(u, v))
+    dot = sum(a * b for a, b in zip(u, v, strict=True))
     return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
 
 
@@ -128,7 +138,8 @@ def test_smoothness_term_explicit_numbers():
 @pytest.mark.parametrize("pointwise", [True, False])
 @pytest.mark.parametrize("shift", [0.0, -0.02, 0.48])
 def test_smoothness_term_matches_reference(pointwise, shift):
-    got = smoothness_term(as_map(F1, 2, 2), as_map(Q1, 2, 2), as_map(F2, 2, 2), as_map(Q2, 2, 2), shift, pointwise)
+    got = smoothness_term(as_map(F1, 2, 2), as_map(Q1, 2, 2), as_map(F2, 2, 2), as_map(Q2, 2, 2), shift,
+                          pointwise)
     expected = ref_term(F1, Q1, F2, Q2, shift, pointwise)
     assert got.item() == pytest.approx(expected, abs=1e-6)
 
@@ -192,8 +203,8 @@ STUDENT = [
 
 def smoothness_only(pos_intra_shift, neg_inter_shift, temperature=0.1):
     """Loss settings that weight the two smoothness terms only."""
-    return LossConfig(temperature=temperature, pos_intra_shift=pos_intra_shift, neg_inter_shift=neg_inter_shift,
-                      weights={"intra": 1.0, "inter": 1.0})
+    return LossConfig(temperature=temperature, pos_intra_shift=pos_intra_shift,
+                      neg_inter_shift=neg_inter_shift, weights={"intra": 1.0, "inter": 1.0})
 
 
 def shifts(pos_intra_shift, neg_inter_shift, **options):
@@ -301,7 +312,8 @@ def test_a_registered_term_is_computed_weighted_and_summed():
 
 
 def test_an_unknown_weight_name_is_one_clear_error():
-    with pytest.raises(SmoosegError, match=r"loss.weights.entropy names no loss term; the terms are intra, inter, data"):
+    with pytest.raises(SmoosegError,
+                       match=r"loss.weights.entropy names no loss term; the terms are intra, inter, data"):
         LossConfig(weights={"intra": 1.0, "entropy": 0.1})
 
 

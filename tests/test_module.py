@@ -84,7 +84,8 @@ def test_training_and_validation_logging(tmp_path):
     events.Reload()
     assert "val/examples" in events.Tags()["images"]
     picture = events.Images("val/examples")[-1]
-    assert (picture.width, picture.height) == (3 * 192 + 2 * 4, 2 * (192 + 20))  # 3 titled panels enlarged ×6, 2 rows
+    # 3 titled panels enlarged ×6, 2 rows
+    assert (picture.width, picture.height) == (3 * 192 + 2 * 4, 2 * (192 + 20))
 
 
 class RecordPrototypes(pl.Callback):
@@ -145,7 +146,8 @@ def test_backbone_gets_no_gradients():
     img = torch.stack([batch["img"], -batch["img"]])
     signal, code = module.net.projector(module.net.backbone(img))
     student, teacher = module.net.predictor(code)
-    total_loss(signal, student, teacher, LossConfig(pos_intra_shift=-0.02, neg_inter_shift=0.5))["total"].backward()
+    config = LossConfig(pos_intra_shift=-0.02, neg_inter_shift=0.5)
+    total_loss(signal, student, teacher, config)["total"].backward()
     assert all(p.grad is None and not p.requires_grad for p in module.net.backbone.parameters())
     assert not module.net.backbone.model.training  # the ViT stays in eval mode while training
     assert all(p.grad is not None for p in module.net.projector.parameters())

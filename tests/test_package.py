@@ -53,7 +53,8 @@ def venv(wheel, tmp_path_factory):
     env_dir = tmp_path_factory.mktemp("venv")
     run([sys.executable, "-m", "venv", env_dir], cwd=env_dir)
     python = env_dir / "bin" / "python"
-    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=env_dir, env=clean_env())
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=env_dir,
+        env=clean_env())
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                     cwd=env_dir).stdout.strip())
     (site / "main_env.pth").write_text(sysconfig.get_path("purelib") + "\n")
@@ -88,7 +89,8 @@ def test_installed_console_scripts_train_and_eval_from_an_empty_folder(venv, syn
     work = tmp_path / "empty"
     work.mkdir()
     bin_dir = venv / "bin"
-    where = run([bin_dir / "python", "-c", "import smooseg; print(smooseg.__file__)"], cwd=work, env=clean_env())
+    where = run([bin_dir / "python", "-c", "import smooseg; print(smooseg.__file__)"], cwd=work,
+                env=clean_env())
     assert where.stdout.strip().startswith(str(venv)), where.stdout
     for script in SCRIPTS:
         assert f"{script}: " in run([bin_dir / script, "--help"], cwd=work, env=clean_env()).stdout

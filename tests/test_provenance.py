@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_module, run_script
 
+from conftest import make_module, run_script
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import checkpoint_paths, output_names
 from smooseg.eval.provenance import check_same_settings, setting_differences
@@ -39,8 +39,8 @@ def runs(tmp_path_factory):
 
 def _eval(data, out, *paths, check=True, extra=()):
     return run_script("eval_segmentation.py", f"model_paths=[{','.join(map(str, paths))}]",
-                      f"data_dir={data}", "crf=false", "n_images=1", "num_workers=0", "batch_size=4", "device=cpu",
-                      f"output_dir={out}", *extra, check=check)
+                      f"data_dir={data}", "crf=false", "n_images=1", "num_workers=0", "batch_size=4",
+                      "device=cpu", f"output_dir={out}", *extra, check=check)
 
 
 def test_metrics_and_summary_record_their_provenance(synthetic_data, runs, tmp_path):

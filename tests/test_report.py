@@ -10,8 +10,15 @@ from torch.utils.data import DataLoader
 from conftest import make_module
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import evaluate
-from smooseg.eval.report import (REPORT_FILES, confusion_heatmap, example_grid, find_examples, iou_bar_chart,
-                                 ordered_confusion, write_report)
+from smooseg.eval.report import (
+    REPORT_FILES,
+    confusion_heatmap,
+    example_grid,
+    find_examples,
+    iou_bar_chart,
+    ordered_confusion,
+    write_report,
+)
 from smooseg.eval.results import write_outputs
 from smooseg.viz import read_metrics_json, save_png
 

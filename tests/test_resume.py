@@ -81,7 +81,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(data, tmp_path):
     resumed = run(data, tmp_path / "b", "max_steps=6", "ckpt_path=last", callbacks=[counter])
     assert counter.start == 4 and counter.batches == 2  # continued, not restarted
     assert_same_training_state(straight, resumed)
-    teacher, student = resumed["state_dict"]["net.predictor.teacher"], resumed["state_dict"]["net.predictor.student"]
+    teacher = resumed["state_dict"]["net.predictor.teacher"]
+    student = resumed["state_dict"]["net.predictor.student"]
     assert not torch.allclose(teacher, first["state_dict"]["net.predictor.teacher"])  # the EMA went on
     assert not torch.allclose(teacher, student)
 
@@ -124,7 +125,8 @@ def _crop_sums(dataset, sampler, workers):
 
     loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
-    return {name: float(img.sum()) for batch in loader for name, img in zip(batch["name"], batch["img"])}
+    return {name: float(img.sum()) for batch in loader
+            for name, img in zip(batch["name"], batch["img"], strict=True)}
 
 
 def test_random_crops_change_per_epoch_and_repeat_after_resume(tmp_path):

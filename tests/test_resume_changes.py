@@ -5,8 +5,8 @@ optimiser's learning rates too) and every segment's settings are kept."""
 import pytest
 import torch
 import yaml
-from conftest import train_settings
 
+from conftest import train_settings
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.train.train import changed_settings, train

@@ -47,7 +47,8 @@ def wait_until_training(proc, log_dir, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"training ended early ({proc.returncode}): {(log_dir / 'stderr').read_text()[-3000:]}")
+            stderr = (log_dir / "stderr").read_text()
+            pytest.fail(f"training ended early ({proc.returncode}): {stderr[-3000:]}")
         text = (log_dir / "stdout").read_text(errors="replace")
         if any(int(n) >= 2 for n in STEP_IN_LOG.findall(text)):
             return
@@ -138,9 +139,9 @@ def test_unlabelled_validation_set_keeps_last_and_says_why_no_best(tmp_path):
     data = write_directory_layout(tmp_path / "data", name="mine", n_train=4, n_val=2, size=(32, 32),
                                   with_labels=False)
     out = tmp_path / "out"
-    proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}", "dataset=directory",
-                      "dataset.n_classes=6", "dataset.dir_name=mine", "max_steps=2", "val_check_interval=1",
-                      "trainer.enable_progress_bar=false")
+    proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}",
+                      "dataset=directory", "dataset.n_classes=6", "dataset.dir_name=mine", "max_steps=2",
+                      "val_check_interval=1", "trainer.enable_progress_bar=false")
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["last.ckpt"], names
     assert proc.stdout.count("no best checkpoint: the validation images have no labels") == 1

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_module
 from PIL import Image
 
+from conftest import make_module
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
 from smooseg.eval.crf_backend import open_crf
@@ -289,8 +289,8 @@ def test_class_colors_and_legend_image():
 
 def _metrics_json(path, assignment):
     names = ["roads", "buildings", "trees"]
-    data = {"mIoU": 10.0, "Accuracy": 20.0, "per_class_iou": dict(zip(names, [1.0, None, 3.0])),
-            "assignment": dict(zip(names, assignment))}
+    data = {"mIoU": 10.0, "Accuracy": 20.0, "per_class_iou": dict(zip(names, [1.0, None, 3.0], strict=True)),
+            "assignment": dict(zip(names, assignment, strict=True))}
     path.write_text(json.dumps(data))
     return path
 
@@ -347,7 +347,7 @@ def test_trained_checkpoint_with_its_evaluation(trained_run, tmp_path):
     sources = list_images(images, recursive=True)
     class_map, _ = class_map_from_metrics(metrics, n_clusters=27, n_classes=27)
     colours = colormap("cityscapes", 27)[class_map.numpy()]
-    for src, stem in zip(sources, output_stems(sources, images)):
+    for src, stem in zip(sources, output_stems(sources, images), strict=True):
         ids = _read(tmp_path / "seg" / f"{stem}_ids.png")
         assert ids.shape == read_image(src).shape[:2]
         assert (_read(tmp_path / "seg" / f"{stem}_mask.png") == colours[ids]).all()
@@ -368,7 +368,8 @@ def test_entry_point_crf_backends_agree(folder, tmp_path, checkpoint):
     bad = _run(f"model_path={checkpoint}", f"input_dir={folder}", "crf=true", "crf_backend=opencl",
                "progress=false", cwd=tmp_path)
     assert bad.returncode == 2
-    assert "crf_backend=opencl is not allowed: crf_backend must be one of auto, pydensecrf, torch" in bad.stderr
+    assert ("crf_backend=opencl is not allowed: crf_backend must be one of auto, pydensecrf, torch"
+            in bad.stderr)
 
 
 # ---- the CRF's memory: bounded resolution, estimated and refused before starting
@@ -392,7 +393,8 @@ def test_upsampled_argmax_is_the_argmax_of_the_bilinear_upsampling(max_elements)
 
 def test_parse_bytes_and_host_memory():
     assert parse_bytes("auto") is None and parse_bytes(None) is None
-    assert parse_bytes(1000) == 1000 and parse_bytes("8GB") == 8 * 2**30 and parse_bytes("512mb") == 512 * 2**20
+    assert parse_bytes(1000) == 1000 and parse_bytes("8GB") == 8 * 2**30
+    assert parse_bytes("512mb") == 512 * 2**20
     assert parse_bytes("1.5GiB") == int(1.5 * 2**30) and parse_bytes("2G") == 2 * 2**30
     for bad in ("lots", "-1GB", "0", True):
         with pytest.raises(SmoosegError, match="crf_max_memory=.* is not a memory size"):
@@ -411,7 +413,8 @@ class RecordingCRF:
         self.num_workers, self.max_in_flight = 0, 4
 
     def submit(self, images, log_probs, labels=False):
-        self.shapes += [(np.asarray(i).shape[:2], np.asarray(lp).shape) for i, lp in zip(images, log_probs)]
+        self.shapes += [(np.asarray(i).shape[:2], np.asarray(lp).shape)
+                        for i, lp in zip(images, log_probs, strict=True)]
         return self.pool.submit(images, log_probs, labels)
 
     def close(self):

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import yaml
-from conftest import compose_config, run_script, train_settings
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from test_crops import run_cli
 
+from conftest import compose_config, run_script, train_settings
 from smooseg import settings as S
 from smooseg.cli import config_error_message
 from smooseg.data.synthetic import write_cityscapes_layout
@@ -89,13 +89,15 @@ def test_booleans_written_another_way_are_understood(word, meant):
     ("model.dropout=maybe", "model.dropout=maybe is not allowed: model.dropout must be true or false"),
     ("batch_size=2.5", "batch_size=2.5 is not allowed: batch_size must be an integer >= 1"),
     ("batch_size=2.0", "batch_size=2.0 is not allowed: batch_size must be an integer >= 1"),
-    ("dataset.n_classes=2.5", "dataset.n_classes=2.5 is not allowed: dataset.n_classes must be an integer >= 1"),
+    ("dataset.n_classes=2.5", "dataset.n_classes=2.5 is not allowed: "
+                              "dataset.n_classes must be an integer >= 1"),
     ("seed=4294967296", "seed=4294967296 is not allowed: seed must be an integer in [0, 4294967295]"),
-    ("trainer.precision=32-tru", "trainer.precision=32-tru is not allowed: trainer.precision must be one of auto,"),
+    ("trainer.precision=32-tru", "trainer.precision=32-tru is not allowed: "
+                                 "trainer.precision must be one of auto,"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not allowed: "
                                           "trainer.accumulate_grad_batches must be an integer >= 1"),
-    ("final_eval.crf_backend=torhc", "final_eval.crf_backend=torhc is not allowed: final_eval.crf_backend must "
-                                     "be one of auto, pydensecrf, torch"),
+    ("final_eval.crf_backend=torhc", "final_eval.crf_backend=torhc is not allowed: "
+                                     "final_eval.crf_backend must be one of auto, pydensecrf, torch"),
     ("perf.backbone_precision=bf17", "perf.backbone_precision=bf17 is not allowed: perf.backbone_precision "
                                      "must be one of auto, 32, bf16, 16"),
 ])
@@ -122,10 +124,11 @@ def test_the_largest_seed_is_taken():
 def test_an_unset_environment_variable_is_named(monkeypatch):
     monkeypatch.delenv("SMOOSEG_UNSET_FOR_TEST", raising=False)
     _, line = settings_or_error("train", ["experiment=demo", "data_dir=${oc.env:SMOOSEG_UNSET_FOR_TEST}"])
-    assert line == ("config key 'data_dir' reads the environment variable SMOOSEG_UNSET_FOR_TEST, which is not "
-                    "set; set it (export SMOOSEG_UNSET_FOR_TEST=...) or pass data_dir=...")
+    assert line == ("config key 'data_dir' reads the environment variable SMOOSEG_UNSET_FOR_TEST, "
+                    "which is not set; set it (export SMOOSEG_UNSET_FOR_TEST=...) or pass data_dir=...")
     monkeypatch.setenv("SMOOSEG_UNSET_FOR_TEST", "/somewhere")
-    assert train_settings(["experiment=demo", "data_dir=${oc.env:SMOOSEG_UNSET_FOR_TEST}"]).data_dir == "/somewhere"
+    settings = train_settings(["experiment=demo", "data_dir=${oc.env:SMOOSEG_UNSET_FOR_TEST}"])
+    assert settings.data_dir == "/somewhere"
 
 
 def test_the_default_data_dir_reads_smooseg_data(monkeypatch):
@@ -142,7 +145,8 @@ def test_fp32_trainer_runs_the_backbone_in_fp32():
     assert (short.trainer.precision, short.perf.backbone_precision) == ("32-true", "32")
     own = train_settings(["experiment=demo", "trainer.precision=32-true", "perf.backbone_precision=bf16"])
     assert own.perf.backbone_precision == "bf16"
-    assert S.backbone_precision("auto", "16-mixed") == "16" and S.backbone_precision("auto", "bf16-mixed") == "bf16"
+    assert S.backbone_precision("auto", "16-mixed") == "16"
+    assert S.backbone_precision("auto", "bf16-mixed") == "bf16"
 
 
 def test_every_auto_is_resolved_on_a_cpu_machine(monkeypatch):
@@ -156,7 +160,8 @@ def test_every_auto_is_resolved_on_a_cpu_machine(monkeypatch):
     assert isinstance(settings.final_eval.crf_workers, int) and settings.final_eval.crf_workers >= 1
     assert settings.cache.batch_size == settings.batch_size
     evaluation = S.eval_settings(compose_config("eval", ["model_paths=[a.ckpt]"]))
-    assert (evaluation.device, evaluation.crf_backend, evaluation.precision) == ("cpu", "pydensecrf", "32-true")
+    assert (evaluation.device, evaluation.crf_backend, evaluation.precision) == ("cpu", "pydensecrf",
+                                                                                 "32-true")
     segment = S.segment_settings(compose_config("segment", REQUIRED["segment"] + ["crf_workers=auto"]))
     assert (segment.device, segment.crf_backend) == ("cpu", "pydensecrf") and segment.crf_workers >= 1
     nothing_auto = [v for v in OmegaConf.to_container(OmegaConf.structured(settings)).values() if v == "auto"]
@@ -177,8 +182,8 @@ def test_a_null_section_is_typed_when_set_whole():
     settings = train_settings(["experiment=demo", "dataset.train_crop_source={crop_type:random,ratio:0.25}"])
     assert settings.dataset.train_crop_source == S.CropSource("random", 0.25)
     _, line = settings_or_error("train", ["experiment=demo", "dataset.train_crop_source={crop_typ:five}"])
-    assert line == "unknown config key 'dataset.train_crop_source.crop_typ'; dataset.train_crop_source holds " \
-                   "crop_type, ratio"
+    assert line == ("unknown config key 'dataset.train_crop_source.crop_typ'; "
+                    "dataset.train_crop_source holds crop_type, ratio")
 
 
 def test_the_library_gets_dataclasses_not_hydra_configs():
@@ -235,7 +240,8 @@ def test_a_run_records_the_resolved_settings_and_opens_its_log_once_started(tmp_
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["trainer"]["precision"] == settings.trainer.precision
     assert saved["perf"]["backbone_precision"] == S.backbone_precision("auto", settings.trainer.precision)
-    assert saved["trainer"]["accelerator"] in ("cpu", "gpu") and isinstance(saved["loader"]["pin_memory"], bool)
+    assert saved["trainer"]["accelerator"] in ("cpu", "gpu")
+    assert isinstance(saved["loader"]["pin_memory"], bool)
     assert isinstance(saved["final_eval"]["crf_workers"], int) and saved["cache"]["batch_size"] == 2
     assert "auto" not in yaml.safe_dump(saved).replace("strategy: auto", "")
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in (out / "train_segmentation.log").read_text()

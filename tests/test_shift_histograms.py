@@ -21,7 +21,8 @@ from smooseg.train.train import train
 
 
 def cos(u, v):
-    return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+    dot = sum(a * b for a, b in zip(u, v, strict=True))
+    return dot / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
 
 
 def ref_parts(signal, teacher, pairing, tau, pointwise):

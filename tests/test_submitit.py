@@ -14,8 +14,9 @@ from smooseg.commands.launch import CONFIG_DIR
 from smooseg.sweep import resume_if_requeued
 from tests.conftest import TRAIN_OVERRIDES, run_script
 
-needs_submitit = pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
-                                    reason="hydra-submitit-launcher not installed (pip install smooseg[slurm])")
+needs_submitit = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="hydra-submitit-launcher not installed (pip install smooseg[slurm])")
 
 
 @pytest.mark.slow

@@ -59,7 +59,8 @@ def test_a_stopped_sweep_is_finished_by_the_same_command_with_ckpt_path_auto(tmp
 
     again = run_script("train_segmentation.py", *command, "ckpt_path=auto")
     assert f"{out / '0'}: finished (step 6 of 6, final evaluation written); kept" in again.stdout
-    assert f"{out / '1'}: resuming from {out / '1' / 'checkpoints' / 'last.ckpt'} (step {stopped} of 6)" in again.stdout
+    resumed_from = out / "1" / "checkpoints" / "last.ckpt"
+    assert f"{out / '1'}: resuming from {resumed_from} (step {stopped} of 6)" in again.stdout
     assert (out / "0" / "final_eval" / "metrics.json").stat().st_mtime_ns == kept
     for job in ("0", "1", "2"):
         last = torch.load(out / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -5,9 +5,19 @@ import time
 import numpy as np
 from PIL import Image
 
-from smooseg.data.synthetic import (BUILDING, CAR, DIRECTORY_CLASSES, ROAD, SIDEWALK, SKY, VEGETATION,
-                                    street_scene, to_directory_ids, write_cityscapes_layout,
-                                    write_directory_layout)
+from smooseg.data.synthetic import (
+    BUILDING,
+    CAR,
+    DIRECTORY_CLASSES,
+    ROAD,
+    SIDEWALK,
+    SKY,
+    VEGETATION,
+    street_scene,
+    to_directory_ids,
+    write_cityscapes_layout,
+    write_directory_layout,
+)
 
 
 def _files(root):

@@ -7,8 +7,8 @@ from test_data_readers import make_potsdam
 from conftest import train_settings
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
-from smooseg.train.datamodule import build_datasets
 from smooseg.settings import backbone_precision
+from smooseg.train.datamodule import build_datasets
 
 
 def test_potsdam_trains_on_labelled_train_only_unless_asked(tmp_path):

@@ -6,8 +6,15 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from smooseg.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, JointTransform, crop_box, normalize,
-                                     resized_size, unnormalize)
+from smooseg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JointTransform,
+    crop_box,
+    normalize,
+    resized_size,
+    unnormalize,
+)
 from smooseg.errors import SmoosegError
 
 

@@ -28,7 +28,6 @@ EXAMPLES = (
 @report_errors
 def task(cfg):
     from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
-
     from smooseg.settings import eval_settings
 
     run_eval(eval_settings(cfg))

@@ -31,10 +31,11 @@ def help_page(name, description, examples):
     with their defaults and comments (the config file's own text), and the presets it accepts."""
     groups = config_groups((CONFIG_DIR / f"{name}.yaml").read_text())
     lines = [f"smooseg-{name}: {description.strip()}", "",
-             f"Usage: smooseg-{name} [key=value | --key value ...]" + (" [group=preset ...]" if groups else ""),
+             f"Usage: smooseg-{name} [key=value | --key value ...]"
+             + (" [group=preset ...]" if groups else ""),
              "",
              "Start from:", *(f"  {example}" for example in examples), "",
-             f"Settings (declared in smooseg/settings.py; key: default  # meaning):",
+             "Settings (declared in smooseg/settings.py; key: default  # meaning):",
              *(f"  {line}" for line in settings_lines(name)), ""]
     if groups:
         lines.append("Presets (group=preset; * marks the default):")
@@ -66,8 +67,9 @@ def schema_classes():
     for tree, lines in sources:
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
-                classes[node.name] = [_field(item, lines, names, constants) for item in node.body
-                                      if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
+                classes[node.name] = [
+                    _field(item, lines, names, constants) for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
     return classes
 
 
@@ -87,7 +89,9 @@ def _field(item, lines, classes, functions):
 
 
 def _annotated_class(annotation, classes):
-    """The dataclass an annotation names (``X`` or ``Optional[X]``), else None."""
+    """The dataclass an annotation names (``X``, ``X | None`` or ``Optional[X]``), else None."""
+    if isinstance(annotation, ast.BinOp) and isinstance(annotation.right, ast.Constant):
+        annotation = annotation.left
     if isinstance(annotation, ast.Subscript):
         annotation = annotation.slice
     return annotation.id if isinstance(annotation, ast.Name) and annotation.id in classes else None

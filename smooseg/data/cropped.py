@@ -18,8 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from smooseg.data.reader import SegmentationDataset
 from smooseg.data.labels import read_label_png
+from smooseg.data.reader import SegmentationDataset
 from smooseg.errors import SmoosegError
 
 CROP_RECORD = "complete.json"

@@ -31,8 +31,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smooseg.data.cropped import (CROP_RECORD, CROP_RECORD_FORMAT, CROP_TYPES, CROPS_PER_IMAGE, crop_folder,
-                                  crop_item, crop_name, read_crop_record, source_listing, split_files)
+from smooseg.data.cropped import (
+    CROP_RECORD,
+    CROP_RECORD_FORMAT,
+    CROP_TYPES,
+    CROPS_PER_IMAGE,
+    crop_folder,
+    crop_item,
+    crop_name,
+    read_crop_record,
+    source_listing,
+    split_files,
+)
 from smooseg.data.datasets import build_dataset, dataset_key, n_classes_of
 from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError

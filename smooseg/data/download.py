@@ -203,7 +203,7 @@ def _refuse_unsafe_members(archive, root, members):
         if kinds.get(path, kind) != kind or (kind == "file" and path in kinds):
             raise _unsafe(archive, name, f"it clashes with another member of the same path {path!r}")
         kinds[path] = kind
-    for path, kind in kinds.items():
+    for path in kinds:
         parent = os.path.dirname(path)
         while parent:
             if kinds.get(parent) == "file":
@@ -316,7 +316,8 @@ def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None,
         Path(data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise disk_error(err, data_dir, "nothing was written") or SmoosegError(
-            f"cannot create data_dir={data_dir} ({err.strerror}); pass data_dir=<a folder you can write to>") from None
+            f"cannot create data_dir={data_dir} ({err.strerror}); "
+            "pass data_dir=<a folder you can write to>") from None
     sizes, checksums = dict(sizes or {}), dict(checksums or {})
     return {name: fetch_dataset(name, data_dir, base_url, keep_archive, sizes.get(name),
                                 checksums.get(name), progress, timeout)

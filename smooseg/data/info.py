@@ -1,7 +1,6 @@
 """What a trained model keeps of its data set: :class:`DatasetInfo`, plain values only."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 from smooseg.data.registry import find_spec
 from smooseg.data.spec import DEFAULT_EVAL_RES
@@ -31,9 +30,9 @@ class DatasetInfo:
 
     n_classes: int
     name: str = "directory"
-    class_names: Optional[list] = None
-    dir_name: Optional[str] = None      # user-named sets: the folder under data_dir
-    eval_res: Optional[int] = None
+    class_names: list | None = None
+    dir_name: str | None = None         # user-named sets: the folder under data_dir
+    eval_res: int | None = None
     image_interp: str = "nearest"
 
     def __post_init__(self):

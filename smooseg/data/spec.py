@@ -9,7 +9,6 @@ asks the spec (:func:`smooseg.data.registry.dataset_spec`) and never tests a dat
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -67,14 +66,14 @@ class DatasetSpec:
     name: str
     reader: type
     layout: str
-    folder: Optional[str]
+    folder: str | None
     classes: tuple = ()
-    label_table: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
-    splits: Optional[dict] = None
+    label_table: np.ndarray | None = field(default=None, compare=False, repr=False)
+    splits: dict | None = None
     eval_res: int = DEFAULT_EVAL_RES
     archives: tuple = ()
     aliases: tuple = ()
-    train_unlabelled_split: Optional[str] = None  # split read with dataset.train_unlabelled=true
+    train_unlabelled_split: str | None = None  # split read with dataset.train_unlabelled=true
 
     @property
     def class_names(self):

@@ -59,10 +59,12 @@ class TorchCRF:
         if len(images) != len(log_probs):
             raise SmoosegError(f"dense CRF: {len(images)} images but {len(log_probs)} log-prob maps; "
                                "pass one log-prob map per image")
-        if len({tuple(image.shape) for image in images}) == 1 and len({tuple(lp.shape) for lp in log_probs}) == 1:
+        same_shapes = (len({tuple(image.shape) for image in images}) == 1
+                       and len({tuple(lp.shape) for lp in log_probs}) == 1)
+        if same_shapes:
             out = list(self._run(torch.stack(images), torch.stack(log_probs)))
         else:
-            out = [self._run(image[None], lp[None])[0] for image, lp in zip(images, log_probs)]
+            out = [self._run(image[None], lp[None])[0] for image, lp in zip(images, log_probs, strict=True)]
         if labels:
             return _Done([m.argmax(0).to(torch.int16).cpu().numpy() for m in out])
         return _Done([m.cpu().numpy() for m in out])

@@ -87,7 +87,8 @@ def resolve_workers(num_workers):
     if num_workers == "auto":
         return min(available_cores(), MAX_AUTO_WORKERS)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise SmoosegError(f"crf_workers must be an integer >= 0 or auto, got {num_workers!r}; e.g. crf_workers=auto")
+        raise SmoosegError(f"crf_workers must be an integer >= 0 or auto, got {num_workers!r}; "
+                           "e.g. crf_workers=auto")
     return num_workers
 
 
@@ -124,7 +125,8 @@ class CRFPool:
     def __init__(self, num_workers=0, timeout=120.0, max_in_flight=4):
         num_workers = resolve_workers(num_workers)
         if not timeout or timeout <= 0:
-            raise SmoosegError(f"crf_timeout must be a positive number of seconds, got {timeout!r}; e.g. crf_timeout=120")
+            raise SmoosegError(f"crf_timeout must be a positive number of seconds, got {timeout!r}; "
+                               "e.g. crf_timeout=120")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise SmoosegError(f"CRFPool max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         self.num_workers = num_workers
@@ -148,7 +150,8 @@ class CRFPool:
         if len(images) != len(log_probs):
             raise SmoosegError(f"CRFPool.submit: {len(images)} images but {len(log_probs)} log-prob "
                                "maps; pass one log-prob map per image")
-        jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp)) for img, lp in zip(images, log_probs)]
+        jobs = [(_as_uint8_hwc(img), _as_float32_numpy(lp))
+                for img, lp in zip(images, log_probs, strict=True)]
         return self._run(dense_crf_labels if labels else dense_crf, jobs)
 
     def busy_workers(self):

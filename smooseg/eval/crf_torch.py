@@ -87,7 +87,8 @@ def _csr(crow, col, values, size):
     index = _index_dtype(max(values.numel(), *size) + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow.to(index), col.to(index), values, size=size, check_invariants=False)
+        return torch.sparse_csr_tensor(crow.to(index), col.to(index), values, size=size,
+                                       check_invariants=False)
 
 
 class PermutohedralLattice:
@@ -227,7 +228,8 @@ class PermutohedralLattice:
     def _number_vertices_rows(self, rem0, rank, group):
         """The same grouping for keys too wide to pack into int64: unique rows (group id first)."""
         d = self.dim
-        rows = torch.stack([group.expand(d + 1, -1)] + [self._vertex_keys(rem0, rank, c) for c in range(d)], 2)
+        rows = torch.stack([group.expand(d + 1, -1)]
+                           + [self._vertex_keys(rem0, rank, c) for c in range(d)], 2)
         vertices, inverse = torch.unique(rows.transpose(0, 1).reshape(-1, d + 1), dim=0, sorted=True,
                                          return_inverse=True)
         m = vertices.shape[0]
@@ -379,7 +381,8 @@ def _as_tensor(x, what):
         return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, torch.Tensor):
         return x.detach()
-    raise SmoosegError(f"dense_crf_torch: {what} must be a torch tensor or numpy array, got {type(x).__name__}")
+    raise SmoosegError(f"dense_crf_torch: {what} must be a torch tensor or numpy array, "
+                       f"got {type(x).__name__}")
 
 
 def _check_inputs(images, log_probs):
@@ -397,8 +400,8 @@ def _check_inputs(images, log_probs):
     if single:
         images, log_probs = images[None], log_probs[None]
     if log_probs.shape[0] != images.shape[0]:
-        raise SmoosegError(f"dense_crf_torch: {images.shape[0]} images but {log_probs.shape[0]} log-prob maps; "
-                           "pass one K×h×w map per image")
+        raise SmoosegError(f"dense_crf_torch: {images.shape[0]} images but {log_probs.shape[0]} "
+                           "log-prob maps; pass one K×h×w map per image")
     if min(log_probs.shape) < 1 or min(images.shape) < 1:
         raise SmoosegError(f"dense_crf_torch: empty input (images {tuple(images.shape)}, log_probs "
                            f"{tuple(log_probs.shape)}); every dimension must be >= 1")
@@ -409,7 +412,8 @@ def _check_params(iters, params):
     if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
         raise SmoosegError(f"dense_crf_torch: iters must be an integer >= 0, got {iters!r}")
     for name, value in params.items():
-        ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+              and math.isfinite(value))
         if not ok or (not name.endswith("compat") and value <= 0):
             need = "a finite number" if name.endswith("compat") else "a finite number > 0"
             raise SmoosegError(f"dense_crf_torch: {name} must be {need}, got {value!r}")
@@ -486,12 +490,14 @@ def dense_crf_torch(images, log_probs, iters=10, gaussian_sxy=1, gaussian_compat
     probs = torch.softmax(F.interpolate(log_probs.float(), size=(height, width), mode="bilinear",
                                         align_corners=False), dim=1)
     # -unary = log(max(p, 1e-5)), pixel-major: B×N×K
-    neg_unary = torch.log(probs.clamp_(UNARY_CLIP, 1.0)).permute(0, 2, 3, 1).reshape(batch, n_pixels, n_classes)
+    neg_unary = torch.log(probs.clamp_(UNARY_CLIP, 1.0)).permute(0, 2, 3, 1)
+    neg_unary = neg_unary.reshape(batch, n_pixels, n_classes)
     del probs
     q = torch.softmax(neg_unary, dim=2)
     terms = []  # (kernel, Potts weight, whether one H×W lattice serves the batch); w = 0 adds nothing
     if iters > 0 and gaussian_compat != 0:
-        terms.append((_grid_kernel(height, width, gaussian_sxy, device), float(np.float32(gaussian_compat)), True))
+        terms.append((_grid_kernel(height, width, gaussian_sxy, device), float(np.float32(gaussian_compat)),
+                      True))
     if iters > 0 and bilateral_compat != 0:
         terms.append((_NormalisedKernel(_bilateral_lattice(images, bilateral_sxy, bilateral_srgb)),
                       float(np.float32(bilateral_compat)), False))
@@ -503,7 +509,8 @@ def dense_crf_torch(images, log_probs, iters=10, gaussian_sxy=1, gaussian_compat
                     columns = q.permute(1, 0, 2).reshape(n_pixels, batch * n_classes)
                     message = kernel.apply(columns).view(n_pixels, batch, n_classes).permute(1, 0, 2)
                 else:
-                    message = kernel.apply(q.reshape(batch * n_pixels, n_classes)).view(batch, n_pixels, n_classes)
+                    message = kernel.apply(q.reshape(batch * n_pixels, n_classes))
+                    message = message.view(batch, n_pixels, n_classes)
                 energy.add_(message, alpha=weight)
             q = torch.softmax(energy, dim=2)
     out = q.view(batch, height, width, n_classes).permute(0, 3, 1, 2).contiguous()

@@ -1,9 +1,9 @@
 """Evaluation (docs/method.md sections 5-6): flip averaging, optional dense CRF, Hungarian metrics.
 
 ``evaluate`` runs one net over one loader and returns its metrics and example pictures;
-``run_eval(settings)`` (what ``eval_segmentation.py`` runs, :class:`smooseg.settings.EvalSettings`) evaluates each
-checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes, per checkpoint,
-in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
+``run_eval(settings)`` (what ``eval_segmentation.py`` runs, :class:`smooseg.settings.EvalSettings`)
+evaluates each checkpoint of ``model_paths`` (or nets handed to it) with one CRF pool and writes,
+per checkpoint, in ``<output_dir>/<checkpoint stem>-<sha256[:10]>/`` (see :mod:`smooseg.eval.results`):
 
   * ``metrics.json``: the headline ``mIoU`` / ``Accuracy`` (after the CRF when it is on),
     ``per_class_iou``, ``assignment`` (class name -> matched cluster) and ``confusion`` (K×n pixel
@@ -31,8 +31,9 @@ import contextlib
 import glob
 import os
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,11 +45,11 @@ from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.registry import dataset_spec, find_spec
 from smooseg.data.transforms import to_uint8_image, unnormalize
 from smooseg.errors import SmoosegError
+from smooseg.eval import provenance
 from smooseg.eval.crf_backend import open_crf
+from smooseg.eval.crf_memory import pool_backend
 from smooseg.eval.crf_pool import available_cores
 from smooseg.eval.metrics import ClusterMetrics
-from smooseg.eval import provenance
-from smooseg.eval.crf_memory import pool_backend
 from smooseg.eval.provenance import file_sha256
 from smooseg.eval.results import claim_results_dir, print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
@@ -118,7 +119,8 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
     args = (data.n_classes, net.n_clusters, mask_extra_clusters, int(n_images))
     plain = _Collector(*args, device)
     refined = _Collector(*args, "cpu") if crf_pool is not None else None
-    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity", sync_on_compute=False).to(device)
+    linear = (ClusterMetrics(data.n_classes, data.n_classes, match="identity",
+                             sync_on_compute=False).to(device)
               if net.linear_probe is not None else None)
     images, labels, sources, pending = [], [], [], deque()
 
@@ -158,9 +160,9 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
         metrics["nocrf"] = summarize(plain.metric.compute(), names)
     if linear is not None:
         metrics["linear"] = summarize(linear.compute(), names)
-    examples = list(zip(images, labels, head.preds))
+    examples = list(zip(images, labels, head.preds, strict=True))
     if len(sources) == len(examples):  # (image, label, prediction, source name) when the set names its items
-        examples = [(*example, str(name)) for example, name in zip(examples, sources)]
+        examples = [(*example, str(name)) for example, name in zip(examples, sources, strict=True)]
     return metrics, examples
 
 
@@ -257,7 +259,7 @@ class EvalJob(NamedTuple):
     and ``load(device) -> (net, hparams)``."""
 
     name: str
-    path: Optional[str]
+    path: str | None
     load: Callable
 
 
@@ -266,7 +268,7 @@ def checkpoint_jobs(paths, names=None):
     are given); each net is loaded only when its turn comes."""
     names = output_names(paths) if names is None else list(names)
     return [EvalJob(name, str(path), lambda device, path=path: load_net(path, map_location=device))
-            for path, name in zip(paths, names)]
+            for path, name in zip(paths, names, strict=True)]
 
 
 def evaluate_jobs(settings, jobs):

@@ -100,5 +100,6 @@ class PrototypePredictor(nn.Module):
         Reference quirk: the student enters un-normalised; rows are normalised only when used.
         """
         if not 0.0 <= alpha <= 1.0:
-            raise SmoosegError(f"ema alpha={alpha} is outside [0, 1]; set the EMA decay (alpha) to e.g. 0.998")
+            raise SmoosegError(f"ema alpha={alpha} is outside [0, 1]; "
+                               "set the EMA decay (alpha) to e.g. 0.998")
         self.teacher.mul_(alpha).add_(self.student.detach().to(self.teacher.dtype), alpha=1.0 - alpha)

@@ -9,7 +9,6 @@ term by name plus their sum, ``total``. A new term is one decorated function and
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +47,15 @@ class LossConfig:
     pos_intra_shift: float = -0.02          # shift of the intra-image smoothness term
     neg_inter_shift: float = 0.5            # shift of the inter-image smoothness term
     pointwise: bool = True                  # pointwise centring of the feature correlation
-    weights: Dict[str, float] = field(default_factory=method_weights)  # term name -> weight
+    weights: dict[str, float] = field(default_factory=method_weights)  # term name -> weight
                                             # ('+loss.weights.<term>=w' adds a registered term)
 
     def __post_init__(self):
         unknown = [name for name in self.weights if name not in LOSS_TERMS]
         if unknown:
             raise SmoosegError(f"loss.weights.{unknown[0]} names no loss term; the terms are "
-                               f"{', '.join(LOSS_TERMS)} (register new ones with smooseg.model.losses.loss_term)")
+                               f"{', '.join(LOSS_TERMS)} "
+                               "(register new ones with smooseg.model.losses.loss_term)")
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def random_pairing(batch_size, generator=None):
     """Random index map π over the batch with π(b) ≠ b (fixed points of a permutation go to b+1 mod B)."""
     if batch_size < 2:
         raise SmoosegError(
-            f"batch size is {batch_size}; the batch size must be >= 2 for the inter-image term, raise batch_size"
+            f"batch size is {batch_size}; the batch size must be >= 2 for the inter-image term, "
+            "raise batch_size"
         )
     perm = torch.randperm(batch_size, generator=generator)
     idx = torch.arange(batch_size)
@@ -220,10 +221,12 @@ def teacher_student(x: LossInputs):
     return data_loss(x.student_logits, x.teacher_logits)
 
 
-def total_loss(signal, student_logits, teacher_logits, config: LossConfig = LossConfig(), pairing=None):
+def total_loss(signal, student_logits, teacher_logits, config: LossConfig | None = None, pairing=None):
     """Each weighted term of ``config.weights`` by name (weight × term; a weight of 0 skips the
-    term) and their sum ``total``. ``pairing`` (LongTensor[B]) pairs image b with image pairing[b]
-    for the inter-image term; drawn with :func:`random_pairing` when None."""
+    term) and their sum ``total``; ``config`` None is ``LossConfig()``. ``pairing`` (LongTensor[B])
+    pairs image b with image pairing[b] for the inter-image term; drawn with :func:`random_pairing`
+    when None."""
+    config = LossConfig() if config is None else config
     pairing = _checked_pairing(signal, teacher_logits, pairing)
     with fp32_region(signal.device):
         inputs = LossInputs(signal, student_logits, teacher_logits,

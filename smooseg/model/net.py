@@ -8,7 +8,6 @@ runs (pretrained weights to start from, fused attention, the backbone's autocast
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +26,12 @@ class NetConfig:
     model_type: str = "vit_small"
     patch_size: int = 8
     feat_type: str = "feat"
-    fit: Optional[str] = None  # None: the backbone spec's default
-    weights_data: Optional[str] = None  # the release (fixes the input normalisation); None: the default
+    fit: str | None = None  # None: the backbone spec's default
+    weights_data: str | None = None  # the release (fixes the input normalisation); None: the default
     dim: int = 64
     projection_type: str = "nonlinear"
     dropout: bool = True
-    linear_probe_classes: Optional[int] = None  # a supervised 1x1 probe on the code (diagnostic)
+    linear_probe_classes: int | None = None  # a supervised 1x1 probe on the code (diagnostic)
 
     @classmethod
     def from_dict(cls, values):
@@ -75,7 +74,8 @@ class SmooSegNet(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.linear_probe = nn.Conv2d(config.dim, int(config.linear_probe_classes), 1)
         self.backbone_precision = str(backbone_precision)
-        self._compiled = {}  # torch.compile'd backbone, kept out of the module tree (state dict keys unchanged)
+        # torch.compile'd backbone, kept out of the module tree (state dict keys unchanged)
+        self._compiled = {}
         self.compile_backbone = bool(compile_backbone)
 
     @property
@@ -122,7 +122,8 @@ class SmooSegNet(nn.Module):
     def linear_log_probs(self, code, size):
         """Linear-probe class log-probabilities B x n_classes x H x W: the probe's logits of ``code``
         upsampled bilinearly to ``size`` (STEGO's linear probe)."""
-        logits = F.interpolate(self.linear_probe(code), size=tuple(size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.linear_probe(code), size=tuple(size), mode="bilinear",
+                               align_corners=False)
         return torch.log_softmax(logits.float(), dim=1)
 
     def forward(self, img, size=None, flip=False):

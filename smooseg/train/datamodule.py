@@ -26,8 +26,9 @@ from smooseg.train.feature_cache import check_deterministic, open_or_build
 def crop_command(settings, source):
     """The ``crop_datasets.py`` command that writes the cropped training set ``source`` (a dict)."""
     dataset = settings.dataset
-    return data_crop_command(settings.data_dir, dataset_spec(dataset.name), source["crop_type"], source["ratio"],
-                             dir_name=dataset.dir_name, n_classes=dataset.n_classes or dataset.n_clusters)
+    return data_crop_command(settings.data_dir, dataset_spec(dataset.name), source["crop_type"],
+                             source["ratio"], dir_name=dataset.dir_name,
+                             n_classes=dataset.n_classes or dataset.n_clusters)
 
 
 def train_crop_source(settings):

@@ -242,7 +242,8 @@ def build_feature_cache(dataset, backbone, path, fields, batch_size=32, num_work
     feat_bytes = n * int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
     label_bytes = n * H * W * np.dtype(label_dtype).itemsize
     print(f"feature cache: {n} images × {'×'.join(map(str, feat_shape))} {fields['dtype']} = "
-          f"{_megabytes(feat_bytes):.1f} MB (+ {_megabytes(label_bytes):.1f} MB labels) at {path}", flush=True)
+          f"{_megabytes(feat_bytes):.1f} MB (+ {_megabytes(label_bytes):.1f} MB labels) at {path}",
+          flush=True)
     path.mkdir(parents=True, exist_ok=True)
     (path / META_FILE).unlink(missing_ok=True)
     _check_disk(path, feat_bytes + label_bytes)

@@ -64,20 +64,21 @@ class SmooSegModule(pl.LightningModule):
     :func:`smooseg.model.checkpoints.load_net` rebuilds the net from them without Lightning.
     """
 
-    def __init__(self, net: SmooSegNet, data: DatasetInfo, loss: LossConfig = LossConfig(),
+    def __init__(self, net: SmooSegNet, data: DatasetInfo, loss: LossConfig | None = None,
                  optim: OptimConfig = OptimConfig(), mask_extra_clusters=False, n_log_images=4,
                  hist_freq=0, compile=False):
         super().__init__()
         self.net = net
         self.data = data
+        loss = LossConfig() if loss is None else loss  # a fresh one: LossConfig is mutable
         self.loss_config, self.optim_config = loss, optim
         self.save_hyperparameters({
             "layout": CHECKPOINT_LAYOUT, "net": net.config.to_dict(), "data": data.to_dict(),
             "loss": dataclasses.asdict(loss), "optim": dataclasses.asdict(optim),
             "metrics": {"mask_extra_clusters": bool(mask_extra_clusters)},
             "diagnostics": {"n_log_images": int(n_log_images), "hist_freq": int(hist_freq)},
-            "runtime": {"compile": bool(compile), "fused_attn": net.backbone.fused_attn, "pretrained": net.pretrained,
-                        "backbone_precision": net.backbone_precision},
+            "runtime": {"compile": bool(compile), "fused_attn": net.backbone.fused_attn,
+                        "pretrained": net.pretrained, "backbone_precision": net.backbone_precision},
         })
         self.n_log_images, self.hist_freq, self.compile = int(n_log_images), int(hist_freq), bool(compile)
         net.compile_backbone = self.compile
@@ -111,7 +112,8 @@ class SmooSegModule(pl.LightningModule):
         """The configured learning rates hold, also when a resumed run changed them
         (``resume_changes``): a checkpoint restores the optimiser with the rates it had."""
         rates = [self.optim_config.lr1, self.optim_config.lr2, self.optim_config.linear_lr]
-        for group, rate in zip(self.trainer.optimizers[0].param_groups, rates):
+        # strict=False: without a linear probe there are two groups and linear_lr goes unused
+        for group, rate in zip(self.trainer.optimizers[0].param_groups, rates, strict=False):
             group["lr"] = rate
 
     def on_load_checkpoint(self, checkpoint):
@@ -189,7 +191,8 @@ class SmooSegModule(pl.LightningModule):
             {"params": [self.net.predictor.student], "lr": self.optim_config.lr2},
         ]
         if self.net.linear_probe is not None:  # appended: groups 0 / 1 stay projector / prototypes
-            groups.append({"params": list(self.net.linear_probe.parameters()), "lr": self.optim_config.linear_lr})
+            groups.append({"params": list(self.net.linear_probe.parameters()),
+                           "lr": self.optim_config.linear_lr})
         return torch.optim.Adam(groups)
 
     # ---- diagnostics: linear probe, shift histograms (docs/shift_tuning.md) ----

@@ -18,7 +18,10 @@ INTERVAL_S = 60.0  # the longest a plain-line log stays silent while training ru
 
 def batch_items(batch):
     """How many images a training batch holds (its first tensor's length; 0 when it has none)."""
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    if isinstance(batch, dict):
+        values = batch.values()
+    else:
+        values = batch if isinstance(batch, (list, tuple)) else [batch]
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
