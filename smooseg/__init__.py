@@ -1,8 +1,8 @@
 """SmooSeg: smoothness prior for unsupervised semantic segmentation.
 
 The public surface (docs/python.md): ``load`` (a :class:`Segmenter` of a checkpoint),
-``train_settings`` / ``train``, ``eval_settings`` / ``evaluate`` and ``backbones``. They are imported on first use, so ``import smooseg``
-stays fast.
+``train_settings`` / ``train``, ``eval_settings`` / ``evaluate`` and ``backbones``. They are
+imported on first use, so ``import smooseg`` stays fast.
 """
 
 __version__ = "0.1.0"

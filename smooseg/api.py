@@ -149,8 +149,9 @@ def load(path, device="auto", matching=None, mode="resize", size=320, stride=Non
 
 
 def _compose(config_name, overrides):
-    import smooseg.settings  # noqa: F401  (registers the typed schemas the configs compose on)
     from hydra import compose, initialize_config_dir
+
+    import smooseg.settings  # noqa: F401  (registers the typed schemas the configs compose on)
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script, train_config
+from conftest import run_script, train_settings
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.io import write_json
@@ -118,7 +118,7 @@ def test_checkpoints_never_pass_through_tmpdir(data, tmp_path, tmpfs, monkeypatc
 
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "run"
-    result = train(train_config(TINY + [f"data_dir={data}", f"output_dir={out}"]))
+    result = train(train_settings(TINY + [f"data_dir={data}", f"output_dir={out}"]))
     assert Path(result["last"]).is_file() and Path(result["best"]).is_file()
     written = {dst.name for _, dst in renames}
     assert {"last.ckpt", Path(result["best"]).name, "config.yaml"} <= written

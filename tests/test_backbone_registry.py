@@ -29,11 +29,18 @@ MODEL_PRESETS = ROOT / "smooseg" / "configs" / "model"
 
 
 def _presets():
+    from smooseg.settings import ModelSettings
+
+    def values(path):
+        loaded = OmegaConf.load(path)
+        loaded.pop("defaults", None)
+        return loaded
+
     out = {}
     for path in sorted(MODEL_PRESETS.glob("*.yaml")):
         if path.stem != "base":
-            cfg = OmegaConf.merge(OmegaConf.load(MODEL_PRESETS / "base.yaml"), OmegaConf.load(path))
-            out[path.stem] = cfg
+            out[path.stem] = OmegaConf.merge(OmegaConf.structured(ModelSettings),
+                                             values(MODEL_PRESETS / "base.yaml"), values(path))
     return out
 
 

@@ -33,7 +33,10 @@ def test_a_non_tty_run_logs_plain_lines_in_steps(tmp_path):
     assert re.search(r"^best checkpoint: \S+ \(val mIoU \d+\.\d\d\)$", proc.stdout, re.MULTILINE)
     for noise in ("Epoch ", "TPU available", "Total Flops", "Trainer.fit` stopped", "][INFO]", "Tip:"):
         assert noise not in text, noise
-    assert not list((tmp_path / "out").glob("*.log"))  # one log: the console
+    logs = list((tmp_path / "out").glob("*.log"))  # the run's log, opened once every check has passed
+    assert [log.name for log in logs] == ["train_segmentation.log"]
+    logged = logs[0].read_text()
+    assert "\r" not in logged and "][INFO]" not in logged
 
 
 def test_progress_line_and_eta():

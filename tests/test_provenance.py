@@ -51,7 +51,7 @@ def test_metrics_and_summary_record_their_provenance(synthetic_data, runs, tmp_p
     prov = json.loads((folder / "metrics.json").read_text())["provenance"]
     assert set(prov["evaluation"]) == EVALUATION_KEYS
     assert prov["evaluation"] == {"dataset": "cityscapes", "split": "val", "eval_res": 64, "crop": "center",
-                                  "flip": True, "crf": False, "crf_backend": None, "precision": "32",
+                                  "flip": True, "crf": False, "crf_backend": None, "precision": "32-true",
                                   "n_images": 8}
     assert prov["checkpoint"]["path"] == str(runs["a"].resolve()) and prov["checkpoint"]["sha256"] == sha
     assert prov["checkpoint"]["backbone"] == {"arch": "dino", "model_type": "vit_small", "patch_size": 16}

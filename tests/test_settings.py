@@ -244,4 +244,5 @@ def test_a_run_records_the_resolved_settings_and_opens_its_log_once_started(tmp_
     assert isinstance(saved["loader"]["pin_memory"], bool)
     assert isinstance(saved["final_eval"]["crf_workers"], int) and saved["cache"]["batch_size"] == 2
     assert "auto" not in yaml.safe_dump(saved).replace("strategy: auto", "")
-    assert "`Trainer.fit` stopped: `max_steps=2` reached" in (out / "train_segmentation.log").read_text()
+    assert "Total estimated model params size" in (out / "train_segmentation.log").read_text()  # Lightning's
+    # records of the run reach its log file

@@ -229,8 +229,10 @@ def write_summary(runs, path, label):
 @contextlib.contextmanager
 def claim_results_dir(output_dir):
     """Hold ``<output_dir>/.eval.lock`` (``flock``) for the block; SmoosegError when another
-    evaluation holds it."""
+    evaluation holds it. A block that fails before writing any result leaves nothing behind: the
+    lock and the folders made for it are removed."""
     folder = Path(output_dir)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".eval.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -242,5 +244,11 @@ def claim_results_dir(output_dir):
                            "wait for it to finish or pass another output_dir") from None
     try:
         yield folder
+    except BaseException:
+        if all(entry.name == lock.name for entry in folder.iterdir()):
+            lock.unlink(missing_ok=True)
+            for path in created:  # deepest first
+                path.rmdir()
+        raise
     finally:
         os.close(fd)

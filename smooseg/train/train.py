@@ -258,7 +258,7 @@ def open_run_log(output_dir, name="train_segmentation.log"):
     its folder, so a run that cannot start leaves no log file); returns the handler."""
     root = logging.getLogger()
     handler = logging.FileHandler(Path(output_dir) / name)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s"))  # as on the console: one log format
     root.addHandler(handler)
     return handler
 
