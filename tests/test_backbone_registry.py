@@ -152,7 +152,8 @@ def test_new_families_train_and_evaluate_through_the_entry_points(preset, synthe
     assert saved.model.arch == preset.split("_vit")[0] and last.is_file()
     run_script("eval_segmentation.py", f"model_paths=[{last}]", "crf=false", f"data_dir={synthetic_data}",
                "n_images=1", "batch_size=4", "num_workers=0", f"output_dir={tmp_path / 'eval'}", timeout=600)
-    metrics = json.loads((tmp_path / "eval" / "last" / "metrics.json").read_text())
+    (result,) = (tmp_path / "eval").glob("last-*/metrics.json")  # <stem>-<sha256[:10]>/
+    metrics = json.loads(result.read_text())
     assert 0 <= metrics["mIoU"] <= 100 and metrics["n_evaluated"] == 8
 
 
