@@ -21,7 +21,8 @@ def test_unlabelled_photos_train_segment_and_refuse_evaluation(tmp_path):
     proc = run_script("train_segmentation.py", "experiment=demo", "dataset=directory",
                       "dataset.dir_name=photos", "dataset.n_clusters=4", "model=dino_vits16",
                       "model.pretrained=false", "res=32", "eval_res=32", "batch_size=2", "num_workers=0",
-                      "max_steps=4", "val_check_interval=2", "n_log_images=2", f"data_dir={data}", f"output_dir={run}")
+                      "max_steps=4", "val_check_interval=2", "n_log_images=2", f"data_dir={data}",
+                      f"output_dir={run}")
     text = proc.stdout + proc.stderr + (run / "train_segmentation.log").read_text()
     assert "nan" not in text.lower(), text[-2000:]
     assert "final evaluation skipped: the validation images have no labels" in proc.stdout
