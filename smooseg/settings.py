@@ -641,12 +641,7 @@ def eval_settings(cfg):
     dataset = values.get("dataset")
     if isinstance(dataset, dict) and dataset.get("n_classes") == "???":
         dataset["n_classes"] = None
-    settings = check_values(_to_object(OmegaConf.create(values), EvalSettings))
-    settings.device = _device(settings.device)
-    settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
-                                                            settings.device)
-    settings.precision = lightning_precision(settings.precision, settings.device)
-    return settings
+    return _resolve_inference(check_values(_to_object(OmegaConf.create(values), EvalSettings)))
 
 
 def segment_settings(cfg):
@@ -656,6 +651,12 @@ def segment_settings(cfg):
 
     settings = check_values(_to_object(cfg, SegmentSettings))
     parse_bytes(settings.crf_max_memory)
+    return _resolve_inference(settings)
+
+
+def _resolve_inference(settings):
+    """Evaluation's and segmentation's ``auto`` values: the device, then the CRF backend and
+    worker count and the precision on it."""
     settings.device = _device(settings.device)
     settings.crf_backend, settings.crf_workers = crf_choice(settings.crf_backend, settings.crf_workers,
                                                             settings.device)

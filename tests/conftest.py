@@ -102,3 +102,18 @@ def make_module(pretrained=False, n_classes=3, extra_clusters=0, dataset_name="d
                        **{k: v for k, v in take(DatasetInfo).items() if k not in ("n_classes", "name")})
     return SmooSegModule(net, data, loss=LossConfig(**take(LossConfig)),
                          optim=OptimConfig(**take(OptimConfig)), **options)
+
+
+def save_spread_checkpoint(path, n_classes, extra_clusters, seed=0):
+    """Save a random-init ViT-S/16 SmooSeg model for Potsdam (``n_classes`` + ``extra_clusters``
+    clusters) in the native layout, its teacher prototypes spread so that several clusters win
+    somewhere; returns ``path``."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = make_module(n_classes=n_classes, dataset_name="potsdam", patch_size=16,
+                         extra_clusters=extra_clusters)
+    with torch.no_grad():
+        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher) * 3)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import smooseg
-from conftest import make_module, run_script
+from conftest import run_script, save_spread_checkpoint
 from smooseg.errors import SmoosegError
 from smooseg.eval.provenance import file_sha256
 
@@ -24,13 +24,7 @@ N_CLASSES, EXTRA = 3, 1
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random-init ViT-S/16 SmooSeg model (3 classes + 1 extra cluster) saved in the native layout."""
-    torch.manual_seed(0)
-    module = make_module(n_classes=N_CLASSES, dataset_name="potsdam", patch_size=16, extra_clusters=EXTRA)
-    with torch.no_grad():  # spread the teacher prototypes so several clusters win somewhere
-        module.net.predictor.teacher.copy_(torch.randn_like(module.net.predictor.teacher) * 3)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
+    return save_spread_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", N_CLASSES, EXTRA)
 
 
 def _photo(h, w, seed):

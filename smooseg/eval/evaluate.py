@@ -184,6 +184,10 @@ def eval_dataset(settings, data: DatasetInfo):
     if dataset.n_classes != data.n_classes:
         raise SmoosegError(f"dataset={name} has {dataset.n_classes} classes but the checkpoint was "
                            f"trained for {data.n_classes}; evaluate on a data set with the same classes")
+    if not dataset.labelled:
+        raise SmoosegError(f"dataset={name} has no labels in its {settings.split} split, so there is "
+                           "nothing to score against; to see the clusters, segment the images with "
+                           "segment_images.py model_path=<checkpoint> input_dir=<the images' folder>")
     return dataset
 
 

@@ -87,6 +87,7 @@ class SmooSegModule(pl.LightningModule):
         self.val_linear_metrics = (ClusterMetrics(n, n, match="identity")
                                    if net.linear_probe is not None else None)
         self._examples = []
+        self.val_labelled = True  # train() sets False when the validation images have no labels
         self._compiled_losses = None  # torch.compile'd heads + loss (``compile``), built on first use
         self._hist_step = None  # last step whose shift histograms were logged
 
@@ -243,6 +244,14 @@ class SmooSegModule(pl.LightningModule):
             self._examples.append((img[i].detach().cpu(), label[i].cpu(), preds[i].cpu()))
 
     def on_validation_epoch_end(self):
+        if not self.val_labelled:  # own photos without labels: pictures only, no metric (and no NaN)
+            self.val_metrics.reset()
+            if self.val_linear_metrics is not None:
+                self.val_linear_metrics.reset()
+            if not self.trainer.sanity_checking:
+                self._log_examples(torch.arange(self.net.n_clusters))
+            self._examples = []
+            return
         result = self.val_metrics.compute()
         self.val_metrics.reset()
         # the metric already summed the counts of all processes: every process logs the same value
@@ -254,16 +263,16 @@ class SmooSegModule(pl.LightningModule):
             self.log("val/linear/mIoU", linear["mIoU"], sync_dist=True)
             self.log("val/linear/Accuracy", linear["Accuracy"], sync_dist=True)
         if not self.trainer.sanity_checking:
-            self._log_examples(result["assignment"])
+            self._log_examples(cluster_to_class_map(result["assignment"], self.net.n_clusters))
         self._examples = []
 
-    def _log_examples(self, assignment):
-        """Image / label / prediction grid (prediction coloured through the Hungarian map)."""
+    def _log_examples(self, to_class):
+        """Image / label / prediction grid, the prediction coloured through ``to_class`` (the
+        Hungarian map; the identity for unlabelled images, whose clusters are their own classes)."""
         loggers = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers or not self._examples or not self.trainer.is_global_zero:
             return
-        to_class = cluster_to_class_map(assignment, self.net.n_clusters)
-        palette = colormap(self.data.name, self.data.n_classes)
+        palette = colormap(self.data.name, max(self.data.n_classes, self.net.n_clusters))
         grid = np.concatenate(
             [example_row(img, label, to_class[pred], palette) for img, label, pred in self._examples],
             axis=0)

@@ -348,6 +348,7 @@ def train(settings, callbacks=()):
     check_resume_changes(settings, ckpt_path)
     datamodule = build_datamodule(settings, module.net)
     labelled_val = has_labels(datamodule.val_set)
+    module.val_labelled = labelled_val
     preemption = SaveOnSigterm(Path(settings.output_dir) / "checkpoints")
     trainer = build_trainer(settings, [preemption, *callbacks], labelled_val=labelled_val)
     lock = claim_output_dir(settings) if trainer.is_global_zero else None
