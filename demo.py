@@ -14,10 +14,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 
-from smooseg.cli import quiet_known_noise
 from smooseg.data.synthetic import write_cityscapes_layout
 from smooseg.errors import SmoosegError
 from smooseg.eval.evaluate import run_eval
+from smooseg.logs import quiet_known_noise
 from smooseg.model.checkpoints import load_net
 from smooseg.model.weights import official_weights, weights_cache_path
 from smooseg.settings import eval_settings, train_settings
