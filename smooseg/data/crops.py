@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from smooseg.data.cropped import (
     CROP_RECORD,
@@ -47,6 +46,7 @@ from smooseg.data.datasets import build_dataset, dataset_key, n_classes_of
 from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, write_json
+from smooseg.progress import progress_bar
 from smooseg.signals import SigtermLatch, worker_signals
 
 JPEG_QUALITY = 75
@@ -270,7 +270,8 @@ def _results(results, n, check, poll_s=0.5):
 def _write_all(dataset, job, num_workers, progress):
     folder = job["folder"]
     written = 0
-    bar = tqdm(total=len(dataset), desc=f"{folder.name}/{job['split']}", unit="img", disable=not progress)
+    bar = progress_bar(total=len(dataset), desc=f"{folder.name}/{job['split']}", unit="img",
+                       disable=not progress)
     stopped = (f"stopped by SIGTERM: the finished crops of {folder} are kept; run the same command "
                "again to finish the set")
     with bar, SigtermLatch() as sigterm:  # checked after each image; the pool is then terminated

@@ -22,11 +22,10 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
 from smooseg.data.registry import archive_specs, find_spec
 from smooseg.errors import SmoosegError
 from smooseg.io import disk_error
+from smooseg.progress import progress_bar
 from smooseg.signals import sigterm_raises
 
 ARCHIVE_SUFFIX = ".zip"
@@ -99,7 +98,7 @@ def _receive(response, part, offset, total, url, progress):
     mode = "ab" if offset else "wb"
     received = offset
     try:
-        with open(part, mode) as handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+        with open(part, mode) as handle, progress_bar(total=total, initial=offset, unit="B", unit_scale=True,
                                               desc=part.name[:-5], disable=not progress) as bar:
             read = getattr(response, "read1", response.read)   # read1: whatever has arrived
             for block in iter(lambda: read(CHUNK), b""):

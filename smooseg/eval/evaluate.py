@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from smooseg.data.datasets import DatasetInfo, build_dataset
 from smooseg.data.registry import dataset_spec, find_spec
@@ -54,6 +53,7 @@ from smooseg.eval.provenance import file_sha256
 from smooseg.eval.results import claim_results_dir, print_summary, summarize, write_outputs, write_summary
 from smooseg.io import check_input_file, check_output_dir
 from smooseg.model.checkpoints import load_net
+from smooseg.progress import progress_bar
 from smooseg.runtime import autocast, resolve_device
 
 
@@ -128,7 +128,7 @@ def evaluate(net, dataloader, data: DatasetInfo, mask_extra_clusters=False, crf_
         refined.add(torch.from_numpy(np.stack(handle.result()).astype(np.int64)), batch_labels)
 
     with cpu_threads_beside(crf_pool) as share_cores:
-        for batch in tqdm(dataloader, desc="eval", disable=not show_progress):
+        for batch in progress_bar(dataloader, desc="eval", disable=not show_progress):
             share_cores()
             img, label = batch["img"].to(device), batch["label"].to(device)
             with autocast(device, precision):

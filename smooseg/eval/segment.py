@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from smooseg.data.datasets import DatasetInfo
 from smooseg.errors import SmoosegError
@@ -49,6 +48,7 @@ from smooseg.eval.predict import PredictOptions, predict_image
 from smooseg.eval.provenance import file_sha256
 from smooseg.io import IMAGE_EXTENSIONS, check_input_file, check_output_dir, image_size, read_rgb
 from smooseg.model.checkpoints import load_net
+from smooseg.progress import progress_bar
 from smooseg.runtime import resolve_device
 from smooseg.viz import class_colors, colormap, legend_image, overlay, read_metrics_json, save_png
 
@@ -240,8 +240,8 @@ def segment_folder(net, data, input_dir, output_dir, options=None, *, recursive=
     def finish(handle, image, path, rel):
         writer.write(image, refined_ids(handle.result()[0], image.shape[:2]), path, rel)
 
-    for path, rel in tqdm(list(zip(paths, output_stems(paths, input_dir), strict=True)), desc="segment",
-                          unit="img", disable=not show_progress):
+    named = list(zip(paths, output_stems(paths, input_dir), strict=True))
+    for path, rel in progress_bar(named, desc="segment", unit="img", disable=not show_progress):
         try:
             image = read_image(path)
         except SmoosegError as err:

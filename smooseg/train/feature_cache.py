@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from smooseg.errors import SmoosegError
 from smooseg.io import atomic_write, check_output_dir
 from smooseg.model.backbone import frozen_features
+from smooseg.progress import progress_bar
 
 CACHE_VERSION = 3  # 3: meta.json holds the files digest
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -205,7 +205,7 @@ def _fill(loader, backbone, feats, labels, ignore, precision, device, progress):
     """Write the backbone features and labels of every batch of ``loader`` into the memmaps."""
     H, W = labels.shape[1:]
     start = 0
-    with tqdm(total=len(feats), desc="feature cache", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(feats), desc="feature cache", unit="img", disable=not progress) as bar:
         for batch in loader:
             img, label = batch["img"], batch["label"].numpy()
             if tuple(img.shape[-2:]) != (H, W):
