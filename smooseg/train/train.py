@@ -305,12 +305,6 @@ def final_eval_settings(settings, checkpoint, device):
         precision=final.precision)
 
 
-def has_labels(dataset):
-    """Whether any image of ``dataset`` has a label map (a directory set may have none)."""
-    entries = getattr(dataset, "entries", None)
-    return entries is None or any(entry[2] is not None for entry in entries)
-
-
 def final_evaluation(settings, checkpoint, device, val_set):
     """Evaluate ``checkpoint`` as ``eval_segmentation.py`` would (:func:`final_eval_settings`), print
     the per-class table and write ``<output_dir>/final_eval/metrics.json``; returns the headline
@@ -321,7 +315,7 @@ def final_evaluation(settings, checkpoint, device, val_set):
     if checkpoint is None:
         print("final evaluation skipped: training wrote no checkpoint")
         return None
-    if not has_labels(val_set):
+    if not val_set.labelled:
         print("final evaluation skipped: the validation images have no labels")
         return None
     evaluation = final_eval_settings(settings, checkpoint, device)
@@ -347,7 +341,7 @@ def train(settings, callbacks=()):
     ckpt_path = resume_path(settings, module)
     check_resume_changes(settings, ckpt_path)
     datamodule = build_datamodule(settings, module.net)
-    labelled_val = has_labels(datamodule.val_set)
+    labelled_val = datamodule.val_set.labelled
     module.val_labelled = labelled_val
     preemption = SaveOnSigterm(Path(settings.output_dir) / "checkpoints")
     trainer = build_trainer(settings, [preemption, *callbacks], labelled_val=labelled_val)
