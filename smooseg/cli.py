@@ -272,6 +272,29 @@ def _bad_value_message(err, argv):
     return f"{key}={value} is not allowed: {key} must be {describe(*found)}"
 
 
+# What a command-line value may hold unquoted (Hydra's override grammar); a path with anything
+# else (non-ASCII letters, ',', '[', ']', '=', spaces, quotes) has to be quoted.
+_UNQUOTED = re.compile(r"[A-Za-z0-9_\-+.$%*@?|/:~\\ ]*")
+
+
+def quoting_hint(override):
+    """How to quote ``key=value`` when its value holds what Hydra reads as syntax, or None.
+
+    A value in brackets is taken for a one-element list: ``'model_paths=["d[1]/m.ckpt"]'``."""
+    key, sep, value = override.partition("=")
+    if (not sep or not value or _UNQUOTED.fullmatch(value) or value[:1] in "'\""
+            or value.startswith("[") != value.endswith("]")):  # an unclosed list is no quoting matter
+        return None
+    if value.startswith("[") and value.endswith("]") and _UNQUOTED.fullmatch(value[1:-1]) is None:
+        quoted = f'["{value[1:-1]}"]'
+    elif value.startswith("[") and value.endswith("]"):
+        return None  # a list of plain values: its syntax error is elsewhere
+    else:
+        quoted = f'"{value}"'
+    return (f"a value with non-ASCII letters, ',', '[', ']', '=' or quotes in it must be quoted: "
+            f"'{key.lstrip('+~')}={quoted}'")
+
+
 def config_error_message(err, argv=None):
     """One line for a Hydra composition / override error (unknown key, group option or syntax).
 
@@ -285,10 +308,14 @@ def config_error_message(err, argv=None):
 
     first = one_line(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
     if isinstance(err, OverrideParseException):
-        quote = ("; quote a path that contains '=', e.g. 'model_paths=[\"a=b.ckpt\"]'"
-                 if str(err.override).count("=") > 1 else "")
-        return (f"cannot parse the command-line override '{err.override}' ({first}); write "
-                f"overrides as key=value, e.g. max_steps=100 or 'model_paths=[a.ckpt,b.ckpt]'{quote}")
+        quote = quoting_hint(str(err.override))
+        plain = "write overrides as key=value, e.g. max_steps=100 or 'model_paths=[a.ckpt,b.ckpt]'"
+        return f"cannot parse the command-line override '{err.override}' ({first}); {quote or plain}"
+    ambiguous = re.match(r"Ambiguous value for argument '([^']*)'", str(err))
+    if ambiguous:
+        key, _, value = ambiguous.group(1).partition("=")
+        return (f"'{ambiguous.group(1)}': a ',' separates the values of a sweep (which needs -m); for one "
+                f"value that contains a ',', quote it: '{key}=\"{value}\"'")
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         if group:

@@ -43,10 +43,11 @@ LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
 
 def setting(default=MISSING, *, choices=None, low=None, high=None, above=None, each=None, section=None,
-            factory=None):
-    """A dataclass field with its rule (see the module docstring)."""
+            factory=None, open_keys=None):
+    """A dataclass field with its rule (see the module docstring). ``open_keys``: a mapping whose
+    keys the user names (``sizes.cityscapes=123`` adds one; Hydra refuses new keys otherwise)."""
     rule = {k: v for k, v in dict(choices=choices, low=low, high=high, above=above, each=each,
-                                  section=section).items() if v is not None}
+                                  section=section, open_keys=open_keys).items() if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rule)
     return field(default=default, metadata=rule)
@@ -321,8 +322,10 @@ class DownloadSettings:
     base_url: str = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/"  # where
                                             # <name>.zip is hosted; point it at a mirror when the host moved
     keep_archive: bool = False              # keep <name>.zip after extraction
-    sizes: dict[str, int] = field(default_factory=dict)  # expected archive sizes in bytes
-    sha256: dict[str, str] = field(default_factory=dict)  # archive checksums
+    sizes: dict[str, int] = setting(factory=dict, open_keys=True)  # expected archive sizes in bytes:
+                                            # sizes.<archive>=<bytes>
+    sha256: dict[str, str] = setting(factory=dict, open_keys=True)  # archive checksums:
+                                            # sha256.<archive>=<64 hex digits>
     timeout: float = setting(60.0, above=0.0)  # seconds without data before a connection counts as failed
     progress: bool = True                     # progress bar
 
@@ -343,7 +346,19 @@ def register():
     """Register each schema with Hydra's ConfigStore as ``<entry>_schema`` (idempotent)."""
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
-        store.store(name=f"{name}_schema", node=schema)
+        node = OmegaConf.structured(schema)
+        for key in open_keys(schema):
+            OmegaConf.set_struct(OmegaConf.select(node, key), False)
+        store.store(name=f"{name}_schema", node=node)
+
+
+def open_keys(schema, prefix=""):
+    """The dotted keys of ``schema``'s mappings declared with ``open_keys`` (sections searched)."""
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("open_keys"):
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(f.type):
+            yield from open_keys(f.type, f"{prefix}{f.name}.")
 
 
 register()
@@ -418,7 +433,7 @@ def check_values(settings, prefix=""):
         if dataclasses.is_dataclass(value):
             check_values(value, f"{key}.")
             continue
-        rule = f.metadata
+        rule = _rule(f)
         if "section" in rule and value is not None:
             setattr(settings, f.name, check_values(_section(value, rule["section"], key), f"{key}."))
             continue
@@ -476,12 +491,19 @@ def field_rule(schema, dotted):
     if head not in fields:
         return None
     f = fields[head]
+    if rest and f.metadata.get("open_keys") and "." not in rest:  # one entry of a user-keyed mapping
+        return {}, _kind(getattr(f.type, "__args__", (None, None))[1])
     if rest:
         inner = f.metadata.get("section", f.type)
         args = getattr(inner, "__args__", ())
         inner = next((a for a in args if a is not type(None)), inner) if args else inner
         return field_rule(inner, rest)
-    return dict(f.metadata), _field_kind(f)
+    return _rule(f), _field_kind(f)
+
+
+def _rule(f):
+    """The value rule of the field ``f`` (its metadata less ``open_keys``, which is about keys)."""
+    return {key: value for key, value in f.metadata.items() if key != "open_keys"}
 
 
 BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")  # what OmegaConf reads as a boolean

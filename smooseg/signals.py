@@ -32,6 +32,17 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def sigterm_stops(message):
+    """While the block runs, SIGTERM ends it with :class:`Terminated` carrying ``message`` (what
+    was kept and how to go on): the entry point prints it as its one line and exits with 143."""
+    with sigterm_raises():
+        try:
+            yield
+        except Terminated as err:
+            raise Terminated(str(err) or message) from None
+
+
 class SigtermLatch:
     """While used as a context manager, SIGTERM is only noted (``received``); the loop it guards
     calls :meth:`check` between its steps, which raises :class:`Terminated`. Nothing is raised in

@@ -159,6 +159,14 @@ def malicious_checkpoint(tmp, pristine):
     return {"data": pristine["data"], "ckpt": path}
 
 
+def checkpoint_named(tmp, pristine):
+    """The valid checkpoint in folders named 'a,b', 'd[1]' and 'é' under {odd}."""
+    for name in ("a,b", "d[1]", "é"):
+        (tmp / "odd" / name).mkdir(parents=True)
+        shutil.copy(pristine["ckpt"], tmp / "odd" / name / "m.ckpt")
+    return {"data": pristine["data"], "odd": tmp / "odd"}
+
+
 def valid_checkpoint(tmp, pristine):
     return {"data": pristine["data"], "ckpt": pristine["ckpt"]}
 
@@ -486,7 +494,20 @@ CASES = [
          ["checkpoint {tmp}/absent.ckpt not found", "'model_paths=[\"a=b.ckpt\"]'"]),
     Case("eval: checkpoint path with an unquoted =", valid_checkpoint, E,
          ["model_paths=[{tmp}/a=b.ckpt]"] + EVAL[1:],
-         ["cannot parse", "a=b.ckpt", "quote a path that contains '='"]),
+         ["cannot parse", "a=b.ckpt", "must be quoted", "'model_paths=[\"{tmp}/a=b.ckpt\"]'"]),
+    # paths that Hydra reads as syntax: each message gives the quoted override that works
+    *[Case(f"eval: checkpoint path with {what}", checkpoint_named, E, [arg] + EVAL[1:], expect)
+      for what, arg, expect in [
+          ("'[' unquoted", "model_paths=[{odd}/d[1]/m.ckpt]",
+           ["cannot parse", "must be quoted: 'model_paths=[\"{odd}/d[1]/m.ckpt\"]'"]),
+          ("non-ASCII letters unquoted", "model_paths={odd}/é/m.ckpt",
+           ["cannot parse", "must be quoted: 'model_paths=\"{odd}/é/m.ckpt\"'"]),
+          ("',' in a list", "model_paths=[{odd}/a,b/m.ckpt]",
+           ["checkpoint {odd}/a not found, but {odd}/a,b/m.ckpt is a file",
+            "quote it: 'model_paths=[\"{odd}/a,b/m.ckpt\"]'"])]],
+    Case("segment: checkpoint path with ',' unquoted", checkpoint_named, "segment_images.py",
+         ["model_path={odd}/a,b/m.ckpt", "input_dir={odd}", "output_dir={out}", "progress=false"],
+         ["',' separates the values of a sweep", "quote it: 'model_path=\"{odd}/a,b/m.ckpt\"'"]),
     Case("eval: dataset.n_classes contradicting the checkpoint", directory_set_and_checkpoint, E,
          EVAL + ["dataset=directory", "dataset.n_classes=5", "dataset.dir_name=mine"],
          ["dataset.n_classes=5 contradicts the checkpoint", "27 classes", "dataset.n_classes=27"]),
@@ -498,6 +519,16 @@ CASES = [
     Case("train: feature cache folder cannot be created", a_file, T,
          TRAIN + ["cache.enabled=true", "cache.dir={file}/cache"],
          ["cache.dir={file}/cache cannot be created", "{file} is a file"]),
+    # expected archive sizes and checksums, keyed by archive name, checked before anything is fetched
+    *[Case(f"download: {arg}", valid, "download_datasets.py",
+           ["data_dir={out}", "datasets=[cityscapes]", "base_url=http://127.0.0.1:9/", "progress=false",
+            arg], expect, check=nothing_at_all)
+      for arg, expect in [
+          ("sha256.cityscapes=abc", ["sha256.cityscapes=abc is not allowed", "64 hexadecimal digits"]),
+          ("sizes.cityscapes=abc", ["sizes.cityscapes=abc is not allowed", "an integer"]),
+          ("sizes.cityscapes=0", ["sizes.cityscapes=0 is not allowed", "an integer >= 1"]),
+          ("sizes.potsdam=5", ["sizes.potsdam: this download fetches no archive named 'potsdam'",
+                               "sizes.cityscapes=..."])]],
     # a run folder is never overwritten
     Case("train: output_dir holds a run", folder_with_a_run, T, TRAIN,
          ["output_dir={out} already holds a run", "resume it with ckpt_path=last",

@@ -305,3 +305,22 @@ def test_cli_download_kill_resume_and_unreachable(server, tmp_path):
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot download") and "nightrome/cocostuff" in last
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_expected_sizes_and_checksums_by_archive_name(server, tmp_path):
+    """The documented keys work as typed: sizes.<archive>=<bytes> and sha256.<archive>=<hex>; a
+    wrong checksum stops the download, the right one installs."""
+    write_cityscapes_layout(tmp_path / "src", n_train=1, n_val=1, size=(16, 32))
+    archive = zip_of(tmp_path / "src/cityscapes", "cityscapes")
+    server.files["cityscapes.zip"] = archive
+    data, work = tmp_path / "data", tmp_path / "cwd"
+    work.mkdir()
+    common = [f"data_dir={data}", f"base_url={server.url}/ok/", "datasets=[cityscapes]", "progress=false"]
+    wrong = run_cli(common + [f"sha256.cityscapes={'0' * 64}"], work)
+    assert wrong.returncode == 2 and "sha256 mismatch" in wrong.stderr.strip().splitlines()[-1], wrong.stderr
+    assert not (data / "cityscapes").exists() and not list(data.glob("*.zip*"))
+    right = run_cli(common + [f"sha256.cityscapes={hashlib.sha256(archive).hexdigest()}",
+                              f"sizes.cityscapes={len(archive)}"], work)
+    assert right.returncode == 0, right.stderr
+    assert (data / "cityscapes/leftImg8bit/val").is_dir()

@@ -140,3 +140,44 @@ def test_ctrl_c_to_the_process_group_during_training(tmp_path):
     assert status == 130, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.strip()] == ["error: interrupted"], stderr[-3000:]
     assert "Detected KeyboardInterrupt" not in stdout + stderr
+
+
+@pytest.fixture(scope="module")
+def cityscapes_checkpoint(tmp_path_factory):
+    """A random-init ViT-S/16 checkpoint for Cityscapes-27 (what eval and segment load)."""
+    import torch
+
+    from conftest import make_module
+
+    torch.manual_seed(0)
+    module = make_module(n_classes=27, dataset_name="cityscapes", patch_size=16)
+    path = tmp_path_factory.mktemp("ckpt") / "city.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.mark.parametrize("whom", ["parent", "group"])
+@pytest.mark.parametrize("script", ["eval_segmentation.py", "segment_images.py"])
+def test_sigterm_during_evaluation_and_segmentation(cityscapes_checkpoint, tmp_path, script, whom):
+    data = write_cityscapes_layout(tmp_path / "data", n_train=1, n_val=40, size=(64, 128))
+    out = tmp_path / "out"
+    common = ["crf=true", "crf_workers=2", f"output_dir={out}"]
+    if script == "eval_segmentation.py":
+        args = [f"model_paths=[{cityscapes_checkpoint}]", f"data_dir={data}", "batch_size=1", "eval_res=64",
+                "num_workers=0", *common]
+    else:
+        args = [f"model_path={cityscapes_checkpoint}", f"input_dir={data / 'cityscapes' / 'leftImg8bit'}",
+                "recursive=true", "size=64", "progress=false", *common]
+    proc = start(script, args, tmp_path)
+    wait_for(proc, lambda: len(children(proc.pid)) >= 2, "CRF workers")
+    time.sleep(1.0)  # the pool at work
+    send = (lambda p: p.send_signal(signal.SIGTERM)) if whom == "parent" else (
+        lambda p: os.killpg(p.pid, signal.SIGTERM))
+    status = stop(proc, send)
+    stdout, stderr = read(tmp_path)
+    assert status == 143, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("eval: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), stderr[-3000:]
+    assert "run the same command again" in lines[0] and str(out) in lines[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+    assert not list(out.rglob("metrics.json")) and not (out / "summary.json").exists()

@@ -29,8 +29,12 @@ EXAMPLES = (
 def task(cfg):
     from smooseg.eval.evaluate import run_eval  # heavy imports only once a run starts (not for --cfg/--help)
     from smooseg.settings import eval_settings
+    from smooseg.signals import sigterm_stops
 
-    run_eval(eval_settings(cfg))
+    settings = eval_settings(cfg)
+    with sigterm_stops(f"stopped by SIGTERM during the evaluation: the results finished so far are kept in "
+                       f"{settings.output_dir}, no summary was written; run the same command again"):
+        run_eval(settings)
 
 
 def compare(argv):

@@ -22,8 +22,12 @@ EXAMPLES = (
 def task(cfg):
     from smooseg.eval.segment import run_segment  # heavy imports only once a run starts (not for --help)
     from smooseg.settings import segment_settings
+    from smooseg.signals import sigterm_stops
 
-    run_segment(segment_settings(cfg))
+    settings = segment_settings(cfg)
+    with sigterm_stops(f"stopped by SIGTERM while segmenting into {settings.output_dir}: every picture "
+                       f"written is complete; run the same command again to segment all the images"):
+        run_segment(settings)
 
 
 def main():

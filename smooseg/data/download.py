@@ -304,6 +304,24 @@ def fetch_dataset(name, data_dir, base_url, keep_archive=False, size=None, sha25
     return "installed"
 
 
+def check_expected(sizes, checksums, stems):
+    """Refuse expected sizes / checksums that cannot be meant: a key that is not an archive this
+    download fetches (``stems``), a size that is not a positive byte count, a sha256 that is not
+    64 hexadecimal digits."""
+    for key, table in (("sizes", sizes), ("sha256", checksums)):
+        for name, value in table.items():
+            if name not in stems:
+                raise SmoosegError(f"{key}.{name}: this download fetches no archive named '{name}' (it "
+                                   f"fetches {', '.join(stems)}); key {key} by archive name, e.g. "
+                                   f"{key}.{stems[0]}=...")
+            if key == "sizes" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise SmoosegError(f"sizes.{name}={value} is not allowed: a size is the archive's byte "
+                                   "count, an integer >= 1")
+            if key == "sha256" and not re.fullmatch(r"[0-9a-fA-F]{64}", str(value)):
+                raise SmoosegError(f"sha256.{name}={value} is not allowed: a sha256 is 64 hexadecimal "
+                                   "digits (sha256sum <archive> prints it)")
+
+
 def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None, checksums=None,
                       progress=True, timeout=60.0):
     """Fetch several archives; returns ``{name: "present" | "installed"}``."""
@@ -311,13 +329,14 @@ def download_datasets(data_dir, names, base_url, keep_archive=False, sizes=None,
         raise SmoosegError("base_url is not set; pass base_url=<URL of the folder holding "
                            "cityscapes.zip, cocostuff.zip, ...>")
     stems = list(dict.fromkeys(stem for name in names for stem in archive_names(name)))
+    sizes, checksums = dict(sizes or {}), dict(checksums or {})
+    check_expected(sizes, checksums, stems)
     try:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise disk_error(err, data_dir, "nothing was written") or SmoosegError(
             f"cannot create data_dir={data_dir} ({err.strerror}); "
             "pass data_dir=<a folder you can write to>") from None
-    sizes, checksums = dict(sizes or {}), dict(checksums or {})
     return {name: fetch_dataset(name, data_dir, base_url, keep_archive, sizes.get(name),
                                 checksums.get(name), progress, timeout)
             for name in stems}

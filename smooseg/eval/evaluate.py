@@ -248,7 +248,13 @@ def checkpoint_paths(model_paths):
 def check_checkpoints(paths):
     """Check every checkpoint path (exists, is a file, can be read) before the first is
     evaluated, so a typo in the last of several is not found an evaluation later."""
-    for path in paths:
+    for i, path in enumerate(paths):
+        joined = next((",".join(paths[i:j]) for j in range(i + 2, len(paths) + 1)
+                       if not Path(path).exists() and Path(",".join(paths[i:j])).is_file()), None)
+        if joined is not None:
+            raise SmoosegError(f"checkpoint {path} not found, but {joined} is a file: the ',' in its "
+                               f"name split it into two entries of the list; quote it: "
+                               f"'model_paths=[\"{joined}\"]'")
         if "{" in path and "}" in path and not Path(path).exists():
             raise SmoosegError(f"checkpoint {path} not found; braces are not expanded in model_paths: "
                                "list the files (model_paths=[a.ckpt,b.ckpt]) or use a glob pattern")

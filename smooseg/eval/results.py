@@ -44,6 +44,10 @@ def summarize(result, class_names):
     }
 
 
+NO_LABELLED_PIXEL = ("no score: no pixel of these images has a class label (every label is the ignore "
+                     "value); check the label files")
+
+
 def format_table(metrics, class_names, crf_metrics=None):
     """Per-class IoU table (and CRF column) followed by the two headline numbers."""
     width = max(len(n) for n in class_names + ["class"])
@@ -65,6 +69,8 @@ def format_table(metrics, class_names, crf_metrics=None):
     if crf_metrics:
         lines.append(f"without CRF: mIoU {cell(metrics['mIoU']).strip()}   "
                      f"Accuracy {cell(metrics['Accuracy']).strip()}")
+    if head["Accuracy"] is None:
+        lines.append(NO_LABELLED_PIXEL)
     return "\n".join(lines)
 
 

@@ -154,6 +154,28 @@ class SaveOnSigterm(Callback):
         self.save(trainer)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """``best-step<step>-mIoU<score>.ckpt``: the checkpoint of the best validation mIoU so far. A
+    validation that scored nothing (no labelled pixel: the module logs no mIoU) keeps nothing,
+    where Lightning would save a ``best-…-mIoUnan`` file with the score -inf."""
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath=dirpath, filename=BEST_FILENAME, monitor="val/cluster/mIoU", mode="max",
+                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+
+    @property
+    def state_key(self):
+        """The key of Lightning's own ModelCheckpoint, so checkpoints written before this class
+        existed resume with their best score."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates):
+        score = monitor_candidates.get(self.monitor)
+        if score is None or not torch.isfinite(torch.as_tensor(score)).item():
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
 def build_callbacks(output_dir, best=True, progress=True):
     """Best-by-validation-mIoU checkpoint (unless not ``best``: a validation set without labels
     has no mIoU to choose by) plus ``last.ckpt`` in ``<output_dir>/checkpoints``, and with
@@ -164,10 +186,7 @@ def build_callbacks(output_dir, best=True, progress=True):
     checkpoint is written atomically in its own folder (:class:`AtomicCheckpoints`).
     """
     folder = str(Path(output_dir) / "checkpoints")
-    chosen = [ModelCheckpoint(
-        dirpath=folder, filename=BEST_FILENAME,
-        monitor="val/cluster/mIoU", mode="max", save_top_k=1,
-        auto_insert_metric_name=False, enable_version_counter=False)] if best else []
+    chosen = [BestCheckpoint(folder)] if best else []
     return [AtomicCheckpoints(), *chosen, LastCheckpoint(folder), RandomStateCheckpoint(),
             ValidateAtMaxSteps(), *([StepProgress()] if progress else [])]
 
@@ -175,7 +194,7 @@ def build_callbacks(output_dir, best=True, progress=True):
 def best_checkpoint_callback(trainer):
     """The callback that keeps the best checkpoint by validation mIoU, or None (no labels)."""
     for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, LastCheckpoint) and callback.monitor == "val/cluster/mIoU":
+        if isinstance(callback, BestCheckpoint):
             return callback
     return None
 

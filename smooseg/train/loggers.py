@@ -86,12 +86,14 @@ def log_run(logger, output_dir, config):
 def log_final_eval(logger, headline, step):
     """Record the final evaluation's ``headline`` (mIoU, Accuracy; ``crf`` tells which) as the
     metrics ``final_eval/mIoU`` and ``final_eval/Accuracy`` at ``step``, close the logger and
-    print where its files are. ``headline`` None (no final evaluation) only closes it."""
+    print where its files are. ``headline`` None (no final evaluation) only closes it; a score
+    that is null (no labelled pixel) is not logged."""
     if not logger:
         return
-    if headline is not None:
-        logger.log_metrics({f"final_eval/{key}": float(headline[key]) for key in ("mIoU", "Accuracy")},
-                           step=step)
+    scores = {f"final_eval/{key}": float(headline[key]) for key in ("mIoU", "Accuracy")
+              if headline is not None and headline[key] is not None}
+    if scores:
+        logger.log_metrics(scores, step=step)
     logger.save()
     logger.finalize("success")
     print(f"logger: {where(logger)}", flush=True)

@@ -88,6 +88,7 @@ class SmooSegModule(pl.LightningModule):
                                    if net.linear_probe is not None else None)
         self._examples = []
         self.val_labelled = True  # train() sets False when the validation images have no labels
+        self._said_no_labelled_pixel = False
         self._compiled_losses = None  # torch.compile'd heads + loss (``compile``), built on first use
         self._hist_step = None  # last step whose shift histograms were logged
 
@@ -254,6 +255,9 @@ class SmooSegModule(pl.LightningModule):
             return
         result = self.val_metrics.compute()
         self.val_metrics.reset()
+        if not result["confusion"].sum():  # labels, but not one labelled pixel: nothing to score
+            self._no_labelled_pixel()
+            return
         # the metric already summed the counts of all processes: every process logs the same value
         self.log("val/cluster/mIoU", result["mIoU"], prog_bar=True, sync_dist=True)
         self.log("val/cluster/Accuracy", result["Accuracy"], sync_dist=True)
@@ -264,6 +268,20 @@ class SmooSegModule(pl.LightningModule):
             self.log("val/linear/Accuracy", linear["Accuracy"], sync_dist=True)
         if not self.trainer.sanity_checking:
             self._log_examples(cluster_to_class_map(result["assignment"], self.net.n_clusters))
+        self._examples = []
+
+    def _no_labelled_pixel(self):
+        """A validation whose labels are all the ignore value: no metric is logged (so no NaN and
+        no best checkpoint), the pictures still are, and the run says why once."""
+        if self.val_linear_metrics is not None:
+            self.val_linear_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self._log_examples(torch.arange(self.net.n_clusters))
+            if self.trainer.is_global_zero and not self._said_no_labelled_pixel:
+                print("validation: no pixel of the validation images has a class label (every label is the "
+                      "ignore value), so no mIoU is logged and no best checkpoint is kept; check the label "
+                      "files of the validation split", flush=True)
+                self._said_no_labelled_pixel = True
         self._examples = []
 
     def _log_examples(self, to_class):

@@ -395,9 +395,10 @@ def fit_and_evaluate(settings, trainer, module, datamodule, ckpt_path, labelled_
     }
     trainer.strategy.barrier("final_eval")  # every process has finished training
     if trainer.is_global_zero:
-        if labelled_val:
-            shown = "-" if result["best_mIoU"] is None else f"{result['best_mIoU']:.2f}"
-            print(f"best checkpoint: {result['best']} (val mIoU {shown})")
+        if labelled_val and result["best"] is None:
+            print("no best checkpoint: no validation scored a labelled pixel; last.ckpt is kept")
+        elif labelled_val:
+            print(f"best checkpoint: {result['best']} (val mIoU {result['best_mIoU']:.2f})")
         print(f"last checkpoint: {result['last']}")
         try:
             with sigterm_raises():
