@@ -372,7 +372,7 @@ def test_closing_with_jobs_running_does_not_wait_for_them():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["waiting", "computing", "waiting", "computing"])
+@pytest.mark.parametrize("where", ["waiting", "computing"])
 def test_ctrl_c_to_the_process_group_ends_in_one_line(where):
     """Ctrl-C in a terminal signals every process of the group, workers included: the parent alone
     handles it, its pool shuts down at once and nothing prints a traceback."""

@@ -156,9 +156,9 @@ def cityscapes_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("whom", ["parent", "group"])
-@pytest.mark.parametrize("script", ["eval_segmentation.py", "segment_images.py"])
+@pytest.mark.parametrize("script, whom", [("eval_segmentation.py", "group"), ("segment_images.py", "parent")])
 def test_sigterm_during_evaluation_and_segmentation(cityscapes_checkpoint, tmp_path, script, whom):
+    """``kill <pid>`` (the parent alone) and a scheduler's SIGTERM to the whole group, one program each."""
     data = write_cityscapes_layout(tmp_path / "data", n_train=1, n_val=40, size=(64, 128))
     out = tmp_path / "out"
     common = ["crf=true", "crf_workers=2", f"output_dir={out}"]
