@@ -282,15 +282,13 @@ def quoting_hint(override):
 
     A value in brackets is taken for a one-element list: ``'model_paths=["d[1]/m.ckpt"]'``."""
     key, sep, value = override.partition("=")
-    if (not sep or not value or _UNQUOTED.fullmatch(value) or value[:1] in "'\""
+    listed = value.startswith("[") and value.endswith("]")
+    inner = value[1:-1] if listed else value
+    if (not sep or not value or value[:1] in "'\""
+            or _UNQUOTED.fullmatch(inner)  # plain values: the syntax error is elsewhere
             or value.startswith("[") != value.endswith("]")):  # an unclosed list is no quoting matter
         return None
-    if value.startswith("[") and value.endswith("]") and _UNQUOTED.fullmatch(value[1:-1]) is None:
-        quoted = f'["{value[1:-1]}"]'
-    elif value.startswith("[") and value.endswith("]"):
-        return None  # a list of plain values: its syntax error is elsewhere
-    else:
-        quoted = f'"{value}"'
+    quoted = f'["{inner}"]' if listed else f'"{value}"'
     return (f"a value with non-ASCII letters, ',', '[', ']', '=' or quotes in it must be quoted: "
             f"'{key.lstrip('+~')}={quoted}'")
 

@@ -249,8 +249,9 @@ def check_checkpoints(paths):
     """Check every checkpoint path (exists, is a file, can be read) before the first is
     evaluated, so a typo in the last of several is not found an evaluation later."""
     for i, path in enumerate(paths):
-        joined = next((",".join(paths[i:j]) for j in range(i + 2, len(paths) + 1)
-                       if not Path(path).exists() and Path(",".join(paths[i:j])).is_file()), None)
+        joined = None if Path(path).exists() else next(
+            (",".join(paths[i:j]) for j in range(i + 2, len(paths) + 1)
+             if Path(",".join(paths[i:j])).is_file()), None)
         if joined is not None:
             raise SmoosegError(f"checkpoint {path} not found, but {joined} is a file: the ',' in its "
                                f"name split it into two entries of the list; quote it: "

@@ -55,6 +55,11 @@ class NonFiniteLossError(SmoosegError):
                          "learning rates (optim.lr1 / optim.lr2) or check the data")
 
 
+NO_LABELLED_PIXEL = ("validation: no pixel of the validation images has a class label (every label is the "
+                     "ignore value), so no mIoU is logged and no best checkpoint is kept; check the label "
+                     "files of the validation split")
+
+
 class SmooSegModule(pl.LightningModule):
     """Trains ``net`` (a :class:`SmooSegNet`) for the data set ``data``.
 
@@ -247,16 +252,12 @@ class SmooSegModule(pl.LightningModule):
     def on_validation_epoch_end(self):
         if not self.val_labelled:  # own photos without labels: pictures only, no metric (and no NaN)
             self.val_metrics.reset()
-            if self.val_linear_metrics is not None:
-                self.val_linear_metrics.reset()
-            if not self.trainer.sanity_checking:
-                self._log_examples(torch.arange(self.net.n_clusters))
-            self._examples = []
+            self._pictures_only()
             return
         result = self.val_metrics.compute()
         self.val_metrics.reset()
         if not result["confusion"].sum():  # labels, but not one labelled pixel: nothing to score
-            self._no_labelled_pixel()
+            self._pictures_only(NO_LABELLED_PIXEL)
             return
         # the metric already summed the counts of all processes: every process logs the same value
         self.log("val/cluster/mIoU", result["mIoU"], prog_bar=True, sync_dist=True)
@@ -270,17 +271,16 @@ class SmooSegModule(pl.LightningModule):
             self._log_examples(cluster_to_class_map(result["assignment"], self.net.n_clusters))
         self._examples = []
 
-    def _no_labelled_pixel(self):
-        """A validation whose labels are all the ignore value: no metric is logged (so no NaN and
-        no best checkpoint), the pictures still are, and the run says why once."""
+    def _pictures_only(self, reason=None):
+        """A validation with nothing to score: no metric is logged (so no NaN and no best
+        checkpoint), the pictures are (clusters as their own classes), and ``reason``, when
+        given, is printed once per run."""
         if self.val_linear_metrics is not None:
             self.val_linear_metrics.reset()
         if not self.trainer.sanity_checking:
             self._log_examples(torch.arange(self.net.n_clusters))
-            if self.trainer.is_global_zero and not self._said_no_labelled_pixel:
-                print("validation: no pixel of the validation images has a class label (every label is the "
-                      "ignore value), so no mIoU is logged and no best checkpoint is kept; check the label "
-                      "files of the validation split", flush=True)
+            if reason and self.trainer.is_global_zero and not self._said_no_labelled_pixel:
+                print(reason, flush=True)
                 self._said_no_labelled_pixel = True
         self._examples = []
 
