@@ -72,9 +72,13 @@ def fsync_dir(folder):
 
 
 @contextmanager
-def atomic_write(path):
+def atomic_write(path, durable=True):
     """Yield a temporary path in ``path``'s own folder; when the block succeeds, flush it to disk
     (fsync) and rename it onto ``path``, then flush the folder.
+
+    ``durable=False`` skips the two flushes (the rename is as atomic): for files written by the
+    thousand (crops, pictures), where a flush each costs more than the write on network file
+    systems; their writer flushes once when the set is done (:func:`flush_to_disk`).
 
     The rename never crosses a file system (so it is atomic: a reader, or a kill at any moment,
     sees the old file or the new one, never part of one); a failed write (a full disk, an
@@ -92,7 +96,8 @@ def atomic_write(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as err:
@@ -101,7 +106,14 @@ def atomic_write(path):
         if problem is not None:
             raise problem from None
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def flush_to_disk():
+    """Flush every file written so far to its disk, once (after a set of files written with
+    ``atomic_write(..., durable=False)``, before the record that calls the set complete)."""
+    os.sync()
 
 
 # errno values of a folder that takes no more data: no space, over quota, read-only file system

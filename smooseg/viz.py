@@ -46,7 +46,7 @@ def overlay(image, color_mask, alpha=0.5):
 def save_png(array, path):
     """Write an H×W(×3) uint8 array as PNG atomically."""
     path = Path(path)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, durable=False) as tmp:  # one of many: not flushed one by one
         Image.fromarray(np.asarray(array)).save(tmp, format="PNG")
     return path
 

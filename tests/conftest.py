@@ -1,17 +1,22 @@
 """Shared fixtures: a tiny synthetic Cityscapes-layout set and one short training run through
 train_segmentation.py, reused by the end-to-end and checkpoint tests."""
 
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import smooseg.settings
 
 ROOT = Path(__file__).resolve().parents[1]
+RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 # A short CPU run: the demo preset with a ViT-S/16 (4x4 patch grid at 64 px) for speed.
 TRAIN_OVERRIDES = [
@@ -31,6 +36,48 @@ def run_script(script, *args, timeout=300, check=True):
         pytest.fail(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                     f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture
+def restore_logging():
+    """Hydra reconfigures the root logger for each run; put the test process's logging back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
+@pytest.fixture
+def entry_point(monkeypatch, capfd, restore_logging):
+    """``entry_point(script, *args, cwd=None)``: run ``python <script> <args>`` in this process, as
+    its ``__main__``, and return what ``subprocess.run`` would (exit status, stdout, stderr). For
+    runs that stop early (a refused value, a missing file) where a new interpreter would cost
+    seconds of imports; test_bad_inputs.py checks it behaves as a real process."""
+    def run(script, *args, cwd=None):
+        args = [str(arg) for arg in args]
+        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
+        monkeypatch.chdir(ROOT if cwd is None else cwd)
+        # what a program may change for its own process: put it back for the next test
+        environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in RESTORED_SIGNALS}
+        threads = torch.get_num_threads()
+        capfd.readouterr()
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+            status = 0
+        except SystemExit as stopped:
+            status = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            torch.set_num_threads(threads)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([script, *args], status, out, err)
+    return run
 
 
 def compose_config(name, overrides=()):

@@ -172,10 +172,10 @@ def test_backbone_bench_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_gated_weights_stop_the_entry_point_with_one_line(tmp_path, monkeypatch):
+def test_gated_weights_stop_the_entry_point_with_one_line(tmp_path, monkeypatch, entry_point):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    proc = run_script("train_segmentation.py", "experiment=demo", "model=dinov3_vits16",
-                      f"output_dir={tmp_path / 'run'}", check=False)
+    proc = entry_point("train_segmentation.py", "experiment=demo", "model=dinov3_vits16",
+                       f"output_dir={tmp_path / 'run'}")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ")
     assert "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in last and "gated" in last

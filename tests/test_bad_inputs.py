@@ -7,10 +7,7 @@ time; two rows also run as real subprocesses) and expects: exit status 2, exactl
 half-written: no checkpoint of a failed training, no ``*.tmp`` file, no ``metrics.json``.
 """
 
-import logging
-import runpy
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_module, run_script
+from conftest import make_module, run_script
 from smooseg.data.synthetic import write_cityscapes_layout, write_directory_layout
 
 pytestmark = pytest.mark.slow
@@ -421,6 +418,12 @@ CASES = [
           "device=cpu", "progress=false"],
          ["the dense CRF of {photos}/large.png (400x300 px)", "needs about", "crf_max_memory=1MB allows",
           "crf=false"], check=nothing_at_all),
+    *[Case(f"segment: {arg}", large_photo, "segment_images.py",
+           ["model_path={ckpt}", "input_dir={photos}", "output_dir={out}", "crf=true", arg, "device=cpu",
+            "progress=false"], [expect], check=nothing_at_all)
+      for arg, expect in [("crf_max_pixels=0", "crf_max_pixels=0 is not allowed: crf_max_pixels must be an "
+                                               "integer >= 1"),
+                          ("crf_max_memory=lots", "crf_max_memory='lots' is not a memory size")]],
     *([] if torch.cuda.is_available() else [
         Case("train: trainer=gpu on a machine without CUDA", valid, T, TRAIN + ["trainer=gpu"],
              ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"])]),
@@ -542,28 +545,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def restore_logging():
-    """Hydra reconfigures the root logger for each run; put the test process's logging back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
-
-
-def run_entry_point(script, args, monkeypatch, capfd):
-    """Run ``python <script> <args>`` in this process; (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    out, err = capfd.readouterr()
-    return stopped.value.code, out, err
-
-
 def check_failure(case, values, tmp, out, status, stderr, existed=False):
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert status == 2, stderr[-3000:]
@@ -582,13 +563,13 @@ def check_failure(case, values, tmp, out, status, stderr, existed=False):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_line_error(case, pristine, tmp_path, monkeypatch, capfd, restore_logging):
+def test_bad_input_gives_one_line_error(case, pristine, tmp_path, entry_point):
     out = tmp_path / "out"
     values = {"out": out, "tmp": tmp_path, "ckpt": pristine["ckpt"], **case.setup(tmp_path, pristine)}
     args = [arg.format(**values) for arg in case.args]
     existed = out.exists()
-    status, _, stderr = run_entry_point(case.script, args, monkeypatch, capfd)
-    check_failure(case, values, tmp_path, out, status, stderr, existed)
+    proc = entry_point(case.script, *args)
+    check_failure(case, values, tmp_path, out, proc.returncode, proc.stderr, existed)
 
 
 @pytest.mark.parametrize("name", ["train: unknown config key", "train: key of the reference's config",

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_script
+from conftest import ROOT
 from smooseg.cli import config_error_message, translate_args
 from smooseg.errors import SmoosegError
 from smooseg.settings import train_settings
@@ -128,16 +128,16 @@ def test_both_override_styles_compose_alike():
     assert a == b and a.max_steps == 7 and a.loss.neg_inter_shift == 0.3
 
 
-def test_entry_points_accept_both_styles():
-    proc = run_script("train_segmentation.py", "--experiment", "cityscapes_vits8", "--max_steps", "11",
+def test_entry_points_accept_both_styles(entry_point):
+    proc = entry_point("train_segmentation.py", "--experiment", "cityscapes_vits8", "--max_steps", "11",
                       "batch_size=4", "--cfg", "job")
     cfg = yaml.safe_load(proc.stdout)
     assert (cfg["max_steps"], cfg["batch_size"], cfg["loss"]["neg_inter_shift"]) == (11, 4, 0.5)
-    proc = run_script("eval_segmentation.py", "--model_paths", "[x.ckpt]", "--crf", "false",
-                      "flip=false", "--cfg", "job")
+    proc = entry_point("eval_segmentation.py", "--model_paths", "[x.ckpt]", "--crf", "false",
+                       "flip=false", "--cfg", "job")
     cfg = yaml.safe_load(proc.stdout)
     assert (cfg["model_paths"], cfg["crf"], cfg["flip"]) == (["x.ckpt"], False, False)
-    proc = run_script("train_segmentation.py", "--no_such_key", "3", "--cfg", "job", check=False)
+    proc = entry_point("train_segmentation.py", "--no_such_key", "3", "--cfg", "job")
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
 
 
@@ -283,10 +283,10 @@ def test_unknown_key_without_a_near_one():
     assert compose_cfg("train", ["+trainer.gpus=2"]).trainer.gpus == 2
 
 
-def test_sweep_over_an_unknown_key_stops_before_anything_is_written(tmp_path):
+def test_sweep_over_an_unknown_key_stops_before_anything_is_written(tmp_path, entry_point):
     """Hydra composes each job only when it launches it; the check runs first, with the whole sweep."""
-    proc = run_script("train_segmentation.py", "-m", "experiment=demo", f"output_dir={tmp_path / 'sweep'}",
-                      "seed=0,1", "loss.temprature=0.1,0.2", check=False)
+    proc = entry_point("train_segmentation.py", "-m", "experiment=demo", f"output_dir={tmp_path / 'sweep'}",
+                       "seed=0,1", "loss.temprature=0.1,0.2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: unknown config key 'loss.temprature'; did you mean loss.temperature? (pass "
@@ -294,9 +294,9 @@ def test_sweep_over_an_unknown_key_stops_before_anything_is_written(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_sweep_with_ddp_is_refused(tmp_path):
-    proc = run_script("train_segmentation.py", "-m", "experiment=demo", "trainer=ddp",
-                      f"output_dir={tmp_path / 'sweep'}", "seed=0,1", check=False)
+def test_sweep_with_ddp_is_refused(tmp_path, entry_point):
+    proc = entry_point("train_segmentation.py", "-m", "experiment=demo", "trainer=ddp",
+                       f"output_dir={tmp_path / 'sweep'}", "seed=0,1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: a multirun (-m) cannot train with DDP") and "seed=<s> output_dir=" in line

@@ -269,7 +269,7 @@ def run_cli(args, cwd):
 
 
 @pytest.mark.slow
-def test_cli_download_kill_resume_and_unreachable(server, tmp_path):
+def test_cli_download_kill_resume_and_unreachable(server, tmp_path, entry_point):
     write_cityscapes_layout(tmp_path / "src", n_train=2, n_val=1, size=(16, 32))
     archive = zip_of(tmp_path / "src/cityscapes", "cityscapes")
     server.files["cityscapes.zip"] = archive
@@ -296,11 +296,11 @@ def test_cli_download_kill_resume_and_unreachable(server, tmp_path):
     assert any(r[0] == "/ok/potsdam.zip" and r[1] for r in server.requests)   # resumed by Range
     assert (data / "potsdam/leftImg8bit/train").is_dir()
     assert len(build_dataset("cityscapes", data, "val", res=8)) == 1
-    again = run_cli(["--data_dir", str(data), "--base_url", f"{server.url}/ok/",
-                     "--datasets", "[cityscapes]"], work)
+    again = entry_point("download_datasets.py", "--data_dir", data, "--base_url", f"{server.url}/ok/",
+                        "--datasets", "[cityscapes]", cwd=work)
     assert again.returncode == 0 and "cityscapes: already present" in again.stdout
-    bad = run_cli([f"data_dir={tmp_path / 'new'}", f"base_url=http://127.0.0.1:{closed_port()}/",
-                   "datasets=[cocostuff]"], work)
+    bad = entry_point("download_datasets.py", f"data_dir={tmp_path / 'new'}",
+                      f"base_url=http://127.0.0.1:{closed_port()}/", "datasets=[cocostuff]", cwd=work)
     assert bad.returncode == 2
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot download") and "nightrome/cocostuff" in last
@@ -308,7 +308,7 @@ def test_cli_download_kill_resume_and_unreachable(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_expected_sizes_and_checksums_by_archive_name(server, tmp_path):
+def test_cli_expected_sizes_and_checksums_by_archive_name(server, tmp_path, entry_point):
     """The documented keys work as typed: sizes.<archive>=<bytes> and sha256.<archive>=<hex>; a
     wrong checksum stops the download, the right one installs."""
     write_cityscapes_layout(tmp_path / "src", n_train=1, n_val=1, size=(16, 32))
@@ -317,10 +317,11 @@ def test_cli_expected_sizes_and_checksums_by_archive_name(server, tmp_path):
     data, work = tmp_path / "data", tmp_path / "cwd"
     work.mkdir()
     common = [f"data_dir={data}", f"base_url={server.url}/ok/", "datasets=[cityscapes]", "progress=false"]
-    wrong = run_cli(common + [f"sha256.cityscapes={'0' * 64}"], work)
+    wrong = entry_point("download_datasets.py", *common, f"sha256.cityscapes={'0' * 64}", cwd=work)
     assert wrong.returncode == 2 and "sha256 mismatch" in wrong.stderr.strip().splitlines()[-1], wrong.stderr
     assert not (data / "cityscapes").exists() and not list(data.glob("*.zip*"))
-    right = run_cli(common + [f"sha256.cityscapes={hashlib.sha256(archive).hexdigest()}",
-                              f"sizes.cityscapes={len(archive)}"], work)
+    digest = hashlib.sha256(archive).hexdigest()
+    right = entry_point("download_datasets.py", *common, f"sha256.cityscapes={digest}",
+                        f"sizes.cityscapes={len(archive)}", cwd=work)
     assert right.returncode == 0, right.stderr
     assert (data / "cityscapes/leftImg8bit/val").is_dir()

@@ -150,14 +150,14 @@ def test_resume_from_a_checkpoint_of_the_earlier_layout(trained_run, tmp_path):
     assert all(k.startswith("net.") for k in resumed["state_dict"])
 
 
-def test_user_errors_are_one_line(tmp_path):
-    proc = run_script("train_segmentation.py", "experiment=demo", "model.pretrained=false",
-                      f"data_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'out'}", check=False)
+def test_user_errors_are_one_line(tmp_path, entry_point):
+    proc = entry_point("train_segmentation.py", "experiment=demo", "model.pretrained=false",
+                       f"data_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "nowhere" in lines[-1]
-    proc = run_script("eval_segmentation.py", f"model_paths=[{tmp_path / 'missing.ckpt'}]", "crf=false",
-                      f"output_dir={tmp_path / 'eval'}", check=False)
+    proc = entry_point("eval_segmentation.py", f"model_paths=[{tmp_path / 'missing.ckpt'}]", "crf=false",
+                       f"output_dir={tmp_path / 'eval'}")
     assert proc.returncode == 2 and "missing.ckpt" in proc.stderr and "not found" in proc.stderr
 
 
@@ -240,7 +240,7 @@ def test_final_evaluation_skipped_when_disabled_or_unlabelled(small_data, tmp_pa
     assert "final evaluation skipped: the validation images have no labels" in capsys.readouterr().out
 
 
-def test_multirun_over_seeds(synthetic_data, tmp_path):
+def test_multirun_over_seeds(synthetic_data, tmp_path, entry_point):
     """-m seed=0,1: each job in its own folder with its own final evaluation, then the summary over
     the jobs (mean ± sample std, min, max) in the sweep folder; a later sweep into the same folder
     is refused (it would overwrite job 0); a one-job sweep has no standard deviation."""
@@ -265,7 +265,7 @@ def test_multirun_over_seeds(synthetic_data, tmp_path):
     assert "summary over 2 jobs" in proc.stdout and f"summary: {tmp_path / 'summary.json'}" in proc.stdout
 
     before = (tmp_path / "summary.json").read_text()
-    refused = run_script("train_segmentation.py", "-m", *overrides, "seed=5", check=False)
+    refused = entry_point("train_segmentation.py", "-m", *overrides, "seed=5")
     assert refused.returncode == 2 and "already holds a run" in refused.stderr  # job 0 is not overwritten
     assert (tmp_path / "summary.json").read_text() == before
 

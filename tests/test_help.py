@@ -16,10 +16,16 @@ SCRIPTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def pages():
+    """Each program's ``--help`` run, once."""
+    return {script: run_script(script, "--help") for script in SCRIPTS}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_shows_description_keys_and_comments(script, tmp_path):
+def test_help_shows_description_keys_and_comments(script, pages):
     description, key, comment = SCRIPTS[script]
-    proc = run_script(script, "--help")
+    proc = pages[script]
     assert description in proc.stdout.splitlines()[0]
     assert key in proc.stdout and comment in proc.stdout
     assert "Start from:\n  smooseg-" in proc.stdout
@@ -27,18 +33,18 @@ def test_help_shows_description_keys_and_comments(script, tmp_path):
     assert proc.stderr == ""
 
 
-def test_help_lists_only_the_groups_a_program_uses():
-    train = run_script("train_segmentation.py", "--help").stdout
+def test_help_lists_only_the_groups_a_program_uses(pages):
+    train = pages["train_segmentation.py"].stdout
     for group in ("dataset", "model", "trainer", "logger", "experiment", "hydra/launcher"):
         assert f"\n  {group}: " in train
     assert "logger: csv | mlflow | none | tensorboard* | wandb" in train
     assert "model: " in train and "dino_vits8*" in train
-    evaluate = run_script("eval_segmentation.py", "--help").stdout
+    evaluate = pages["eval_segmentation.py"].stdout
     assert "\n  dataset: cityscapes | cocostuff27" in evaluate  # no default: the checkpoint's data set
     assert "\n  dataset:  # null: the checkpoint's data set\n    name: ???" in evaluate  # X | None section
     for group in ("model", "trainer", "logger", "experiment", "hydra/launcher"):
         assert f"\n  {group}: " not in evaluate
-    segment = run_script("segment_images.py", "--help").stdout
+    segment = pages["segment_images.py"].stdout
     assert "Presets" not in segment and "[group=preset" not in segment
 
 

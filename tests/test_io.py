@@ -104,6 +104,17 @@ def test_atomic_write_flushes_the_file_and_its_folder_before_and_after_the_renam
     assert events[0][1].startswith(str(tmp_path / ".m.json.")) and events[2][1] == str(tmp_path)
 
 
+def test_a_file_written_not_durable_is_renamed_into_place_without_a_flush(tmp_path, monkeypatch):
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    with atomic_write(tmp_path / "p.png", durable=False) as tmp:
+        tmp.write_bytes(b"picture")
+    assert events == ["replace"] and (tmp_path / "p.png").read_bytes() == b"picture"
+    assert os.listdir(tmp_path) == ["p.png"]
+
+
 def test_simulated_full_disk_keeps_the_previous_file(tmp_path):
     import errno
 

@@ -3,8 +3,6 @@
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,12 +41,26 @@ def _eval(data, out, *paths, check=True, extra=()):
                       "device=cpu", f"output_dir={out}", *extra, check=check)
 
 
-def test_metrics_and_summary_record_their_provenance(synthetic_data, runs, tmp_path):
-    _eval(synthetic_data, tmp_path, runs["a"])
-    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+@pytest.fixture(scope="module")
+def evaluated(synthetic_data, runs, tmp_path_factory):
+    """Run A's last.ckpt evaluated into a folder, then run B's (also last.ckpt) into the same one,
+    and A's again without flipping into another; with what the folder held after the first."""
+    root = tmp_path_factory.mktemp("evaluated")
+    shared = root / "shared"
+    _eval(synthetic_data, shared, runs["a"])
+    first = {"folders": [p for p in shared.iterdir() if p.is_dir()],
+             "metrics": json.loads(next(shared.glob("last-*/metrics.json")).read_text()),
+             "summary": json.loads((shared / "summary.json").read_text())}
+    _eval(synthetic_data, shared, runs["b"])
+    _eval(synthetic_data, root / "noflip", runs["a"], extra=["flip=false"])
+    return {"shared": shared, "first": first, "noflip": root / "noflip"}
+
+
+def test_metrics_and_summary_record_their_provenance(runs, evaluated):
+    (folder,) = evaluated["first"]["folders"]
     sha = hashlib.sha256(runs["a"].read_bytes()).hexdigest()
     assert folder.name == f"last-{sha[:10]}"
-    prov = json.loads((folder / "metrics.json").read_text())["provenance"]
+    prov = evaluated["first"]["metrics"]["provenance"]
     assert set(prov["evaluation"]) == EVALUATION_KEYS
     assert prov["evaluation"] == {"dataset": "cityscapes", "split": "val", "eval_res": 64, "crop": "center",
                                   "flip": True, "crf": False, "crf_backend": None, "precision": "32-true",
@@ -58,20 +70,17 @@ def test_metrics_and_summary_record_their_provenance(synthetic_data, runs, tmp_p
     assert prov["checkpoint"]["weights"] == "random init"   # make_module: pretrained=False
     assert set(prov["software"]) == {"smooseg", "git_commit", "torch", "timm", "python"}
     assert prov["software"]["torch"] == torch.__version__ and prov["device"] == "cpu" and prov["date"]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = evaluated["first"]["summary"]
     assert summary["provenance"]["evaluation"]["eval_res"] == 64
     assert summary["runs"][0]["provenance"]["checkpoint"]["sha256"] == sha
 
 
-def test_evaluations_of_two_last_ckpts_never_share_a_folder(synthetic_data, runs, tmp_path):
-    _eval(synthetic_data, tmp_path, runs["a"])
-    first = json.loads(next(tmp_path.glob("last-*/metrics.json")).read_text())
-    _eval(synthetic_data, tmp_path, runs["b"])
-    results = sorted(tmp_path.glob("last-*/metrics.json"))
+def test_evaluations_of_two_last_ckpts_never_share_a_folder(runs, evaluated):
+    results = sorted(evaluated["shared"].glob("last-*/metrics.json"))
     assert len(results) == 2
     kept = [json.loads(p.read_text()) for p in results]
-    assert first in kept                                   # A's result survives B's evaluation
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert evaluated["first"]["metrics"] in kept           # A's result survives B's evaluation
+    summary = json.loads((evaluated["shared"] / "summary.json").read_text())
     assert [r["checkpoint"] for r in summary["runs"]] == [str(runs["b"])]   # only this invocation's
 
 
@@ -93,20 +102,17 @@ def test_summary_refuses_to_average_different_settings(synthetic_data, runs, tmp
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_compare_two_results(synthetic_data, runs, tmp_path):
-    _eval(synthetic_data, tmp_path / "flip", runs["a"])
-    _eval(synthetic_data, tmp_path / "noflip", runs["a"], extra=["flip=false"])
-    _eval(synthetic_data, tmp_path / "b", runs["b"])
-    a, no_flip, b = (next((tmp_path / d).glob("last-*/metrics.json")) for d in ("flip", "noflip", "b"))
-    script = [sys.executable, str(ROOT / "eval_segmentation.py"), "--compare"]
-    differ = subprocess.run([*script, a, no_flip], capture_output=True, text=True, cwd=tmp_path)
+def test_compare_two_results(runs, evaluated, tmp_path, entry_point):
+    a, b = (evaluated["shared"] / f"last-{hashlib.sha256(runs[n].read_bytes()).hexdigest()[:10]}"
+            / "metrics.json" for n in ("a", "b"))
+    (no_flip,) = evaluated["noflip"].glob("last-*/metrics.json")
+    differ = entry_point("eval_segmentation.py", "--compare", a, no_flip, cwd=tmp_path)
     assert differ.returncode == 1 and "different evaluation settings: flip" in differ.stdout
     assert any(line.startswith("* evaluation.flip") for line in differ.stdout.splitlines())
-    same = subprocess.run([*script, a, b], capture_output=True, text=True, cwd=tmp_path)
+    same = entry_point("eval_segmentation.py", "--compare", a, b, cwd=tmp_path)
     assert same.returncode == 0 and "same evaluation settings" in same.stdout
     assert any(line.startswith("* checkpoint.sha256") for line in same.stdout.splitlines())
-    bad = subprocess.run([*script, a, tmp_path / "missing.json"], capture_output=True, text=True,
-                         cwd=tmp_path)
+    bad = entry_point("eval_segmentation.py", "--compare", a, tmp_path / "missing.json", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing.json'} not found; pass two metrics.json or summary.json files"]
 

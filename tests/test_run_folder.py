@@ -152,13 +152,12 @@ def test_unlabelled_validation_set_keeps_last_and_says_why_no_best(tmp_path):
 @pytest.mark.parametrize("kept,mark", [(("config.yaml",), "config.yaml"),
                                        (("checkpoints/best-step2-mIoU1.00.ckpt",), "checkpoints/best-step2"),
                                        (("final_eval/metrics.json",), "final_eval")])
-def test_a_run_whose_last_checkpoint_is_gone_is_still_a_run(data, tmp_path, kept, mark):
+def test_a_run_whose_last_checkpoint_is_gone_is_still_a_run(data, tmp_path, kept, mark, entry_point):
     out = tmp_path / "out"
     for name in kept:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("kept")
-    proc = run_script("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}", "max_steps=2",
-                      check=False)
+    proc = entry_point("train_segmentation.py", *TINY, f"data_dir={data}", f"output_dir={out}", "max_steps=2")
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = errors(proc.stderr)
     assert f"output_dir={out} already holds a run ({mark}" in line and "another output_dir" in line

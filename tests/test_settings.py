@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from test_crops import run_cli
 
-from conftest import compose_config, run_script, train_settings
+from conftest import compose_config, train_settings
 from smooseg import settings as S
 from smooseg.cli import config_error_message
 from smooseg.data.synthetic import write_cityscapes_layout
@@ -214,11 +214,11 @@ def test_crop_entry_point_reads_a_bare_data_set_name_as_one(tmp_path):
     assert "cityscapes_five_crop_0.5/train: 2 images" in out.stdout
 
 
-def test_a_bad_setting_leaves_no_output_folder(tmp_path):
+def test_a_bad_setting_leaves_no_output_folder(tmp_path, entry_point):
     """Hydra makes no run folder and no log file: the settings are checked first."""
     out = tmp_path / "run"
-    proc = run_script("train_segmentation.py", "experiment=demo", f"output_dir={out}",
-                      "final_eval.crf_backend=torhc", check=False)
+    proc = entry_point("train_segmentation.py", "experiment=demo", f"output_dir={out}",
+                       "final_eval.crf_backend=torhc")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: final_eval.crf_backend=torhc is not allowed: final_eval.crf_backend must be one of auto, "
         "pydensecrf, torch"]

@@ -22,10 +22,10 @@ TINY = ["experiment=demo", "model=dino_vits16", "model.pretrained=false", "res=3
         "trainer.log_every_n_steps=1"]
 
 
-def test_a_bad_value_in_the_middle_of_a_sweep_stops_it_before_job_0(tmp_path):
+def test_a_bad_value_in_the_middle_of_a_sweep_stops_it_before_job_0(tmp_path, entry_point):
     out = tmp_path / "sweep"
-    proc = run_script("train_segmentation.py", "-m", *TINY, f"output_dir={out}", "max_steps=2",
-                      "optim.lr1=0.001,-1,0.01", check=False)
+    proc = entry_point("train_segmentation.py", "-m", *TINY, f"output_dir={out}", "max_steps=2",
+                       "optim.lr1=0.001,-1,0.01")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: job 1 of the sweep ("), proc.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_a_bad_value_in_the_middle_of_a_sweep_stops_it_before_job_0(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_sweep_is_finished_by_the_same_command_with_ckpt_path_auto(tmp_path):
+def test_a_stopped_sweep_is_finished_by_the_same_command_with_ckpt_path_auto(tmp_path, entry_point):
     data = write_cityscapes_layout(tmp_path / "data", n_train=6, n_val=2, size=(32, 64))
     out = tmp_path / "sweep"
     command = ["-m", *TINY, f"data_dir={data}", f"output_dir={out}", "max_steps=6", "val_check_interval=2",
@@ -54,7 +54,7 @@ def test_a_stopped_sweep_is_finished_by_the_same_command_with_ckpt_path_auto(tmp
     assert 3 <= stopped < 6 and not (out / "2").exists() and not (out / "summary.json").exists()
     kept = (out / "0" / "final_eval" / "metrics.json").stat().st_mtime_ns
 
-    refused = run_script("train_segmentation.py", *command, check=False)
+    refused = entry_point("train_segmentation.py", *command)
     assert refused.returncode == 2 and "already holds a run" in refused.stderr
 
     again = run_script("train_segmentation.py", *command, "ckpt_path=auto")

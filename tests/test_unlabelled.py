@@ -12,7 +12,7 @@ from smooseg.data.synthetic import write_directory_layout
 
 
 @pytest.mark.slow
-def test_unlabelled_photos_train_segment_and_refuse_evaluation(tmp_path):
+def test_unlabelled_photos_train_segment_and_refuse_evaluation(tmp_path, entry_point):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = write_directory_layout(tmp_path / "data", name="photos", n_train=4, n_val=0, size=(32, 32),
@@ -37,9 +37,8 @@ def test_unlabelled_photos_train_segment_and_refuse_evaluation(tmp_path):
                "progress=false")
     assert len(list(segmented.glob("*_side.png"))) == 4
 
-    refused = run_script("eval_segmentation.py", f"model_paths=[{run / 'checkpoints' / 'last.ckpt'}]",
-                         f"data_dir={data}", "split=train", "crf=false", f"output_dir={tmp_path / 'eval'}",
-                         check=False)
+    refused = entry_point("eval_segmentation.py", f"model_paths=[{run / 'checkpoints' / 'last.ckpt'}]",
+                          f"data_dir={data}", "split=train", "crf=false", f"output_dir={tmp_path / 'eval'}")
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
     assert "has no labels" in lines[0] and "segment_images.py" in lines[0]

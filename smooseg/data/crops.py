@@ -7,7 +7,8 @@ item. Images are JPEG at quality 75, Pillow's default, as the reference saves th
 of an item depend only on (seed, its name).
 
 Resumable and crash-safe: every file is written under a temporary name and renamed when
-complete; finished files are skipped on a re-run; temporary files left by a killed run are
+complete, and the split's files are flushed to disk once, before its record; finished (non-empty)
+files are skipped on a re-run; temporary files left by a killed run are
 deleted when the next run starts. One run writes a set at a time: a second waits for the first
 (a lock file, ``<folder>/.lock``, released when its holder ends however it ends).
 
@@ -45,7 +46,7 @@ from smooseg.data.cropped import (
 from smooseg.data.datasets import build_dataset, dataset_key, n_classes_of
 from smooseg.data.registry import dataset_spec
 from smooseg.errors import SmoosegError
-from smooseg.io import atomic_write, write_json
+from smooseg.io import atomic_write, flush_to_disk, write_json
 from smooseg.progress import progress_bar
 from smooseg.signals import SigtermLatch, worker_signals
 
@@ -96,6 +97,15 @@ def crop_boxes(crop_type, h, w, ratio, seed, item):
     raise _unknown_crop_type(crop_type)
 
 
+def _written(path):
+    """A crop is written once its file is there and not empty (a crop renamed into place but not
+    yet on disk when the machine lost power can come back empty)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def _paths(folder, split, stem):
     return (folder / "img" / split / f"{stem}.jpg", folder / "label" / split / f"{stem}.png")
 
@@ -106,7 +116,7 @@ def write_item_crops(dataset, index, folder, split, crop_type, ratio, seed=0,
     item = dataset.item_name(index)
     stems = [crop_name(item, n) for n in range(CROPS_PER_IMAGE)]
     todo = [(n, path) for n, stem in enumerate(stems) for path in _paths(folder, split, stem)
-            if not path.exists()]
+            if not _written(path)]
     if not todo:
         return 0
     image, label = dataset.load_raw(index)
@@ -119,7 +129,7 @@ def write_item_crops(dataset, index, folder, split, crop_type, ratio, seed=0,
     boxes = crop_boxes(crop_type, image.height, image.width, ratio, seed, item)
     for n, path in todo:
         top, left, h, w = boxes[n]
-        with atomic_write(path) as tmp:
+        with atomic_write(path, durable=False) as tmp:  # flushed once, before the record
             if path.suffix == ".jpg":
                 image.crop((left, top, left + w, top + h)).save(tmp, format="JPEG",
                                                                 quality=int(jpeg_quality))
@@ -213,8 +223,8 @@ def begin_record(folder, split, settings, listing=None):
 
 def finish_record(folder, split, listing, settings):
     """After every crop of ``split`` is written: check the files are exactly the five crops of each
-    item of ``listing``, then add the split's listing to the completion record (the last file
-    written)."""
+    item of ``listing``, flush them to disk, then add the split's listing to the completion record
+    (the last file written)."""
     folder = Path(folder)
     expected = {crop_name(item, n) for item in listing for n in range(CROPS_PER_IMAGE)}
     for sub, suffix in CROP_FILES:
@@ -229,6 +239,7 @@ def finish_record(folder, split, listing, settings):
         if missing:
             raise SmoosegError(f"cropped set {folder / sub / split} lacks crop {missing[0]}{suffix} after "
                                "writing; is another program deleting files? run crop_datasets.py again")
+    flush_to_disk()
     record = read_crop_record(folder) or {**settings, "splits": {}}
     record["splits"][split] = {"source_images": len(listing), "crops": len(expected), "items": listing}
     write_json(record, folder / CROP_RECORD)

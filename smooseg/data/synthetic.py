@@ -100,7 +100,7 @@ def to_directory_ids(label_ids):
 
 
 def _save_png(array, path):
-    with atomic_write(path) as tmp:
+    with atomic_write(path, durable=False) as tmp:  # one of many: not flushed one by one
         Image.fromarray(array).save(tmp, format="PNG")
 
 

@@ -76,7 +76,7 @@ def save_ids_png(ids, colors, path):
         picture.putpalette(palette.flatten().tolist())
     else:
         picture = Image.fromarray(ids.astype(np.uint16))
-    with atomic_write(path) as tmp:
+    with atomic_write(path, durable=False) as tmp:  # one of many: not flushed one by one
         picture.save(tmp, format="PNG")
     return path
 
