@@ -6,12 +6,14 @@ EXIF orientation applied when the reader asks for it, and converted to 8-bit RGB
 (16-bit and 32-bit greyscale, float images), see :func:`to_uint8`.
 """
 
+import ctypes
 import errno
 import json
 import os
+import secrets
 import stat
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +92,28 @@ def atomic_write(path, durable=True):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise disk_error(err, path.parent) or err from None
-    os.close(fd)
+    # Named before it is made, so that a signal arriving at any moment from its creation on (a
+    # worker's SIGTERM, Ctrl-C) finds the name to remove.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        yield Path(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another writer's temporary file (one chance in 2**48): not ours
+            tmp = None
+            raise
+        except OSError as err:
+            raise disk_error(err, path.parent) or err from None
+        yield tmp
         if durable:
             fsync_file(tmp)
         os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):  # never made (a read-only folder says EROFS, not ENOENT), or unremovable
+                tmp.unlink()
         problem = disk_error(err, path.parent) if isinstance(err, OSError) else None
         if problem is not None:
             raise problem from None
@@ -110,10 +122,26 @@ def atomic_write(path, durable=True):
         fsync_dir(path.parent)
 
 
-def flush_to_disk():
-    """Flush every file written so far to its disk, once (after a set of files written with
-    ``atomic_write(..., durable=False)``, before the record that calls the set complete)."""
-    os.sync()
+def _libc_syncfs():
+    """Linux's ``syncfs(fd)``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+
+
+def flush_to_disk(folder):
+    """Flush every file written so far on ``folder``'s file system to its disk, in one call (after
+    a set of files written with ``atomic_write(..., durable=False)``, before the record that calls
+    the set complete). Linux's ``syncfs`` touches that file system only (a busy or stalled NFS
+    mount elsewhere on the node is not waited for); elsewhere, or if it fails, ``os.sync``."""
+    syncfs = _libc_syncfs()
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if syncfs is None or syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 # errno values of a folder that takes no more data: no space, over quota, read-only file system

@@ -152,10 +152,10 @@ def test_completion_record_is_written_last_and_checked(tmp_path, monkeypatch):
         return real_write_json(data, path)
 
     monkeypatch.setattr(crops, "write_json", spy)
-    monkeypatch.setattr(crops, "flush_to_disk", lambda: order.append("flushed"))
+    monkeypatch.setattr(crops, "flush_to_disk", lambda where: order.append(("flushed", where)))
     crop_dataset(source, folder, "train", "random", 0.5, seed=4, progress=False)
     # settings first; the crops flushed to disk once, then the split's counts after all of them
-    assert order == [(0, []), "flushed", (15, ["train"])]
+    assert order == [(0, []), ("flushed", folder), (15, ["train"])]
     listing = {name: [image.stat().st_size, label.stat().st_size] for name, image, label in source.entries}
     assert record(folder) == {"format": 2, "crop_type": "random", "ratio": 0.5, "jpeg_quality": 75, "seed": 4,
                               "splits": {"train": {"source_images": 3, "crops": 15, "items": listing}}}
@@ -189,10 +189,10 @@ def test_crops_are_not_flushed_one_by_one_and_an_empty_crop_is_rewritten(tmp_pat
     source = build_dataset("cityscapes", tmp_path, "train", res=None)
     folder = crop_folder(tmp_path, "cityscapes", "five", 0.5)
     fsyncs, syncs = [], []
-    real_fsync = os.fsync
+    real_fsync, real_flush = os.fsync, crops.flush_to_disk
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or real_fsync(fd))
-    monkeypatch.setattr(os, "sync", lambda: syncs.append(len(fsyncs)))
+    monkeypatch.setattr(crops, "flush_to_disk", lambda where: syncs.append(len(fsyncs)) or real_flush(where))
     assert crop_dataset(source, folder, "train", "five", 0.5, progress=False)["written"] == 20
     assert not [path for path in fsyncs if path.endswith((".jpg", ".png")) or "/img/" in path
                 or "/label/" in path]

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +114,48 @@ def test_a_file_written_not_durable_is_renamed_into_place_without_a_flush(tmp_pa
         tmp.write_bytes(b"picture")
     assert events == ["replace"] and (tmp_path / "p.png").read_bytes() == b"picture"
     assert os.listdir(tmp_path) == ["p.png"]
+
+
+def test_flush_to_disk_syncs_the_folders_file_system_else_everything(tmp_path, monkeypatch):
+    from smooseg import io
+
+    calls = []
+    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
+    monkeypatch.setattr(io, "_libc_syncfs", lambda: lambda fd: calls.append(("syncfs", os.readlink(
+        f"/proc/self/fd/{fd}"))) or 0)
+    io.flush_to_disk(tmp_path)
+    assert calls == [("syncfs", str(tmp_path))]
+    for syncfs in (None, lambda fd: -1):           # no syncfs in this C library, or it failed
+        calls.clear()
+        monkeypatch.setattr(io, "_libc_syncfs", lambda syncfs=syncfs: syncfs)
+        io.flush_to_disk(tmp_path)
+        assert calls == ["sync"]
+    if sys.platform.startswith("linux"):
+        monkeypatch.undo()
+        assert io._libc_syncfs() is not None       # glibc has it: the real call runs below
+        io.flush_to_disk(tmp_path)
+
+
+@pytest.mark.parametrize("moment", ["created", "written", "renaming"])
+def test_a_signal_at_any_moment_of_a_write_leaves_no_temporary_file(tmp_path, monkeypatch, moment):
+    """A worker's SIGTERM (SystemExit) or Ctrl-C arrives between two Python steps: right after the
+    temporary file is created, while it is written, or as it is renamed."""
+    (tmp_path / "m.json").write_text("old")
+    real = {"created": os.close, "renaming": os.replace}
+
+    def interrupted(*args):
+        real[moment](*args)
+        raise KeyboardInterrupt
+
+    if moment in real:
+        monkeypatch.setattr(os, "close" if moment == "created" else "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_write(tmp_path / "m.json") as tmp:
+        tmp.write_text("new")
+        if moment == "written":
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["m.json"]
+    assert (tmp_path / "m.json").read_text() == ("new" if moment == "renaming" else "old")
 
 
 def test_simulated_full_disk_keeps_the_previous_file(tmp_path):

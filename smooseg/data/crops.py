@@ -239,7 +239,7 @@ def finish_record(folder, split, listing, settings):
         if missing:
             raise SmoosegError(f"cropped set {folder / sub / split} lacks crop {missing[0]}{suffix} after "
                                "writing; is another program deleting files? run crop_datasets.py again")
-    flush_to_disk()
+    flush_to_disk(folder)
     record = read_crop_record(folder) or {**settings, "splits": {}}
     record["splits"][split] = {"source_images": len(listing), "crops": len(expected), "items": listing}
     write_json(record, folder / CROP_RECORD)
