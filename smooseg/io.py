@@ -80,7 +80,8 @@ def atomic_write(path, durable=True):
 
     ``durable=False`` skips the two flushes (the rename is as atomic): for files written by the
     thousand (crops, pictures), where a flush each costs more than the write on network file
-    systems; their writer flushes once when the set is done (:func:`flush_to_disk`).
+    systems. A set that a record calls complete (a crop split) is flushed once, before its record
+    (:func:`flush_to_disk`); pictures are not flushed at all.
 
     The rename never crosses a file system (so it is atomic: a reader, or a kill at any moment,
     sees the old file or the new one, never part of one); a failed write (a full disk, an
