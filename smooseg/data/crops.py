@@ -7,9 +7,9 @@ item. Images are JPEG at quality 75, Pillow's default, as the reference saves th
 of an item depend only on (seed, its name).
 
 Resumable and crash-safe: every file is written under a temporary name and renamed when
-complete, and the split's files are flushed to disk once, before its record; finished (non-empty)
-files are skipped on a re-run; temporary files left by a killed run are
-deleted when the next run starts. One run writes a set at a time: a second waits for the first
+complete, and the split's files are flushed to disk once, before its record; finished
+(non-empty) files are skipped on a re-run; temporary files left by a killed run are deleted
+when the next run starts. One run writes a set at a time: a second waits for the first
 (a lock file, ``<folder>/.lock``, released when its holder ends however it ends).
 
 Complete only when recorded: ``<folder>/complete.json`` holds the settings (crop type, ratio,
